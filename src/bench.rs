@@ -1,0 +1,241 @@
+//! `polaris bench`: load generators that print their figures.
+//!
+//! `bench registry` drives the REST client API over loopback HTTP/1.1 keep-alive connections with
+//! concurrent clients: durable registrations, then heartbeats. By default it starts a server in
+//! this process on a fresh data directory, so client and server share the machine's cores.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use clap::{Args, Subcommand};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::config::ServerConfig;
+use crate::model::instance_id;
+
+/// `polaris bench` arguments.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    what: What,
+}
+
+#[derive(Debug, Subcommand)]
+enum What {
+    /// Registrations/s and heartbeats/s over loopback HTTP.
+    Registry(RegistryArgs),
+}
+
+#[derive(Debug, Args)]
+struct RegistryArgs {
+    /// Concurrent HTTP clients.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// Instances to register (one request each).
+    #[arg(long, default_value_t = 20_000)]
+    registrations: usize,
+    /// Heartbeats to send.
+    #[arg(long, default_value_t = 100_000)]
+    heartbeats: usize,
+    /// Services the instances are spread over.
+    #[arg(long, default_value_t = 100)]
+    services: usize,
+    /// Benchmark an already running server at this base URL instead of starting one.
+    #[arg(long)]
+    target: Option<String>,
+}
+
+/// Runs the chosen benchmark.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.what {
+        What::Registry(a) => registry(a).await,
+    }
+}
+
+/// Latency summary of one phase.
+#[derive(Debug, Clone)]
+pub struct Phase {
+    /// Phase name.
+    pub name: &'static str,
+    /// Requests completed.
+    pub requests: usize,
+    /// Wall time.
+    pub elapsed: Duration,
+    /// Latencies in microseconds, sorted.
+    pub latencies_us: Vec<u32>,
+}
+
+impl Phase {
+    fn pct(&self, p: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return 0.0;
+        }
+        let i = ((self.latencies_us.len() as f64 - 1.0) * p).round() as usize;
+        f64::from(self.latencies_us[i]) / 1000.0
+    }
+
+    /// Requests per second.
+    pub fn rate(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn row(&self) -> String {
+        format!(
+            "| {:<13} | {:>8} | {:>9.0} | {:>8.2} | {:>8.2} | {:>8.2} |",
+            self.name,
+            self.requests,
+            self.rate(),
+            self.pct(0.5),
+            self.pct(0.99),
+            self.pct(1.0)
+        )
+    }
+}
+
+async fn registry(a: RegistryArgs) -> anyhow::Result<()> {
+    let (base, _server, _dir) = match &a.target {
+        Some(t) => (t.trim_end_matches('/').to_string(), None, None),
+        None => {
+            let dir = tempfile_dir()?;
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let cfg = ServerConfig {
+                data_dir: dir.clone(),
+                http_addr: "127.0.0.1:0".parse()?,
+                log_level: "warn".into(),
+                ..Default::default()
+            };
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let h = tokio::spawn(crate::server::run(
+                cfg,
+                async move {
+                    let _ = stop_rx.await;
+                },
+                move |b| {
+                    let _ = tx.send(b.http);
+                },
+            ));
+            let addr = rx.await.context("server did not start")?;
+            (format!("http://{addr}"), Some((h, stop_tx)), Some(dir))
+        }
+    };
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(a.clients)
+        .build_http();
+    let n = a.registrations;
+    let svc = a.services.max(1);
+    let inst = move |i: usize| -> (String, String, u16) {
+        let host = format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255);
+        (format!("bench-{}", i % svc), host, 8080)
+    };
+    let reg_url: hyper::Uri = format!("{base}/v1/RegisterInstance").parse()?;
+    let reg = drive("register", a.clients, n, client.clone(), reg_url, move |i| {
+        let (s, h, p) = inst(i);
+        format!(
+            r#"{{"namespace":"default","service":"{s}","host":"{h}","port":{p},"enableHealthCheck":true,"healthCheck":{{"type":"HEARTBEAT","heartbeat":{{"ttl":60}}}}}}"#
+        )
+    })
+    .await?;
+    let hb_url: hyper::Uri = format!("{base}/v1/Heartbeat").parse()?;
+    let hb = drive(
+        "heartbeat",
+        a.clients,
+        a.heartbeats,
+        client.clone(),
+        hb_url,
+        move |i| {
+            let (s, h, p) = inst(i % n.max(1));
+            format!(r#"{{"id":"{}"}}"#, instance_id("default", &s, &h, p))
+        },
+    )
+    .await?;
+    println!(
+        "registry benchmark: {} clients, {} registrations (durable, heartbeat TTL 60 s) over {} services, {} heartbeats, loopback HTTP/1.1{}",
+        a.clients,
+        n,
+        svc,
+        a.heartbeats,
+        if a.target.is_some() { "" } else { ", server in the same process" }
+    );
+    println!("| phase         | requests |    req/s  | p50 ms   | p99 ms   | max ms   |");
+    println!("|---------------|----------|-----------|----------|----------|----------|");
+    println!("{}", reg.row());
+    println!("{}", hb.row());
+    if let Some((h, stop)) = _server {
+        let _ = stop.send(());
+        h.await??;
+    }
+    if let Some(d) = _dir {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    Ok(())
+}
+
+fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+    let d = std::env::temp_dir().join(format!(
+        "polaris-bench-{}-{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos()
+    ));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+async fn drive(
+    name: &'static str,
+    clients: usize,
+    total: usize,
+    client: HttpClient,
+    url: hyper::Uri,
+    body: impl Fn(usize) -> String + Send + Sync + 'static,
+) -> anyhow::Result<Phase> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let body = Arc::new(body);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (next, body, client, url) = (next.clone(), body.clone(), client.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    break;
+                }
+                let req = hyper::Request::post(url.clone())
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(body(i))))?;
+                let t = Instant::now();
+                let resp = client.request(req).await?;
+                let status = resp.status();
+                let bytes = resp.into_body().collect().await?.to_bytes();
+                lat.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                if !status.is_success() {
+                    bail!(
+                        "{name} request {i} failed: {status} {}",
+                        String::from_utf8_lossy(&bytes)
+                    );
+                }
+            }
+            anyhow::Ok(lat)
+        }));
+    }
+    let mut all = Vec::with_capacity(total);
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    let elapsed = started.elapsed();
+    all.sort_unstable();
+    Ok(Phase {
+        name,
+        requests: all.len(),
+        elapsed,
+        latencies_us: all,
+    })
+}

@@ -1,0 +1,136 @@
+//! Server configuration: defaults, then the YAML file (`--config`), then flags; flags win.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Configuration errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid YAML for this schema.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        source: serde_yaml::Error,
+    },
+    /// A value is out of range.
+    #[error("invalid {field}: {reason}")]
+    Invalid {
+        /// Field.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The server's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Directory of the embedded store.
+    pub data_dir: PathBuf,
+    /// REST API, `/metrics`, `/healthz`.
+    pub http_addr: SocketAddr,
+    /// ADS gRPC.
+    pub xds_addr: SocketAddr,
+    /// Log filter (`info`, `polaris_mesh=debug`, ...).
+    pub log_level: String,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Heartbeat checker scan interval in milliseconds.
+    pub health_check_interval_ms: u64,
+    /// xDS: how long to gather a burst of registry changes before pushing, in milliseconds. The
+    /// first change after a quiet period is pushed at once.
+    pub xds_debounce_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+            http_addr: "127.0.0.1:8090".parse().expect("literal"),
+            xds_addr: "127.0.0.1:15010".parse().expect("literal"),
+            log_level: "info".into(),
+            log_format: LogFormat::Text,
+            health_check_interval_ms: 250,
+            xds_debounce_ms: 5,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Reads a YAML file over the defaults.
+    pub fn from_file(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        serde_yaml::from_str(&text).map_err(|source| Error::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Checks ranges.
+    pub fn validate(&self) -> Result<(), Error> {
+        if !(10..=60_000).contains(&self.health_check_interval_ms) {
+            return Err(Error::Invalid {
+                field: "healthCheckIntervalMs",
+                reason: "must be 10..=60000".into(),
+            });
+        }
+        if self.xds_debounce_ms > 10_000 {
+            return Err(Error::Invalid {
+                field: "xdsDebounceMs",
+                reason: "must be at most 10000".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The heartbeat scan interval.
+    pub fn health_check_interval(&self) -> Duration {
+        Duration::from_millis(self.health_check_interval_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yaml_overrides_defaults_and_rejects_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.yaml");
+        std::fs::write(&p, "dataDir: /tmp/x\nhttpAddr: 127.0.0.1:9000\n").unwrap();
+        let c = ServerConfig::from_file(&p).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(c.http_addr.port(), 9000);
+        assert_eq!(c.xds_addr.port(), 15010);
+        std::fs::write(&p, "dataDri: /tmp/x\n").unwrap();
+        assert!(ServerConfig::from_file(&p).is_err());
+    }
+}

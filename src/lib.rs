@@ -1,0 +1,13 @@
+//! polaris-mesh: a service registry and governance center whose heart is an Envoy xDS control plane.
+//!
+//! Data flows one way: REST writes → [`registry`] (validated, durable through [`store`]) → change
+//! feed → `xds` snapshot → ADS streams. See `ARCHITECTURE.md`.
+
+pub mod api;
+pub mod bench;
+pub mod config;
+pub mod metrics;
+pub mod model;
+pub mod registry;
+pub mod server;
+pub mod store;

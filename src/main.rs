@@ -1,0 +1,104 @@
+//! The `polaris` binary: `server`, `bootstrap`, `bench`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use polaris_mesh::config::{LogFormat, ServerConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "polaris",
+    version,
+    about = "polaris-mesh: service registry and Envoy xDS control plane"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the control plane (registry, REST API, xDS).
+    Server(ServerArgs),
+    /// Run a benchmark and print its figures.
+    Bench(polaris_mesh::bench::BenchArgs),
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    /// YAML configuration file; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Directory of the embedded store [default: ./data].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// REST API address [default: 127.0.0.1:8090].
+    #[arg(long)]
+    http_addr: Option<SocketAddr>,
+    /// ADS gRPC address [default: 127.0.0.1:15010].
+    #[arg(long)]
+    xds_addr: Option<SocketAddr>,
+    /// Log filter, e.g. `info` or `polaris_mesh=debug` [default: info; env RUST_LOG wins].
+    #[arg(long)]
+    log_level: Option<String>,
+    /// Log format [default: text].
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+fn init_tracing(level: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Text => b.init(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting tokio")?;
+    match cli.cmd {
+        Cmd::Server(a) => {
+            let mut cfg = match &a.config {
+                Some(p) => ServerConfig::from_file(p)?,
+                None => ServerConfig::default(),
+            };
+            if let Some(v) = a.data_dir {
+                cfg.data_dir = v;
+            }
+            if let Some(v) = a.http_addr {
+                cfg.http_addr = v;
+            }
+            if let Some(v) = a.xds_addr {
+                cfg.xds_addr = v;
+            }
+            if let Some(v) = a.log_level {
+                cfg.log_level = v;
+            }
+            if let Some(v) = a.log_format {
+                cfg.log_format = v;
+            }
+            init_tracing(&cfg.log_level, cfg.log_format);
+            rt.block_on(polaris_mesh::server::run(
+                cfg,
+                polaris_mesh::server::shutdown_signal(),
+                |_| {},
+            ))
+        }
+        Cmd::Bench(a) => {
+            init_tracing("warn", LogFormat::Text);
+            rt.block_on(polaris_mesh::bench::run(a))
+        }
+    }
+}
