@@ -501,7 +501,10 @@ fn service_key(
 async fn create_alias(State(st): State<AppState>, body: Bytes) -> ApiResult {
     let input: AliasInput = parse_json(&body)?;
     let alias = input.validate(&now_rfc3339()).map_err(ApiError::field)?;
-    let items = st.registry.submit(Command::CreateAlias(alias)).await?;
+    let items = st
+        .registry
+        .submit(Command::CreateAlias(Box::new(alias)))
+        .await?;
     Ok(batch(&items))
 }
 

@@ -202,7 +202,7 @@ pub enum Command {
     /// Delete services (refused while they hold instances or aliases).
     DeleteServices(Vec<ServiceKey>),
     /// Create an alias.
-    CreateAlias(Service),
+    CreateAlias(Box<Service>),
     /// Register (create or replace) instances; unknown services are created.
     RegisterInstances(Vec<Instance>),
     /// Partially update existing instances.
@@ -239,9 +239,11 @@ pub enum Item {
     Missing(String),
 }
 
+type Reply = oneshot::Sender<Result<Vec<Item>, Error>>;
+
 struct Job {
     cmd: Command,
-    reply: oneshot::Sender<Result<Vec<Item>, Error>>,
+    reply: Reply,
 }
 
 /// Registry settings.
@@ -520,10 +522,7 @@ async fn writer_loop(inner: Arc<Inner>, store: Arc<dyn Store>, mut rx: mpsc::Rec
         let mut batch: Vec<Mutation> = Vec::new();
         let mut keys: Vec<ChangeKey> = Vec::new();
         let mut beat_ops: Vec<BeatOp> = Vec::new();
-        let mut outcomes: Vec<(
-            oneshot::Sender<Result<Vec<Item>, Error>>,
-            Result<Vec<Item>, Error>,
-        )> = Vec::with_capacity(jobs.len());
+        let mut outcomes: Vec<(Reply, Result<Vec<Item>, Error>)> = Vec::with_capacity(jobs.len());
         let revision;
         {
             let mut st = inner.state.write();
@@ -652,7 +651,7 @@ impl Tx<'_> {
             Command::CreateServices(list) => self.create_services(list),
             Command::UpdateServices(list) => self.update_services(list),
             Command::DeleteServices(list) => self.delete_services(list),
-            Command::CreateAlias(alias) => self.create_alias(alias),
+            Command::CreateAlias(alias) => self.create_alias(*alias),
             Command::RegisterInstances(list) => self.register(list),
             Command::UpdateInstances(list) => self.update_instances(list),
             Command::DeregisterInstances(list) => self.deregister(list),

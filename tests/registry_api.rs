@@ -1,0 +1,420 @@
+//! The registry through the real binary's REST API.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{get, post, put, Server};
+use serde_json::{json, Value};
+
+fn inst(svc: &str, port: u16) -> Value {
+    json!({"namespace": "default", "service": svc, "host": "127.0.0.1", "port": port})
+}
+
+async fn instances(c: &reqwest::Client, s: &Server, svc: &str) -> Vec<Value> {
+    let (st, body) = get(
+        c,
+        &s.url(&format!(
+            "/naming/v1/instances?namespace=default&service={svc}&limit=10000"
+        )),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    body["instances"].as_array().cloned().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn register_list_update_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("d"), &[]).await;
+    let c = reqwest::Client::new();
+
+    let (st, body) = post(&c, &s.url("/naming/v1/instances"), json!([
+        {"namespace": "default", "service": "echo", "host": "10.0.0.1", "port": 8080, "metadata": {"version": "v1"}},
+        {"namespace": "default", "service": "echo", "host": "10.0.0.2", "port": 8080, "metadata": {"version": "v2"}, "weight": 50},
+    ])).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["code"], 200000);
+    assert_eq!(body["responses"].as_array().unwrap().len(), 2);
+
+    // The service was created on the fly.
+    let (_, svcs) = get(&c, &s.url("/naming/v1/services?namespace=default")).await;
+    assert_eq!(svcs["amount"], 1);
+    assert_eq!(svcs["services"][0]["name"], "echo");
+    assert_eq!(svcs["services"][0]["totalInstanceCount"], 2);
+
+    // Filters and paging.
+    let (_, v2) = get(
+        &c,
+        &s.url("/naming/v1/instances?namespace=default&service=echo&keys=version&values=v2"),
+    )
+    .await;
+    assert_eq!(v2["amount"], 1);
+    assert_eq!(v2["instances"][0]["weight"], 50);
+    let (_, page) = get(
+        &c,
+        &s.url("/naming/v1/instances?namespace=default&service=echo&offset=1&limit=1"),
+    )
+    .await;
+    assert_eq!(page["amount"], 2);
+    assert_eq!(page["size"], 1);
+
+    // Update by address: isolate one.
+    let (st, body) = put(&c, &s.url("/naming/v1/instances"), json!([
+        {"namespace": "default", "service": "echo", "host": "10.0.0.1", "port": 8080, "isolate": true}
+    ])).await;
+    assert_eq!(st, 200, "{body}");
+    let (_, iso) = get(
+        &c,
+        &s.url("/naming/v1/instances?namespace=default&service=echo&isolate=true"),
+    )
+    .await;
+    assert_eq!(iso["amount"], 1);
+    assert_eq!(iso["instances"][0]["host"], "10.0.0.1");
+    // Update keeps what was not sent.
+    assert_eq!(iso["instances"][0]["metadata"]["version"], "v1");
+
+    // Update of a missing instance: 404, nothing written.
+    let (st, _) = put(
+        &c,
+        &s.url("/naming/v1/instances"),
+        json!([inst("echo", 9999)]),
+    )
+    .await;
+    assert_eq!(st, 404);
+
+    // Service delete is refused while instances exist.
+    let (st, body) = post(
+        &c,
+        &s.url("/naming/v1/services/delete"),
+        json!([{"namespace": "default", "name": "echo"}]),
+    )
+    .await;
+    assert_eq!(st, 409, "{body}");
+
+    // Delete by id and by address.
+    let id = iso["instances"][0]["id"].as_str().unwrap().to_string();
+    let (st, body) = post(
+        &c,
+        &s.url("/naming/v1/instances/delete"),
+        json!([
+            {"id": id},
+            {"namespace": "default", "service": "echo", "host": "10.0.0.2", "port": 8080},
+        ]),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    assert!(instances(&c, &s, "echo").await.is_empty());
+    let (st, _) = post(
+        &c,
+        &s.url("/naming/v1/services/delete"),
+        json!([{"namespace": "default", "name": "echo"}]),
+    )
+    .await;
+    assert_eq!(st, 200);
+    let (_, svcs) = get(&c, &s.url("/naming/v1/services?namespace=default")).await;
+    assert_eq!(svcs["amount"], 0);
+}
+
+#[tokio::test]
+async fn namespaces_services_and_aliases() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("d"), &[]).await;
+    let c = reqwest::Client::new();
+    let (_, ns) = get(&c, &s.url("/naming/v1/namespaces")).await;
+    let names: Vec<_> = ns["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(names.contains(&"default".to_string()) && names.contains(&"Polaris".to_string()));
+
+    assert_eq!(
+        post(
+            &c,
+            &s.url("/naming/v1/namespaces"),
+            json!([{"name": "prod"}])
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        post(
+            &c,
+            &s.url("/naming/v1/namespaces"),
+            json!([{"name": "prod"}])
+        )
+        .await
+        .0,
+        409
+    );
+    assert_eq!(
+        post(
+            &c,
+            &s.url("/naming/v1/namespaces"),
+            json!([{"name": "Prod"}])
+        )
+        .await
+        .0,
+        400
+    );
+    let (st, _) = post(&c, &s.url("/naming/v1/services"), json!([{"namespace": "prod", "name": "api", "protocol": "grpc", "metadata": {"team": "a"}}])).await;
+    assert_eq!(st, 200);
+    let (st, _) = put(
+        &c,
+        &s.url("/naming/v1/services"),
+        json!([{"namespace": "prod", "name": "api", "comment": "edge"}]),
+    )
+    .await;
+    assert_eq!(st, 200);
+    let (_, svcs) = get(&c, &s.url("/naming/v1/services?namespace=prod&name=api")).await;
+    assert_eq!(svcs["services"][0]["comment"], "edge");
+    assert_eq!(svcs["services"][0]["protocol"], "grpc");
+
+    // Alias: lists the target's instances.
+    let (st, body) = post(
+        &c,
+        &s.url("/naming/v1/service/alias"),
+        json!({"namespace": "prod", "service": "api", "alias": "api-v2"}),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    post(
+        &c,
+        &s.url("/naming/v1/instances"),
+        json!([{"namespace": "prod", "service": "api", "host": "10.1.1.1", "port": 9000}]),
+    )
+    .await;
+    let (_, via_alias) = get(
+        &c,
+        &s.url("/naming/v1/instances?namespace=prod&service=api-v2"),
+    )
+    .await;
+    assert_eq!(via_alias["amount"], 1);
+
+    // A namespace with services cannot be deleted.
+    assert_eq!(
+        post(
+            &c,
+            &s.url("/naming/v1/namespaces/delete"),
+            json!([{"name": "prod"}])
+        )
+        .await
+        .0,
+        409
+    );
+    assert_eq!(
+        post(
+            &c,
+            &s.url("/naming/v1/namespaces/delete"),
+            json!([{"name": "default"}])
+        )
+        .await
+        .0,
+        409
+    );
+}
+
+#[tokio::test]
+async fn bad_inputs_get_400_naming_the_field_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("d"), &[]).await;
+    let c = reqwest::Client::new();
+    // One good instance stored before.
+    assert_eq!(
+        post(
+            &c,
+            &s.url("/naming/v1/instances"),
+            json!([inst("echo", 80)])
+        )
+        .await
+        .0,
+        200
+    );
+    let before = instances(&c, &s, "echo").await;
+
+    let ttl0 = json!({"namespace": "default", "service": "echo", "host": "127.0.0.1", "port": 81,
+                      "enableHealthCheck": true, "healthCheck": {"type": "HEARTBEAT", "heartbeat": {"ttl": 0}}});
+    let cases: Vec<(Value, &str)> = vec![
+        (json!([inst("echo", 81), inst("echo", 0)]), "[1].port"),
+        (
+            json!([inst("echo", 81), {"namespace": "default", "service": "echo", "host": "127.0.0.1", "port": 70000}]),
+            "[1].port",
+        ),
+        (json!([inst("", 81)]), "[0].service"),
+        (
+            json!([{"namespace": "default", "service": "echo", "host": "127.0.0.1", "port": 81, "weight": -1}]),
+            "[0].weight",
+        ),
+        (json!([ttl0]), "[0].healthCheck.heartbeat.ttl"),
+        (
+            json!([{"namespace": "nope", "service": "echo", "host": "127.0.0.1", "port": 81}]),
+            "[0].namespace",
+        ),
+        (
+            json!([{"namespace": "default", "service": "echo", "host": "not a host", "port": 81}]),
+            "[0].host",
+        ),
+        (
+            json!([{"namespace": "default", "service": "echo", "host": "127.0.0.1", "port": "eighty"}]),
+            "[0].port",
+        ),
+    ];
+    for (body, field) in cases {
+        let (st, resp) = post(&c, &s.url("/naming/v1/instances"), body.clone()).await;
+        assert_eq!(st, 400, "{body} -> {resp}");
+        assert_eq!(resp["field"], field, "{body} -> {resp}");
+        assert!(resp["info"].as_str().unwrap().len() > 5);
+    }
+    // Malformed JSON.
+    let r = c
+        .post(s.url("/naming/v1/instances"))
+        .header("content-type", "application/json")
+        .body("[{\"namespace\": ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["field"], "body");
+    // Client API: single objects name the field without an index.
+    let (st, resp) = post(
+        &c,
+        &s.url("/v1/RegisterInstance"),
+        json!({"namespace": "default", "service": "echo", "host": "127.0.0.1", "port": 0}),
+    )
+    .await;
+    assert_eq!((st, resp["field"].as_str()), (400, Some("port")));
+    let (st, resp) = post(
+        &c,
+        &s.url("/v1/RegisterInstance"),
+        json!({"namespace": "nope", "service": "echo", "host": "127.0.0.1", "port": 80}),
+    )
+    .await;
+    assert_eq!((st, resp["field"].as_str()), (400, Some("namespace")));
+
+    // Nothing changed: the good batch items before the bad ones were not written.
+    assert_eq!(instances(&c, &s, "echo").await, before);
+    let (_, svcs) = get(&c, &s.url("/naming/v1/services")).await;
+    assert_eq!(svcs["amount"], 1);
+}
+
+#[tokio::test]
+async fn kill_9_after_burst_keeps_every_acknowledged_registration() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    let mut s = Server::start(&data, &[]).await;
+    let c = reqwest::Client::new();
+    let url = s.url("/v1/RegisterInstance");
+    let mut tasks = Vec::new();
+    for w in 0..50u16 {
+        let (c, url) = (c.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            for k in 0..20u16 {
+                let port = 1000 + w * 20 + k;
+                let (st, body) = post(&c, &url, json!({"namespace": "default", "service": "burst", "host": "10.9.9.9", "port": port})).await;
+                assert_eq!(st, 200, "{body}");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Every 200 above was acknowledged; kill at once.
+    s.kill9();
+    let s = Server::start(&data, &[]).await;
+    assert_eq!(instances(&c, &s, "burst").await.len(), 1000);
+}
+
+#[tokio::test]
+async fn heartbeat_ttl_drives_health() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("d"), &[]).await;
+    let c = reqwest::Client::new();
+    let (st, body) = post(
+        &c,
+        &s.url("/v1/RegisterInstance"),
+        json!({
+        "namespace": "default", "service": "hb", "host": "127.0.0.1", "port": 7000,
+        "enableHealthCheck": true, "healthCheck": {"type": 1, "heartbeat": {"ttl": 1}}}),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    let id = body["instance"]["id"].as_str().unwrap().to_string();
+    let healthy = |c: reqwest::Client, url: String| async move {
+        let (_, v) = get(&c, &url).await;
+        v["instances"][0]["healthy"].as_bool().unwrap()
+    };
+    let list = s.url("/naming/v1/instances?namespace=default&service=hb");
+    // Beat for 2.5 s: stays healthy.
+    for _ in 0..5 {
+        assert_eq!(
+            post(&c, &s.url("/v1/Heartbeat"), json!({"id": id})).await.0,
+            200
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(healthy(c.clone(), list.clone()).await);
+    // Stop beating: unhealthy after ~3 s.
+    let stopped = Instant::now();
+    while healthy(c.clone(), list.clone()).await {
+        assert!(
+            stopped.elapsed() < Duration::from_secs(8),
+            "never turned unhealthy"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = stopped.elapsed();
+    assert!(
+        took >= Duration::from_millis(2500),
+        "unhealthy too early: {took:?}"
+    );
+    // One beat (by address this time) brings it back.
+    let (st, _) = post(
+        &c,
+        &s.url("/v1/Heartbeat"),
+        json!({"namespace": "default", "service": "hb", "host": "127.0.0.1", "port": 7000}),
+    )
+    .await;
+    assert_eq!(st, 200);
+    assert!(healthy(c.clone(), list.clone()).await);
+    // Unknown instance: 404.
+    assert_eq!(
+        post(&c, &s.url("/v1/Heartbeat"), json!({"id": "nope"}))
+            .await
+            .0,
+        404
+    );
+    let (_, m) = (
+        0,
+        c.get(s.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    );
+    assert!(m.contains("polaris_heartbeats_total 6"), "{m}");
+}
+
+#[tokio::test]
+async fn sigterm_shuts_down_cleanly_and_openapi_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Server::start(&dir.path().join("d"), &["--log-format", "json"]).await;
+    let c = reqwest::Client::new();
+    let (st, doc) = get(&c, &s.url("/openapi.json")).await;
+    assert_eq!(st, 200);
+    assert!(doc["paths"]["/naming/v1/instances"]["post"].is_object());
+    assert!(doc["paths"]["/v1/Heartbeat"]["post"].is_object());
+    let status = s.terminate();
+    assert!(status.success(), "{status:?}");
+    let log = std::fs::read_to_string(&s.log).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.starts_with('{') && l.contains("polaris server stopped")),
+        "{log}"
+    );
+}
