@@ -5,9 +5,11 @@
 
 pub mod api;
 pub mod bench;
+pub mod bootstrap;
 pub mod config;
 pub mod metrics;
 pub mod model;
 pub mod registry;
 pub mod server;
 pub mod store;
+pub mod xds;

@@ -22,6 +22,8 @@ struct Cli {
 enum Cmd {
     /// Run the control plane (registry, REST API, xDS).
     Server(ServerArgs),
+    /// Print an Envoy bootstrap (from bootstrap-templates/envoy.yaml) to stdout.
+    Bootstrap(polaris_mesh::bootstrap::BootstrapArgs),
     /// Run a benchmark and print its figures.
     Bench(polaris_mesh::bench::BenchArgs),
 }
@@ -95,6 +97,10 @@ fn main() -> anyhow::Result<()> {
                 polaris_mesh::server::shutdown_signal(),
                 |_| {},
             ))
+        }
+        Cmd::Bootstrap(a) => {
+            print!("{}", polaris_mesh::bootstrap::render(&a)?);
+            Ok(())
         }
         Cmd::Bench(a) => {
             init_tracing("warn", LogFormat::Text);

@@ -6,19 +6,27 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
+use std::time::Duration;
+
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::api::{self, AppState};
 use crate::config::ServerConfig;
 use crate::metrics::Metrics;
 use crate::registry::{self, Registry};
 use crate::store::RedbStore;
+use crate::xds::server::{Ads, Nodes};
+use crate::xds::snapshot::{self, Cache};
+use crate::xds::debug;
 
 /// Addresses the server actually bound.
 #[derive(Debug, Clone, Copy)]
 pub struct Bound {
     /// REST API.
     pub http: SocketAddr,
+    /// ADS gRPC.
+    pub xds: SocketAddr,
 }
 
 /// Runs the control plane until `shutdown` completes, then drains: in-flight HTTP requests finish,
@@ -43,24 +51,54 @@ pub async fn run(
         metrics.clone(),
     )
     .await?;
+    tracing::debug!("binding listeners");
     let http = TcpListener::bind(cfg.http_addr)
         .await
         .with_context(|| format!("binding REST API on {}", cfg.http_addr))?;
+    let xds = TcpListener::bind(cfg.xds_addr)
+        .await
+        .with_context(|| format!("binding xDS on {}", cfg.xds_addr))?;
     let bound = Bound {
         http: http.local_addr()?,
+        xds: xds.local_addr()?,
     };
+    let cache = Arc::new(Cache::default());
+    let nodes = Arc::new(Nodes::default());
+    let builder = tokio::spawn(snapshot::run(
+        registry.clone(),
+        cache.clone(),
+        Duration::from_millis(cfg.xds_debounce_ms),
+    ));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let ads = Ads::new(cache.clone(), metrics.clone(), nodes.clone()).with_shutdown(stop_rx.clone());
+    let streams = nodes.clone();
     let state = AppState {
         registry: registry.clone(),
         metrics,
-        xds_streams: Arc::new(|| 0),
+        xds_streams: Arc::new(move || streams.len() as u64),
     };
-    let app = api::router(state, axum::Router::new());
-    tracing::info!(http = %bound.http, data_dir = %cfg.data_dir.display(), "polaris server started");
+    let app = api::router(state, debug::routes(cache, nodes));
+    tracing::info!(http = %bound.http, xds = %bound.xds, data_dir = %cfg.data_dir.display(), "polaris server started");
     on_bound(bound);
-    axum::serve(http, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("REST API server")?;
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let grpc = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(ads.into_service())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(xds),
+            stopped(stop_rx.clone()),
+        );
+    let rest = axum::serve(http, app).with_graceful_shutdown(stopped(stop_rx));
+    let (g, h) = tokio::join!(grpc, rest);
+    g.context("xDS server")?;
+    h.context("REST API server")?;
+    builder.abort();
     tracing::info!("draining: waiting for queued writes to commit");
     registry.close().await?;
     tracing::info!("polaris server stopped");

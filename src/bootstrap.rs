@@ -1,0 +1,168 @@
+//! `polaris bootstrap`: renders the Envoy bootstrap from `bootstrap-templates/envoy.yaml`.
+//!
+//! The template is compiled into the binary (so the command works from any directory);
+//! `--template` renders another file with the same placeholders.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::xds::resources::{NODE_NAMESPACE_KEY, NODE_OUTBOUND_PORT_KEY};
+
+/// The default template.
+pub const TEMPLATE: &str = include_str!("../bootstrap-templates/envoy.yaml");
+
+/// `polaris bootstrap` arguments.
+#[derive(Debug, Clone, Args)]
+pub struct BootstrapArgs {
+    /// Node id, e.g. `sidecar~default/pod-1~10.0.0.5`.
+    #[arg(long)]
+    pub node_id: String,
+    /// Control plane ADS address, `HOST:PORT`.
+    #[arg(long, default_value = "127.0.0.1:15010")]
+    pub xds_addr: String,
+    /// Envoy admin port (on 127.0.0.1).
+    #[arg(long, default_value_t = 15000)]
+    pub admin_port: u16,
+    /// Outbound listener port the control plane should give this node.
+    #[arg(long, default_value_t = 15001)]
+    pub outbound_port: u16,
+    /// The namespace whose services the node sees [default: from the node id, else `default`].
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// Extra node metadata, `key=value` (repeatable).
+    #[arg(long = "metadata", value_name = "KEY=VALUE")]
+    pub metadata: Vec<String>,
+    /// Use state-of-the-world ADS instead of delta.
+    #[arg(long)]
+    pub sotw: bool,
+    /// Node cluster name.
+    #[arg(long, default_value = "polaris-mesh")]
+    pub cluster: String,
+    /// Render this template instead of the built-in one.
+    #[arg(long)]
+    pub template: Option<PathBuf>,
+}
+
+/// Bootstrap errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A flag is malformed.
+    #[error("invalid {field}: {reason}")]
+    Invalid {
+        /// Flag.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The template could not be read.
+    #[error("reading template: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> Error {
+    Error::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// Renders the bootstrap YAML.
+pub fn render(a: &BootstrapArgs) -> Result<String, Error> {
+    if a.node_id.is_empty() || a.node_id.contains(['"', '\\', '\n']) {
+        return Err(invalid("--node-id", "must be non-empty without quotes, backslashes or newlines"));
+    }
+    let (host, port) = a
+        .xds_addr
+        .rsplit_once(':')
+        .ok_or_else(|| invalid("--xds-addr", "expected HOST:PORT"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| invalid("--xds-addr", format!("{port:?} is not a port")))?;
+    if host.is_empty() || host.contains(['"', '\\', ' ']) {
+        return Err(invalid("--xds-addr", "bad host"));
+    }
+    for (f, p) in [("--admin-port", a.admin_port), ("--outbound-port", a.outbound_port)] {
+        if p == 0 {
+            return Err(invalid(f, "must be 1..=65535"));
+        }
+    }
+    let mut md = BTreeMap::new();
+    if let Some(ns) = &a.namespace {
+        crate::model::validate_namespace_name(ns, "namespace").map_err(|e| invalid("--namespace", e.reason))?;
+        md.insert(NODE_NAMESPACE_KEY.to_string(), ns.clone());
+    }
+    md.insert(NODE_OUTBOUND_PORT_KEY.to_string(), a.outbound_port.to_string());
+    for kv in &a.metadata {
+        let (k, v) = kv
+            .split_once('=')
+            .filter(|(k, _)| !k.is_empty())
+            .ok_or_else(|| invalid("--metadata", format!("{kv:?} is not KEY=VALUE")))?;
+        md.insert(k.to_string(), v.to_string());
+    }
+    let template = match &a.template {
+        Some(p) => std::fs::read_to_string(p)?,
+        None => TEMPLATE.to_string(),
+    };
+    let cluster_type = if host.parse::<IpAddr>().is_ok() { "STATIC" } else { "STRICT_DNS" };
+    let metadata = serde_json::to_string(&md).expect("string map serializes");
+    Ok(template
+        .replace("{{NODE_ID}}", &a.node_id)
+        .replace("{{NODE_CLUSTER}}", &a.cluster)
+        .replace("{{METADATA}}", &metadata)
+        .replace("{{ADMIN_PORT}}", &a.admin_port.to_string())
+        .replace("{{API_TYPE}}", if a.sotw { "GRPC" } else { "DELTA_GRPC" })
+        .replace("{{XDS_CLUSTER_TYPE}}", cluster_type)
+        .replace("{{XDS_HOST}}", host)
+        .replace("{{XDS_PORT}}", &port.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> BootstrapArgs {
+        BootstrapArgs {
+            node_id: "sidecar~default/pod-1~10.0.0.5".into(),
+            xds_addr: "127.0.0.1:15010".into(),
+            admin_port: 15000,
+            outbound_port: 15001,
+            namespace: Some("default".into()),
+            metadata: vec!["app=echo".into()],
+            sotw: false,
+            cluster: "polaris-mesh".into(),
+            template: None,
+        }
+    }
+
+    #[test]
+    fn golden_delta() {
+        let got = render(&args()).unwrap();
+        let want = include_str!("../tests/golden/bootstrap-delta.yaml");
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn golden_sotw_dns() {
+        let a = BootstrapArgs { sotw: true, xds_addr: "polaris.polaris-system:15010".into(), namespace: None, metadata: vec![], ..args() };
+        let got = render(&a).unwrap();
+        let want = include_str!("../tests/golden/bootstrap-sotw.yaml");
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn bad_flags_name_the_flag() {
+        let e = |a: BootstrapArgs| match render(&a).unwrap_err() { Error::Invalid { field, .. } => field, e => panic!("{e}") };
+        assert_eq!(e(BootstrapArgs { xds_addr: "nope".into(), ..args() }), "--xds-addr");
+        assert_eq!(e(BootstrapArgs { xds_addr: "h:0".into(), ..args() }), "--xds-addr");
+        assert_eq!(e(BootstrapArgs { admin_port: 0, ..args() }), "--admin-port");
+        assert_eq!(e(BootstrapArgs { metadata: vec!["novalue".into()], ..args() }), "--metadata");
+        assert_eq!(e(BootstrapArgs { namespace: Some("Bad_NS".into()), ..args() }), "--namespace");
+        assert_eq!(e(BootstrapArgs { node_id: String::new(), ..args() }), "--node-id");
+    }
+}

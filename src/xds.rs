@@ -1,0 +1,143 @@
+//! The Envoy xDS control plane: translation ([`resources`]), the shared cache ([`snapshot`]) and the
+//! ADS server ([`server`]). Type URLs live here and nowhere else.
+
+pub mod debug;
+pub mod resources;
+pub mod server;
+pub mod snapshot;
+
+use std::collections::HashSet;
+
+use serde::Serialize;
+
+/// Cluster type URL.
+pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+/// ClusterLoadAssignment type URL.
+pub const ENDPOINT_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+/// Listener type URL.
+pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+/// RouteConfiguration type URL.
+pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+
+/// The resource types we serve, in the order ADS pushes them (CDS before EDS, LDS before RDS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum TypeKind {
+    /// CDS.
+    Cluster,
+    /// EDS.
+    Endpoint,
+    /// LDS.
+    Listener,
+    /// RDS.
+    Route,
+}
+
+impl TypeKind {
+    /// All kinds in push order.
+    pub const ALL: [TypeKind; 4] = [
+        TypeKind::Cluster,
+        TypeKind::Endpoint,
+        TypeKind::Listener,
+        TypeKind::Route,
+    ];
+
+    /// The type URL.
+    pub fn url(self) -> &'static str {
+        match self {
+            TypeKind::Cluster => CLUSTER_TYPE,
+            TypeKind::Endpoint => ENDPOINT_TYPE,
+            TypeKind::Listener => LISTENER_TYPE,
+            TypeKind::Route => ROUTE_TYPE,
+        }
+    }
+
+    /// The kind of a type URL.
+    pub fn from_url(url: &str) -> Option<TypeKind> {
+        TypeKind::ALL.into_iter().find(|k| k.url() == url)
+    }
+
+    /// Whether an empty first subscription means "everything" (legacy wildcard).
+    pub fn wildcard_capable(self) -> bool {
+        matches!(self, TypeKind::Cluster | TypeKind::Listener)
+    }
+
+    /// Short name for logs and views.
+    pub fn short(self) -> &'static str {
+        match self {
+            TypeKind::Cluster => "CDS",
+            TypeKind::Endpoint => "EDS",
+            TypeKind::Listener => "LDS",
+            TypeKind::Route => "RDS",
+        }
+    }
+}
+
+/// A snapshot inconsistency.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Inconsistency {
+    /// An EDS resource has no cluster.
+    #[error("load assignment {0} has no cluster")]
+    OrphanEndpoints(String),
+    /// A cluster has no load assignment.
+    #[error("cluster {0} has no load assignment")]
+    MissingEndpoints(String),
+    /// A route points to a missing cluster.
+    #[error("route {route} points to missing cluster {cluster}")]
+    DanglingRoute {
+        /// Route config.
+        route: String,
+        /// Cluster.
+        cluster: String,
+    },
+    /// A name appears twice.
+    #[error("duplicate {0}")]
+    Duplicate(String),
+}
+
+/// Checks a namespace view: every EDS name has its cluster and vice versa, every route's cluster
+/// exists, no virtual host or domain appears twice.
+pub fn consistent(ns: &str, view: &snapshot::NamespaceView) -> Result<(), Inconsistency> {
+    use envoy_types::pb::envoy::config::route::v3::{route::Action, route_action::ClusterSpecifier, RouteConfiguration};
+    use prost::Message;
+    for n in view.endpoints.keys() {
+        if !view.clusters.contains_key(n) {
+            return Err(Inconsistency::OrphanEndpoints(n.to_string()));
+        }
+    }
+    for n in view.clusters.keys() {
+        if !view.endpoints.contains_key(n) {
+            return Err(Inconsistency::MissingEndpoints(n.to_string()));
+        }
+    }
+    if let Some(route) = &view.route {
+        let rc = RouteConfiguration::decode(route.any.value.as_slice())
+            .map_err(|e| Inconsistency::Duplicate(format!("undecodable route: {e}")))?;
+        let mut vhosts = HashSet::new();
+        let mut domains = HashSet::new();
+        for vh in &rc.virtual_hosts {
+            if !vhosts.insert(vh.name.clone()) {
+                return Err(Inconsistency::Duplicate(format!("virtual host {}", vh.name)));
+            }
+            for d in &vh.domains {
+                if !domains.insert(d.clone()) {
+                    return Err(Inconsistency::Duplicate(format!("domain {d}")));
+                }
+            }
+            for r in &vh.routes {
+                if let Some(Action::Route(a)) = &r.action {
+                    if let Some(ClusterSpecifier::Cluster(c)) = &a.cluster_specifier {
+                        // Aliases may route to another namespace's cluster; check our own.
+                        let same_ns = c.split('|').nth(1) == Some(ns);
+                        if same_ns && !view.clusters.contains_key(c.as_str()) {
+                            return Err(Inconsistency::DanglingRoute {
+                                route: rc.name.clone(),
+                                cluster: c.clone(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}

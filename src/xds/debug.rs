@@ -1,0 +1,107 @@
+//! Admin views of the xDS layer on the REST port: `/debug/xds/nodes` and `/debug/xds/config`.
+
+use std::sync::Arc;
+
+use axum::extract::Query;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use prost::Message;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::server::{resources_for, Nodes};
+use super::snapshot::{Cache, Res};
+use super::TypeKind;
+use crate::api::AppState;
+
+/// Routes of the debug views.
+pub fn routes(cache: Arc<Cache>, nodes: Arc<Nodes>) -> Router<AppState> {
+    let n2 = nodes.clone();
+    Router::new()
+        .route("/debug/xds/nodes", get(move || nodes_view(nodes.clone())))
+        .route(
+            "/debug/xds/config",
+            get(move |q: Query<ConfigQuery>| config_view(cache.clone(), n2.clone(), q.0)),
+        )
+}
+
+async fn nodes_view(nodes: Arc<Nodes>) -> Json<Value> {
+    let list: Vec<Value> = nodes
+        .list()
+        .into_iter()
+        .map(|s| {
+            let types: serde_json::Map<String, Value> = s
+                .types
+                .lock()
+                .iter()
+                .map(|(k, v)| (k.short().to_string(), serde_json::to_value(v).unwrap_or_default()))
+                .collect();
+            json!({
+                "stream": s.stream,
+                "protocol": s.protocol,
+                "node": *s.node.lock(),
+                "generation": s.generation.load(std::sync::atomic::Ordering::Relaxed),
+                "types": types,
+            })
+        })
+        .collect();
+    Json(json!({"count": list.len(), "nodes": list}))
+}
+
+#[derive(Debug, Deserialize)]
+struct ConfigQuery {
+    node: Option<String>,
+}
+
+fn decoded(kind: TypeKind, r: &Res) -> String {
+    let b = r.any.value.as_slice();
+    match kind {
+        TypeKind::Cluster => Cluster::decode(b).map(|m| format!("{m:?}")),
+        TypeKind::Endpoint => ClusterLoadAssignment::decode(b).map(|m| format!("{m:?}")),
+        TypeKind::Listener => Listener::decode(b).map(|m| format!("{m:?}")),
+        TypeKind::Route => RouteConfiguration::decode(b).map(|m| format!("{m:?}")),
+    }
+    .unwrap_or_else(|e| format!("undecodable: {e}"))
+}
+
+async fn config_view(cache: Arc<Cache>, nodes: Arc<Nodes>, q: ConfigQuery) -> Response {
+    let Some(id) = q.node.filter(|n| !n.is_empty()) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"code": 400000, "field": "node", "info": "invalid node: is required"})),
+        )
+            .into_response();
+    };
+    let info = nodes
+        .list()
+        .into_iter()
+        .find_map(|s| s.node.lock().clone().filter(|n| n.id == id));
+    let Some(info) = info else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({"code": 400202, "info": format!("node {id} is not connected")})),
+        )
+            .into_response();
+    };
+    let mut by_type = serde_json::Map::new();
+    for (kind, r) in resources_for(&cache, &info) {
+        let entry = by_type
+            .entry(kind.short().to_string())
+            .or_insert_with(|| Value::Array(vec![]));
+        if let Value::Array(a) = entry {
+            a.push(json!({
+                "name": &*r.name,
+                "version": r.version_string(),
+                "bytes": r.any.value.len(),
+                "resource": decoded(kind, &r),
+            }));
+        }
+    }
+    Json(json!({"node": info, "generation": cache.current().generation, "resources": by_type})).into_response()
+}

@@ -1,0 +1,983 @@
+//! The ADS server: state-of-the-world and delta streams over one per-stream state machine.
+//!
+//! Each stream is one task that owns its state (subscriptions per type, what the client holds,
+//! nonces) and reads only published snapshots. It wakes on a client request or a new snapshot;
+//! a slow client blocks only its own task, and the snapshots it missed coalesce to the latest
+//! (the `watch` channel keeps one value). Responses go out in ADS order: CDS, EDS, LDS, RDS.
+
+use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+};
+use envoy_types::pb::google::protobuf::value::Kind;
+use futures::Stream;
+use parking_lot::Mutex;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::resources as r;
+use super::snapshot::{Cache, Encoded, NamespaceView, Res, Snapshot};
+use super::TypeKind;
+use crate::metrics::Metrics;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// "The client was told this resource does not exist."
+const ABSENT: u64 = 0;
+
+/// Settings of a node, from its id and metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeInfo {
+    /// Node id.
+    pub id: String,
+    /// The namespace whose services it sees.
+    pub namespace: String,
+    /// Its own service, if it is a sidecar of one.
+    pub service: Option<String>,
+    /// Outbound listener port.
+    pub outbound_port: u16,
+    /// Inbound listener port.
+    pub inbound_port: u16,
+    /// Local application ports for the inbound cluster.
+    pub bind_ports: Vec<u16>,
+    /// Client name (`envoy`, `gRPC Python`, ...).
+    pub user_agent: String,
+}
+
+fn meta_str(node: &Node, key: &str) -> Option<String> {
+    let fields = &node.metadata.as_ref()?.fields;
+    match fields.get(key)?.kind.as_ref()? {
+        Kind::StringValue(s) if !s.is_empty() => Some(s.clone()),
+        Kind::NumberValue(n) => Some(format!("{n}")),
+        _ => None,
+    }
+}
+
+impl NodeInfo {
+    /// Reads a node: namespace from metadata, else from a `type~ns/pod~ip` id, else `default`.
+    pub fn from_node(node: &Node) -> Result<NodeInfo, Status> {
+        if node.id.is_empty() {
+            return Err(Status::invalid_argument("node.id is required on the first request"));
+        }
+        let id_ns = node
+            .id
+            .split('~')
+            .find_map(|part| part.split_once('/').map(|(ns, _)| ns.to_string()))
+            .filter(|ns| !ns.is_empty());
+        let namespace = meta_str(node, r::NODE_NAMESPACE_KEY)
+            .or(id_ns)
+            .unwrap_or_else(|| "default".into());
+        let port = |key: &str, default: u16| -> Result<u16, Status> {
+            match meta_str(node, key) {
+                None => Ok(default),
+                Some(v) => v
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|p| (1.0..=65535.0).contains(p) && p.fract() == 0.0)
+                    .map(|p| p as u16)
+                    .ok_or_else(|| Status::invalid_argument(format!("node metadata {key}: {v:?} is not a port"))),
+            }
+        };
+        let bind_ports = match meta_str(node, r::NODE_BIND_PORTS_KEY) {
+            None => vec![],
+            Some(v) => v
+                .split(',')
+                .map(|p| p.trim().parse::<u16>().ok().filter(|p| *p > 0))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| Status::invalid_argument(format!("node metadata {}: {v:?} is not a port list", r::NODE_BIND_PORTS_KEY)))?,
+        };
+        Ok(NodeInfo {
+            id: node.id.clone(),
+            namespace,
+            service: meta_str(node, r::NODE_SERVICE_KEY),
+            outbound_port: port(r::NODE_OUTBOUND_PORT_KEY, 15001)?,
+            inbound_port: port(r::NODE_INBOUND_PORT_KEY, 15006)?,
+            bind_ports,
+            user_agent: node.user_agent_name.clone(),
+        })
+    }
+}
+
+/// Per-type status shown by `/debug/xds/nodes`.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TypeStatus {
+    /// Version of the last response sent.
+    pub version_sent: String,
+    /// Version the client last ACKed.
+    pub version_acked: String,
+    /// Resources the client holds (per our bookkeeping).
+    pub resources: usize,
+    /// Last NACK message, if the last response was rejected.
+    pub last_nack: Option<String>,
+    /// NACKs received.
+    pub nacks: u64,
+    /// Responses sent.
+    pub responses: u64,
+}
+
+/// One connected stream, as the debug views see it.
+#[derive(Debug)]
+pub struct NodeStatus {
+    /// Stream id.
+    pub stream: u64,
+    /// `sotw` or `delta`.
+    pub protocol: &'static str,
+    /// Node settings (set on the first request).
+    pub node: Mutex<Option<NodeInfo>>,
+    /// Per type.
+    pub types: Mutex<HashMap<TypeKind, TypeStatus>>,
+    /// Snapshot generation last applied.
+    pub generation: AtomicU64,
+}
+
+/// Connected streams.
+#[derive(Debug, Default)]
+pub struct Nodes {
+    streams: Mutex<HashMap<u64, Arc<NodeStatus>>>,
+    next: AtomicU64,
+}
+
+impl Nodes {
+    /// Number of connected streams.
+    pub fn len(&self) -> usize {
+        self.streams.lock().len()
+    }
+
+    /// Whether no stream is connected.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// All streams.
+    pub fn list(&self) -> Vec<Arc<NodeStatus>> {
+        let mut v: Vec<_> = self.streams.lock().values().cloned().collect();
+        v.sort_by_key(|s| s.stream);
+        v
+    }
+
+    fn register(&self, protocol: &'static str) -> Arc<NodeStatus> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let s = Arc::new(NodeStatus {
+            stream: id,
+            protocol,
+            node: Mutex::new(None),
+            types: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
+        });
+        self.streams.lock().insert(id, s.clone());
+        s
+    }
+
+    fn remove(&self, id: u64) {
+        self.streams.lock().remove(&id);
+    }
+}
+
+/// The ADS service.
+#[derive(Clone)]
+pub struct Ads {
+    cache: Arc<Cache>,
+    metrics: Arc<Metrics>,
+    nodes: Arc<Nodes>,
+    shutdown: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+impl Ads {
+    /// A new service over `cache`.
+    pub fn new(cache: Arc<Cache>, metrics: Arc<Metrics>, nodes: Arc<Nodes>) -> Self {
+        Ads { cache, metrics, nodes, shutdown: None }
+    }
+
+    /// Ends every stream when `shutdown` turns true (so a graceful stop does not wait on
+    /// long-lived streams; clients reconnect elsewhere).
+    pub fn with_shutdown(mut self, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.shutdown = Some(shutdown);
+        self
+    }
+
+    /// The tonic service.
+    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Ads> {
+        AggregatedDiscoveryServiceServer::new(self)
+            .max_decoding_message_size(16 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Ads {
+    type StreamAggregatedResourcesStream = BoxStream<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = BoxStream<DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        req: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let (tx, rx) = mpsc::channel(2);
+        let st = StreamState::new(self, "sotw");
+        tokio::spawn(st.run_sotw(req.into_inner(), tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        req: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let (tx, rx) = mpsc::channel(2);
+        let st = StreamState::new(self, "delta");
+        tokio::spawn(st.run_delta(req.into_inner(), tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+async fn stopped(rx: &mut Option<tokio::sync::watch::Receiver<bool>>) {
+    match rx {
+        Some(r) => {
+            if r.wait_for(|s| *s).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+/// Subscription and delivery state of one type on one stream.
+#[derive(Debug, Default)]
+struct TypeState {
+    /// The client has sent at least one request for this type.
+    active: bool,
+    /// Subscribed to everything.
+    wildcard: bool,
+    /// Named subscriptions.
+    names: HashSet<Arc<str>>,
+    /// The client has named resources at least once (ends legacy wildcard).
+    ever_named: bool,
+    /// What the client holds (delta) or was last sent (SotW): name → version, or [`ABSENT`].
+    sent: HashMap<Arc<str>, u64>,
+    /// XOR of `h(name, version)` over `sent`: the type's version for this client.
+    agg: u64,
+    /// Nonce of the last response of this type.
+    nonce: String,
+    /// SotW: version_info of the last response.
+    version_sent: String,
+    /// SotW: names to include in the next response even if unchanged (cluster warming).
+    force: HashSet<Arc<str>>,
+    /// SotW: answer the next request even if nothing changed (new subscription).
+    force_all: bool,
+    /// Delta: per in-flight nonce, the previous `sent` entries to restore on NACK.
+    pending: Vec<(String, Vec<(Arc<str>, Option<u64>)>)>,
+}
+
+fn entry_hash(name: &str, version: u64) -> u64 {
+    xxh3_64(name.as_bytes()) ^ version.rotate_left(17)
+}
+
+impl TypeState {
+    fn set_sent(&mut self, name: Arc<str>, version: Option<u64>) -> Option<u64> {
+        let old = match version {
+            Some(v) => self.sent.insert(name.clone(), v),
+            None => self.sent.remove(&name),
+        };
+        if let Some(o) = old {
+            if o != ABSENT {
+                self.agg ^= entry_hash(&name, o);
+            }
+        }
+        if let Some(v) = version {
+            if v != ABSENT {
+                self.agg ^= entry_hash(&name, v);
+            }
+        }
+        old
+    }
+
+    fn version_string(&self) -> String {
+        format!("{:016x}", self.agg)
+    }
+}
+
+/// Node-local resources (listeners, inbound cluster and route, proxyless API listeners).
+#[derive(Debug, Default)]
+struct Locals {
+    by_kind: HashMap<TypeKind, Vec<Res>>,
+    /// API listeners built on request, by name.
+    api: HashMap<Arc<str>, Res>,
+}
+
+struct StreamState {
+    shutdown: Option<tokio::sync::watch::Receiver<bool>>,
+    cache: Arc<Cache>,
+    metrics: Arc<Metrics>,
+    nodes: Arc<Nodes>,
+    status: Arc<NodeStatus>,
+    node: Option<NodeInfo>,
+    types: HashMap<TypeKind, TypeState>,
+    snap: Arc<Snapshot>,
+    /// Generation whose changes this stream has applied.
+    generation: u64,
+    nonce: u64,
+    locals: Locals,
+}
+
+/// One response to send, independent of the protocol.
+struct Out {
+    kind: TypeKind,
+    resources: Vec<Res>,
+    removed: Vec<Arc<str>>,
+}
+
+impl StreamState {
+    fn new(ads: &Ads, protocol: &'static str) -> Self {
+        StreamState {
+            shutdown: ads.shutdown.clone(),
+            cache: ads.cache.clone(),
+            metrics: ads.metrics.clone(),
+            nodes: ads.nodes.clone(),
+            status: ads.nodes.register(protocol),
+            node: None,
+            types: HashMap::new(),
+            snap: ads.cache.current(),
+            generation: 0,
+            nonce: 0,
+            locals: Locals::default(),
+        }
+    }
+
+    fn next_nonce(&mut self) -> String {
+        self.nonce += 1;
+        format!("{:x}", self.nonce)
+    }
+
+    /// Checks the node on each request: the first sets it, later ones may omit it but not change it.
+    fn check_node(&mut self, node: Option<&Node>) -> Result<(), Status> {
+        match (&self.node, node) {
+            (None, Some(n)) => {
+                let info = NodeInfo::from_node(n)?;
+                *self.status.node.lock() = Some(info.clone());
+                self.node = Some(info);
+                self.rebuild_locals();
+                Ok(())
+            }
+            (None, None) => Err(Status::invalid_argument("the first request must carry node")),
+            (Some(cur), Some(n)) if !n.id.is_empty() && n.id != cur.id => Err(
+                Status::invalid_argument(format!("node changed on the stream: {} → {}", cur.id, n.id)),
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    fn view(&self) -> Option<&Arc<NamespaceView>> {
+        let ns = &self.node.as_ref()?.namespace;
+        self.snap.namespaces.get(ns.as_str())
+    }
+
+    fn rebuild_locals(&mut self) {
+        let Some(node) = self.node.clone() else { return };
+        let mut by_kind: HashMap<TypeKind, Vec<Res>> = HashMap::new();
+        let outbound = r::outbound_listener("0.0.0.0", node.outbound_port);
+        by_kind
+            .entry(TypeKind::Listener)
+            .or_default()
+            .push(Encoded::new(Arc::from(outbound.name.as_str()), &outbound));
+        let own = node.service.as_ref().and_then(|svc| {
+            self.view()
+                .and_then(|v| v.services.get(svc.as_str()))
+                .filter(|sv| sv.service.alias_for.is_none())
+                .map(|sv| (sv.service.clone(), sv.ports.clone()))
+        });
+        if let Some((svc, ports)) = own {
+            let ports = if node.bind_ports.is_empty() { ports } else { node.bind_ports.clone() };
+            let c = r::inbound_cluster(&svc);
+            by_kind.entry(TypeKind::Cluster).or_default().push(Encoded::new(Arc::from(c.name.as_str()), &c));
+            let cla = r::inbound_load_assignment(&svc, &ports);
+            by_kind.entry(TypeKind::Endpoint).or_default().push(Encoded::new(Arc::from(cla.cluster_name.as_str()), &cla));
+            let l = r::inbound_listener(&svc.namespace, &svc.name, node.inbound_port);
+            by_kind.entry(TypeKind::Listener).or_default().push(Encoded::new(Arc::from(l.name.as_str()), &l));
+            let rc = r::inbound_route(&svc.namespace, &svc.name);
+            by_kind.entry(TypeKind::Route).or_default().push(Encoded::new(Arc::from(rc.name.as_str()), &rc));
+        }
+        self.locals.by_kind = by_kind;
+    }
+
+    /// The resource `name` of `kind` as this node would get it.
+    fn lookup(&mut self, kind: TypeKind, name: &Arc<str>) -> Option<Res> {
+        if let Some(l) = self.locals.by_kind.get(&kind).and_then(|v| v.iter().find(|e| e.name == *name)) {
+            return Some(l.clone());
+        }
+        let view = self.view();
+        match kind {
+            TypeKind::Cluster => view.and_then(|v| v.clusters.get(name).cloned()),
+            TypeKind::Endpoint => view.and_then(|v| v.endpoints.get(name).cloned()),
+            TypeKind::Route => view
+                .and_then(|v| v.route.clone())
+                .filter(|rt| rt.name == *name),
+            TypeKind::Listener => {
+                // Proxyless gRPC: `<svc>.<ns>[:port]` of an existing service in the node's view.
+                let (svc, ns) = r::parse_target(name)?;
+                let exists = self.snap.namespaces.get(ns.as_str()).is_some_and(|v| v.services.contains_key(svc.as_str()));
+                if !exists {
+                    self.locals.api.remove(name);
+                    return None;
+                }
+                Some(
+                    self.locals
+                        .api
+                        .entry(name.clone())
+                        .or_insert_with(|| Encoded::new(name.clone(), &r::api_listener(name)))
+                        .clone(),
+                )
+            }
+        }
+    }
+
+    /// Every resource of `kind` a wildcard subscriber gets.
+    fn wildcard_set(&self, kind: TypeKind) -> Vec<Res> {
+        let mut out: Vec<Res> = self.locals.by_kind.get(&kind).cloned().unwrap_or_default();
+        if let Some(v) = self.view() {
+            match kind {
+                TypeKind::Cluster => out.extend(v.clusters.values().cloned()),
+                TypeKind::Endpoint => out.extend(v.endpoints.values().cloned()),
+                TypeKind::Route => out.extend(v.route.clone()),
+                TypeKind::Listener => {}
+            }
+        }
+        out
+    }
+
+    /// Names to evaluate for `kind`: all (`None`) or only these.
+    fn diff(&mut self, kind: TypeKind, only: Option<&HashSet<Arc<str>>>) -> Out {
+        let mut out = Out { kind, resources: vec![], removed: vec![] };
+        let Some(ts) = self.types.get(&kind) else { return out };
+        if !ts.active {
+            return out;
+        }
+        let wildcard = ts.wildcard;
+        let names: Vec<Arc<str>> = match only {
+            Some(set) => set.iter().cloned().collect(),
+            None => {
+                let mut n: HashSet<Arc<str>> = ts.names.clone();
+                n.extend(ts.sent.keys().cloned());
+                if wildcard {
+                    n.extend(self.wildcard_set(kind).into_iter().map(|e| e.name.clone()));
+                }
+                n.into_iter().collect()
+            }
+        };
+        let wildcard_names: Option<HashSet<Arc<str>>> = wildcard.then(|| self.wildcard_set(kind).into_iter().map(|e| e.name.clone()).collect());
+        for name in names {
+            let ts = &self.types[&kind];
+            let explicit = ts.names.contains(&name);
+            let by_wildcard = wildcard_names.as_ref().is_some_and(|w| w.contains(&name));
+            let desired = if explicit || by_wildcard { self.lookup(kind, &name) } else { None };
+            let ts = self.types.get_mut(&kind).expect("active");
+            let held = ts.sent.get(&name).copied();
+            match desired {
+                Some(res) => {
+                    if held != Some(res.version) || ts.force.contains(&name) {
+                        out.resources.push(res);
+                    }
+                }
+                None => {
+                    if explicit {
+                        // Subscribed but does not exist: tell a delta client once.
+                        if held != Some(ABSENT) {
+                            out.removed.push(name);
+                        }
+                    } else if held.is_some() {
+                        out.removed.push(name);
+                    }
+                }
+            }
+        }
+        out.resources.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Records what a response carries (delta: per nonce, so a NACK can roll it back).
+    fn record(&mut self, out: &Out, nonce: &str, delta: bool) {
+        let ts = self.types.get_mut(&out.kind).expect("active");
+        let mut undo = Vec::new();
+        for res in &out.resources {
+            let old = ts.set_sent(res.name.clone(), Some(res.version));
+            undo.push((res.name.clone(), old));
+            ts.force.remove(&res.name);
+        }
+        for name in &out.removed {
+            let keep_absent = ts.names.contains(name);
+            let old = ts.set_sent(name.clone(), keep_absent.then_some(ABSENT));
+            undo.push((name.clone(), old));
+        }
+        ts.nonce = nonce.to_string();
+        if delta {
+            ts.pending.push((nonce.to_string(), undo));
+            if ts.pending.len() > 16 {
+                ts.pending.remove(0);
+            }
+        }
+        let mut st = self.status.types.lock();
+        let s = st.entry(out.kind).or_default();
+        s.version_sent = ts.version_string();
+        s.resources = ts.sent.values().filter(|v| **v != ABSENT).count();
+        s.responses += 1;
+        self.metrics.xds_pushes.inc();
+        self.metrics
+            .xds_bytes
+            .add(out.resources.iter().map(|r| r.any.value.len() as u64).sum());
+        // Warming: a changed cluster waits for a fresh load assignment, even an unchanged one.
+        if out.kind == TypeKind::Cluster && !out.resources.is_empty() {
+            if let Some(eds) = self.types.get_mut(&TypeKind::Endpoint) {
+                for c in &out.resources {
+                    if eds.sent.contains_key(&c.name) {
+                        if delta {
+                            eds.set_sent(c.name.clone(), None);
+                        } else {
+                            eds.force.insert(c.name.clone());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_nack(&mut self, kind: TypeKind, nonce: &str, message: &str, delta: bool) {
+        let node = self.node.as_ref().map(|n| n.id.clone()).unwrap_or_default();
+        tracing::warn!(node = %node, r#type = kind.short(), nonce, error = message, "client rejected config (NACK)");
+        self.metrics.xds_nacks.inc();
+        {
+            let mut st = self.status.types.lock();
+            let s = st.entry(kind).or_default();
+            s.last_nack = Some(message.to_string());
+            s.nacks += 1;
+        }
+        if delta {
+            let Some(ts) = self.types.get_mut(&kind) else { return };
+            // Roll back this response and everything sent after it: the client holds none of it.
+            if let Some(pos) = ts.pending.iter().position(|(n, _)| n == nonce) {
+                let undone: Vec<_> = ts.pending.drain(pos..).collect();
+                for (_, undo) in undone.into_iter().rev() {
+                    for (name, old) in undo.into_iter().rev() {
+                        ts.set_sent(name, old);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_ack(&mut self, kind: TypeKind, nonce: &str, version: &str) {
+        if let Some(ts) = self.types.get_mut(&kind) {
+            if let Some(pos) = ts.pending.iter().position(|(n, _)| n == nonce) {
+                ts.pending.drain(..=pos);
+            }
+        }
+        let mut st = self.status.types.lock();
+        let s = st.entry(kind).or_default();
+        s.version_acked = version.to_string();
+        s.last_nack = None;
+    }
+
+    /// Moves to the latest snapshot; returns the names that changed per kind, or `None` per kind
+    /// when everything must be diffed.
+    fn advance(&mut self) -> HashMap<TypeKind, Option<HashSet<Arc<str>>>> {
+        let snap = self.cache.current();
+        let mut out: HashMap<TypeKind, Option<HashSet<Arc<str>>>> = HashMap::new();
+        if snap.generation == self.generation {
+            return out;
+        }
+        let changes = self.cache.changes(self.generation, snap.generation);
+        self.snap = snap;
+        self.generation = self.snap.generation;
+        self.status.generation.store(self.generation, Ordering::Relaxed);
+        let ns = self.node.as_ref().map(|n| n.namespace.clone()).unwrap_or_default();
+        let own = self.node.as_ref().and_then(|n| n.service.clone());
+        match changes {
+            None => {
+                self.rebuild_locals();
+                for k in TypeKind::ALL {
+                    out.insert(k, None);
+                }
+            }
+            Some(lists) => {
+                let mut locals_dirty = false;
+                for list in lists {
+                    for c in list.iter() {
+                        if c.kind == TypeKind::Listener {
+                            if own.as_deref() == Some(&*c.name) && *c.namespace == *ns {
+                                locals_dirty = true;
+                            }
+                            // Proxyless API listeners depend on the service existing.
+                            let lds = out.entry(TypeKind::Listener).or_insert_with(|| Some(HashSet::new()));
+                            if let Some(set) = lds {
+                                for n in self.locals.api.keys() {
+                                    set.insert(n.clone());
+                                }
+                                if let Some(ts) = self.types.get(&TypeKind::Listener) {
+                                    set.extend(ts.names.iter().cloned());
+                                }
+                            }
+                            continue;
+                        }
+                        if *c.namespace != *ns {
+                            continue;
+                        }
+                        if let Some(set) = out.entry(c.kind).or_insert_with(|| Some(HashSet::new())) {
+                            set.insert(c.name.clone());
+                        }
+                    }
+                }
+                if locals_dirty {
+                    self.rebuild_locals();
+                    for k in TypeKind::ALL {
+                        out.insert(k, None);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    // ---- State of the world ----
+
+    async fn run_sotw(mut self, mut inbound: Streaming<DiscoveryRequest>, tx: mpsc::Sender<Result<DiscoveryResponse, Status>>) {
+        let mut snaps = self.cache.subscribe();
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            let outs = tokio::select! {
+                biased;
+                _ = stopped(&mut shutdown) => break,
+                req = inbound.message() => match req {
+                    Ok(Some(req)) => match self.sotw_request(req) {
+                        Ok(outs) => outs,
+                        Err(status) => { let _ = tx.send(Err(status)).await; break; }
+                    },
+                    Ok(None) => break,
+                    Err(e) => { tracing::debug!(error = %e, "sotw stream ended"); break; }
+                },
+                ch = snaps.changed() => {
+                    if ch.is_err() { break; }
+                    if self.node.is_none() { continue; }
+                    let changed = self.advance();
+                    let mut outs = Vec::new();
+                    for k in TypeKind::ALL {
+                        if changed.contains_key(&k) {
+                            outs.extend(self.sotw_build(k, false));
+                        }
+                    }
+                    outs
+                }
+            };
+            let mut closed = false;
+            for resp in outs {
+                if tx.send(Ok(resp)).await.is_err() {
+                    closed = true;
+                    break;
+                }
+            }
+            if closed {
+                break;
+            }
+        }
+        self.nodes.remove(self.status.stream);
+    }
+
+    fn sotw_request(&mut self, req: DiscoveryRequest) -> Result<Vec<DiscoveryResponse>, Status> {
+        self.check_node(req.node.as_ref())?;
+        let Some(kind) = TypeKind::from_url(&req.type_url) else {
+            tracing::debug!(type_url = %req.type_url, "ignoring request for an unserved type");
+            return Ok(vec![]);
+        };
+        let ts = self.types.entry(kind).or_default();
+        if let Some(err) = &req.error_detail {
+            if req.response_nonce == ts.nonce {
+                let msg = err.message.clone();
+                self.on_nack(kind, &req.response_nonce, &msg, false);
+            }
+            return Ok(vec![]);
+        }
+        if !req.response_nonce.is_empty() && req.response_nonce != ts.nonce {
+            // Stale: a newer response is on its way; this request is superseded.
+            return Ok(vec![]);
+        }
+        let first = !ts.active;
+        ts.active = true;
+        let names: Vec<&String> = req.resource_names.iter().filter(|n| n.as_str() != "*").collect();
+        let star = req.resource_names.iter().any(|n| n == "*");
+        let wildcard = star || (names.is_empty() && !ts.ever_named && kind.wildcard_capable());
+        if !names.is_empty() {
+            ts.ever_named = true;
+        }
+        let new_names: HashSet<Arc<str>> = names.iter().map(|n| Arc::from(n.as_str())).collect();
+        let added = new_names.difference(&ts.names).count() > 0 || (wildcard && !ts.wildcard);
+        let removed: Vec<Arc<str>> = ts.names.difference(&new_names).cloned().collect();
+        ts.wildcard = wildcard;
+        ts.names = new_names;
+        // SotW EDS/RDS: forget resources no longer requested (there is no removal message).
+        if !kind.wildcard_capable() {
+            for n in removed {
+                ts.set_sent(n, None);
+            }
+        }
+        if !req.response_nonce.is_empty() {
+            let (nonce, version) = (req.response_nonce.clone(), req.version_info.clone());
+            self.on_ack(kind, &nonce, &version);
+        }
+        let ts = self.types.get_mut(&kind).expect("active");
+        if first || added {
+            ts.force_all = true;
+        }
+        if self.generation == 0 {
+            self.advance();
+        }
+        Ok(self.sotw_build(kind, true).into_iter().collect())
+    }
+
+    /// Everything of `kind` the client should hold now (sorted by name).
+    fn desired_set(&mut self, kind: TypeKind) -> Vec<Res> {
+        let Some(ts) = self.types.get(&kind) else { return vec![] };
+        let mut names: Vec<Arc<str>> = ts.names.iter().cloned().collect();
+        if ts.wildcard {
+            names.extend(self.wildcard_set(kind).into_iter().map(|e| e.name.clone()));
+        }
+        names.sort();
+        names.dedup();
+        names.iter().filter_map(|n| self.lookup(kind, n)).collect()
+    }
+
+    /// Builds a SotW response for `kind` if what the client should hold changed, or a request
+    /// forces one (first request, new names, cluster warming).
+    fn sotw_build(&mut self, kind: TypeKind, on_request: bool) -> Option<DiscoveryResponse> {
+        if !self.types.get(&kind).is_some_and(|t| t.active) {
+            return None;
+        }
+        let desired = self.desired_set(kind);
+        let ts = self.types.get_mut(&kind).expect("active");
+        let force_all = std::mem::take(&mut ts.force_all);
+        let full_set = kind.wildcard_capable();
+        let keep: HashSet<Arc<str>> = desired.iter().map(|r| r.name.clone()).collect();
+        let removed: Vec<Arc<str>> = ts.sent.keys().filter(|n| !keep.contains(*n)).cloned().collect();
+        let send: Vec<Res> = if full_set {
+            // LDS/CDS carry the complete set whenever any of it changed (an empty set included).
+            let unchanged = removed.is_empty() && desired.iter().all(|r| ts.sent.get(&r.name) == Some(&r.version));
+            if unchanged && !force_all && !ts.version_sent.is_empty() {
+                return None;
+            }
+            desired
+        } else {
+            desired
+                .into_iter()
+                .filter(|r| force_all || ts.sent.get(&r.name) != Some(&r.version) || (on_request && ts.force.contains(&r.name)))
+                .collect()
+        };
+        if send.is_empty() && !full_set {
+            // EDS/RDS have no removal message: forget silently; nothing requested exists yet.
+            for n in removed {
+                ts.set_sent(n, None);
+            }
+            return None;
+        }
+        let nonce = self.next_nonce();
+        let out = Out { kind, resources: send, removed };
+        self.record(&out, &nonce, false);
+        let ts = self.types.get_mut(&kind).expect("active");
+        let version = ts.version_string();
+        ts.version_sent = version.clone();
+        Some(DiscoveryResponse {
+            version_info: version,
+            resources: out.resources.iter().map(|r| r.any.clone()).collect(),
+            type_url: kind.url().to_string(),
+            nonce,
+            ..Default::default()
+        })
+    }
+
+    // ---- Delta ----
+
+    async fn run_delta(mut self, mut inbound: Streaming<DeltaDiscoveryRequest>, tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>) {
+        let mut snaps = self.cache.subscribe();
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            let outs = tokio::select! {
+                biased;
+                _ = stopped(&mut shutdown) => break,
+                req = inbound.message() => match req {
+                    Ok(Some(req)) => match self.delta_request(req) {
+                        Ok(outs) => outs,
+                        Err(status) => { let _ = tx.send(Err(status)).await; break; }
+                    },
+                    Ok(None) => break,
+                    Err(e) => { tracing::debug!(error = %e, "delta stream ended"); break; }
+                },
+                ch = snaps.changed() => {
+                    if ch.is_err() { break; }
+                    if self.node.is_none() { continue; }
+                    let changed = self.advance();
+                    let mut outs = Vec::new();
+                    for k in TypeKind::ALL {
+                        // A cluster update forgets its load assignment: include EDS then.
+                        let forced = k == TypeKind::Endpoint && outs.iter().any(|o: &DeltaDiscoveryResponse| o.type_url == TypeKind::Cluster.url());
+                        let only = match changed.get(&k) {
+                            Some(o) => o.clone(),
+                            None if forced => None,
+                            None => continue,
+                        };
+                        let only = if forced { None } else { only };
+                        outs.extend(self.delta_build(k, only.as_ref()));
+                    }
+                    outs
+                }
+            };
+            let mut closed = false;
+            for resp in outs {
+                if tx.send(Ok(resp)).await.is_err() {
+                    closed = true;
+                    break;
+                }
+            }
+            if closed {
+                break;
+            }
+        }
+        self.nodes.remove(self.status.stream);
+    }
+
+    fn delta_request(&mut self, req: DeltaDiscoveryRequest) -> Result<Vec<DeltaDiscoveryResponse>, Status> {
+        self.check_node(req.node.as_ref())?;
+        let Some(kind) = TypeKind::from_url(&req.type_url) else {
+            tracing::debug!(type_url = %req.type_url, "ignoring request for an unserved type");
+            return Ok(vec![]);
+        };
+        if self.generation == 0 {
+            self.advance();
+        }
+        let covered: HashSet<Arc<str>> = if req.resource_names_unsubscribe.is_empty() {
+            HashSet::new()
+        } else {
+            self.wildcard_set(kind).into_iter().map(|e| e.name.clone()).collect()
+        };
+        let ts = self.types.entry(kind).or_default();
+        let first = !ts.active;
+        ts.active = true;
+        if first {
+            for (name, v) in &req.initial_resource_versions {
+                let v = u64::from_str_radix(v, 16).unwrap_or(u64::MAX);
+                ts.set_sent(Arc::from(name.as_str()), Some(if v == ABSENT { u64::MAX } else { v }));
+            }
+            if req.resource_names_subscribe.is_empty() && kind.wildcard_capable() {
+                ts.wildcard = true;
+            }
+        }
+        let mut evaluate: HashSet<Arc<str>> = HashSet::new();
+        for n in &req.resource_names_subscribe {
+            if n == "*" {
+                if !ts.wildcard {
+                    ts.wildcard = true;
+                    evaluate.extend(ts.sent.keys().cloned());
+                }
+                continue;
+            }
+            let name: Arc<str> = Arc::from(n.as_str());
+            ts.ever_named = true;
+            let fresh = ts.names.insert(name.clone());
+            // A (re)subscribed name must be provided even if we think the client has it; on the
+            // first request, initial_resource_versions says what it has.
+            if !first || !req.initial_resource_versions.contains_key(n) {
+                if fresh || ts.sent.get(&name) != Some(&ABSENT) {
+                    ts.set_sent(name.clone(), None);
+                }
+            }
+            evaluate.insert(name);
+        }
+        let mut full = first && ts.wildcard;
+        for n in &req.resource_names_unsubscribe {
+            if n == "*" {
+                ts.wildcard = false;
+                full = true;
+                continue;
+            }
+            let name: Arc<str> = Arc::from(n.as_str());
+            ts.names.remove(&name);
+            if ts.wildcard {
+                // Still covered by `*`: resend it; not covered: it must appear in removed_resources.
+                if covered.contains(&name) {
+                    ts.set_sent(name.clone(), None);
+                } else {
+                    ts.set_sent(name.clone(), Some(u64::MAX));
+                }
+                evaluate.insert(name);
+            } else {
+                ts.set_sent(name, None);
+            }
+        }
+        if let Some(err) = &req.error_detail {
+            let msg = err.message.clone();
+            self.on_nack(kind, &req.response_nonce, &msg, true);
+        } else if !req.response_nonce.is_empty() {
+            let version = self.types[&kind].version_string();
+            self.on_ack(kind, &req.response_nonce, &version);
+        }
+        if first && !full {
+            // Initial named subscription: evaluate the named resources and what the client claims.
+            evaluate.extend(self.types[&kind].sent.keys().cloned());
+        }
+        if full {
+            return Ok(self.delta_build(kind, None).into_iter().collect());
+        }
+        if evaluate.is_empty() {
+            return Ok(vec![]);
+        }
+        Ok(self.delta_build(kind, Some(&evaluate)).into_iter().collect())
+    }
+
+    fn delta_build(&mut self, kind: TypeKind, only: Option<&HashSet<Arc<str>>>) -> Option<DeltaDiscoveryResponse> {
+        let out = self.diff(kind, only);
+        if out.resources.is_empty() && out.removed.is_empty() {
+            return None;
+        }
+        let nonce = self.next_nonce();
+        self.record(&out, &nonce, true);
+        let ts = &self.types[&kind];
+        Some(DeltaDiscoveryResponse {
+            system_version_info: ts.version_string(),
+            resources: out
+                .resources
+                .iter()
+                .map(|r| Resource {
+                    name: r.name.to_string(),
+                    version: r.version_string(),
+                    resource: Some(r.any.clone()),
+                    ..Default::default()
+                })
+                .collect(),
+            type_url: kind.url().to_string(),
+            removed_resources: out.removed.iter().map(|n| n.to_string()).collect(),
+            nonce,
+            ..Default::default()
+        })
+    }
+}
+
+/// The resources a node with these settings would get from `cache` as a wildcard subscriber
+/// (what `/debug/xds/config` shows).
+pub fn resources_for(cache: &Arc<Cache>, node: &NodeInfo) -> Vec<(TypeKind, Res)> {
+    let ads = Ads::new(cache.clone(), Arc::new(Metrics::default()), Arc::new(Nodes::default()));
+    let mut st = StreamState::new(&ads, "view");
+    st.node = Some(node.clone());
+    st.rebuild_locals();
+    let mut out = Vec::new();
+    for k in TypeKind::ALL {
+        for r in st.wildcard_set(k) {
+            out.push((k, r));
+        }
+    }
+    out
+}

@@ -1,0 +1,509 @@
+//! The xDS cache: registry state translated into encoded, versioned, shared resources.
+//!
+//! Every resource is encoded to `Any` once per content and shared (`Arc`) by every stream that
+//! needs it. Its version is a content hash (xxh3), so the same content has the same version across
+//! restarts. A registry change re-translates only the services it names: an instance change
+//! re-encodes one `ClusterLoadAssignment`, plus the namespace's route configuration only when the
+//! service's ports (its domains) changed. Each published [`Snapshot`] carries the list of resources
+//! that changed since the previous generation, so streams look at those, not at the world.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::route::v3::VirtualHost;
+use envoy_types::pb::google::protobuf::Any;
+use parking_lot::RwLock;
+use prost::{Message, Name};
+use tokio::sync::{broadcast, watch};
+use xxhash_rust::xxh3::Xxh3;
+
+use super::resources as r;
+use super::TypeKind;
+use crate::model::{Instance, Service, ServiceKey};
+use crate::registry::{ChangeKey, Registry};
+
+/// Bumped when the translation changes, so versions from an older build are not trusted.
+const TRANSLATOR_SALT: &[u8] = b"polaris-mesh/xds/1";
+
+/// One encoded resource.
+#[derive(Debug)]
+pub struct Encoded {
+    /// Resource name.
+    pub name: Arc<str>,
+    /// Content hash.
+    pub version: u64,
+    /// The encoded message.
+    pub any: Any,
+}
+
+impl Encoded {
+    /// Encodes `msg`; the version hashes the bytes.
+    pub fn new<M: Message + Name>(name: Arc<str>, msg: &M) -> Arc<Encoded> {
+        let value = msg.encode_to_vec();
+        let mut h = Xxh3::new();
+        h.update(TRANSLATOR_SALT);
+        h.update(&value);
+        Arc::new(Encoded {
+            name,
+            version: h.digest(),
+            any: Any {
+                type_url: M::type_url(),
+                value,
+            },
+        })
+    }
+
+    /// Encodes `msg` with an explicit version (for messages whose encoding is not canonical).
+    pub fn with_version<M: Message + Name>(name: Arc<str>, msg: &M, version: u64) -> Arc<Encoded> {
+        Arc::new(Encoded {
+            name,
+            version,
+            any: Any {
+                type_url: M::type_url(),
+                value: msg.encode_to_vec(),
+            },
+        })
+    }
+
+    /// The version as sent on the wire.
+    pub fn version_string(&self) -> String {
+        format!("{:016x}", self.version)
+    }
+}
+
+/// A shared, encoded resource.
+pub type Res = Arc<Encoded>;
+
+/// One service as the snapshot sees it.
+#[derive(Debug, Clone)]
+pub struct ServiceView {
+    /// The service.
+    pub service: Arc<Service>,
+    /// Ports its virtual host answers on.
+    pub ports: Vec<u16>,
+}
+
+/// Resources of one namespace, shared by every node in it.
+#[derive(Debug, Clone, Default)]
+pub struct NamespaceView {
+    /// Services (and aliases) by name.
+    pub services: BTreeMap<Arc<str>, ServiceView>,
+    /// Outbound clusters by name.
+    pub clusters: BTreeMap<Arc<str>, Res>,
+    /// Load assignments by cluster name.
+    pub endpoints: BTreeMap<Arc<str>, Res>,
+    /// Virtual hosts by service name (kept decoded to rebuild the route cheaply).
+    vhosts: BTreeMap<Arc<str>, VirtualHost>,
+    /// The outbound route configuration.
+    pub route: Option<Res>,
+}
+
+/// A resource that changed between two generations.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Changed {
+    /// Namespace.
+    pub namespace: Arc<str>,
+    /// Type.
+    pub kind: TypeKind,
+    /// Resource name (for [`TypeKind::Listener`], the service whose node-local resources changed).
+    pub name: Arc<str>,
+}
+
+/// An immutable, published view of every namespace.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Increases by one per publish.
+    pub generation: u64,
+    /// Registry revision this snapshot reflects.
+    pub revision: u64,
+    /// Namespaces.
+    pub namespaces: HashMap<Arc<str>, Arc<NamespaceView>>,
+}
+
+/// The cache streams read: the latest snapshot and recent change lists.
+pub struct Cache {
+    tx: watch::Sender<Arc<Snapshot>>,
+    log: RwLock<VecDeque<(u64, Arc<Vec<Changed>>)>>,
+    /// Publishes the build time of each generation (for the benchmark and metrics).
+    build_stats: RwLock<BuildStats>,
+}
+
+/// Timing of the last builds.
+#[derive(Debug, Clone, Default)]
+pub struct BuildStats {
+    /// Last full translation.
+    pub full: Duration,
+    /// Last incremental translation.
+    pub incremental: Duration,
+    /// Resources re-encoded by the last incremental translation.
+    pub incremental_resources: usize,
+}
+
+/// Change lists kept for streams that fall behind by a few generations.
+const LOG_LEN: usize = 256;
+
+impl Default for Cache {
+    fn default() -> Self {
+        let (tx, _) = watch::channel(Arc::new(Snapshot::default()));
+        Cache {
+            tx,
+            log: RwLock::new(VecDeque::new()),
+            build_stats: RwLock::new(BuildStats::default()),
+        }
+    }
+}
+
+impl Cache {
+    /// A receiver of published snapshots.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.tx.subscribe()
+    }
+
+    /// The latest snapshot.
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.tx.borrow().clone()
+    }
+
+    /// What changed from generation `from` (exclusive) to `to` (inclusive), or `None` if the log
+    /// no longer covers that range (the caller must diff everything).
+    pub fn changes(&self, from: u64, to: u64) -> Option<Vec<Arc<Vec<Changed>>>> {
+        if from >= to {
+            return Some(vec![]);
+        }
+        let log = self.log.read();
+        let first = log.front()?.0;
+        if from + 1 < first {
+            return None;
+        }
+        let out: Vec<_> = log
+            .iter()
+            .filter(|(g, _)| *g > from && *g <= to)
+            .map(|(_, c)| c.clone())
+            .collect();
+        (out.len() as u64 == to - from).then_some(out)
+    }
+
+    /// Timing of recent builds.
+    pub fn build_stats(&self) -> BuildStats {
+        self.build_stats.read().clone()
+    }
+
+    fn publish(&self, snap: Snapshot, changes: Vec<Changed>) {
+        let g = snap.generation;
+        {
+            let mut log = self.log.write();
+            log.push_back((g, Arc::new(changes)));
+            while log.len() > LOG_LEN {
+                log.pop_front();
+            }
+        }
+        self.tx.send_replace(Arc::new(snap));
+    }
+}
+
+/// Builds snapshots from the registry.
+pub struct Builder {
+    namespaces: HashMap<Arc<str>, Arc<NamespaceView>>,
+    generation: u64,
+}
+
+fn eds_version(name: &str, instances: &[&Instance]) -> u64 {
+    let mut h = Xxh3::new();
+    h.update(TRANSLATOR_SALT);
+    h.update(name.as_bytes());
+    for i in instances.iter().filter(|i| r::routable(i)) {
+        for part in [i.id.as_str(), i.host.as_str(), i.location.region.as_str(), i.location.zone.as_str(), i.location.campus.as_str()] {
+            h.update(part.as_bytes());
+            h.update(&[0]);
+        }
+        h.update(&i.port.to_le_bytes());
+        h.update(&i.weight.to_le_bytes());
+        h.update(&[u8::from(i.healthy)]);
+        for (k, v) in &i.metadata {
+            h.update(k.as_bytes());
+            h.update(&[1]);
+            h.update(v.as_bytes());
+            h.update(&[2]);
+        }
+    }
+    h.digest()
+}
+
+impl Builder {
+    /// An empty builder.
+    pub fn new() -> Self {
+        Builder {
+            namespaces: HashMap::new(),
+            generation: 0,
+        }
+    }
+
+    /// Re-translates everything and publishes.
+    pub fn full(&mut self, reg: &Registry, cache: &Cache) {
+        let started = std::time::Instant::now();
+        let (revision, keys): (u64, Vec<ServiceKey>) = {
+            let st = reg.read();
+            (st.revision, st.services.keys().cloned().collect())
+        };
+        let ns: Vec<String> = reg.read().namespaces.keys().cloned().collect();
+        let mut touched: Vec<ChangeKey> = ns.into_iter().map(ChangeKey::Namespace).collect();
+        touched.extend(keys.into_iter().map(ChangeKey::Service));
+        // Forget namespaces that no longer exist.
+        let live: std::collections::HashSet<String> = reg.read().namespaces.keys().cloned().collect();
+        let mut changes = Vec::new();
+        self.namespaces.retain(|n, _| live.contains(&**n));
+        self.apply_inner(reg, touched, revision, cache, &mut changes);
+        cache.build_stats.write().full = started.elapsed();
+    }
+
+    /// Applies the keys of registry changes and publishes a new generation if anything changed.
+    pub fn apply(&mut self, reg: &Registry, keys: Vec<ChangeKey>, revision: u64, cache: &Cache) {
+        let started = std::time::Instant::now();
+        let mut changes = Vec::new();
+        self.apply_inner(reg, keys, revision, cache, &mut changes);
+        let mut s = cache.build_stats.write();
+        s.incremental = started.elapsed();
+        s.incremental_resources = changes.len();
+    }
+
+    fn apply_inner(
+        &mut self,
+        reg: &Registry,
+        keys: Vec<ChangeKey>,
+        revision: u64,
+        cache: &Cache,
+        changes: &mut Vec<Changed>,
+    ) {
+        let mut by_ns: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for k in keys {
+            match k {
+                ChangeKey::Namespace(n) => {
+                    by_ns.entry(n).or_default();
+                }
+                ChangeKey::Service(k) | ChangeKey::Instances(k) => {
+                    by_ns.entry(k.namespace).or_default().push(k.name)
+                }
+            }
+        }
+        for (ns, mut svcs) in by_ns {
+            svcs.sort();
+            svcs.dedup();
+            self.apply_namespace(reg, &ns, &svcs, changes);
+        }
+        if changes.is_empty() && self.generation > 0 {
+            return;
+        }
+        self.generation += 1;
+        cache.publish(
+            Snapshot {
+                generation: self.generation,
+                revision,
+                namespaces: self.namespaces.clone(),
+            },
+            std::mem::take(changes),
+        );
+    }
+
+    fn apply_namespace(&mut self, reg: &Registry, ns: &str, svcs: &[String], changes: &mut Vec<Changed>) {
+        let st = reg.read();
+        let ns_arc: Arc<str> = Arc::from(ns);
+        if !st.namespaces.contains_key(ns) {
+            if let Some(old) = self.namespaces.remove(ns) {
+                for n in old.clusters.keys() {
+                    changes.push(Changed { namespace: ns_arc.clone(), kind: TypeKind::Cluster, name: n.clone() });
+                    changes.push(Changed { namespace: ns_arc.clone(), kind: TypeKind::Endpoint, name: n.clone() });
+                }
+            }
+            return;
+        }
+        let mut view = self
+            .namespaces
+            .get(ns)
+            .map(|v| (**v).clone())
+            .unwrap_or_default();
+        let is_new = !self.namespaces.contains_key(ns);
+        let mut route_dirty = is_new;
+        for name in svcs {
+            let key = ServiceKey::new(ns, name);
+            let name_arc: Arc<str> = Arc::from(name.as_str());
+            let cname: Arc<str> = Arc::from(r::outbound_name(ns, name).as_str());
+            match st.services.get(&key) {
+                None => {
+                    view.services.remove(name.as_str());
+                    if view.vhosts.remove(name.as_str()).is_some() {
+                        route_dirty = true;
+                    }
+                    if view.clusters.remove(&cname).is_some() {
+                        changes.push(Changed { namespace: ns_arc.clone(), kind: TypeKind::Cluster, name: cname.clone() });
+                    }
+                    if view.endpoints.remove(&cname).is_some() {
+                        changes.push(Changed { namespace: ns_arc.clone(), kind: TypeKind::Endpoint, name: cname.clone() });
+                    }
+                    changes.push(Changed { namespace: ns_arc.clone(), kind: TypeKind::Listener, name: name_arc.clone() });
+                }
+                Some(entry) => {
+                    let svc = entry.service.clone();
+                    let instances: Vec<&Instance> = entry.instances.values().map(|i| i.as_ref()).collect();
+                    let ports = r::service_ports(&svc, instances.iter().copied());
+                    let vhost = match &svc.alias_for {
+                        // An alias answers its own names and routes to its target's cluster.
+                        Some(t) => r::virtual_host(
+                            r::outbound_name(ns, name),
+                            r::domains(ns, name, &ports),
+                            r::outbound_name(&t.namespace, &t.service),
+                        ),
+                        None => r::service_virtual_host(&svc, &ports),
+                    };
+                    if view.vhosts.get(name.as_str()) != Some(&vhost) {
+                        view.vhosts.insert(name_arc.clone(), vhost);
+                        route_dirty = true;
+                    }
+                    let prev = view.services.insert(name_arc.clone(), ServiceView { service: svc.clone(), ports });
+                    if prev.as_ref().is_none_or(|p| p.service != svc) {
+                        changes.push(Changed { namespace: ns_arc.clone(), kind: TypeKind::Listener, name: name_arc.clone() });
+                    }
+                    if svc.alias_for.is_some() {
+                        continue;
+                    }
+                    let cluster = Encoded::new(cname.clone(), &r::outbound_cluster(&svc));
+                    if view.clusters.get(&cname).is_none_or(|c| c.version != cluster.version) {
+                        view.clusters.insert(cname.clone(), cluster);
+                        changes.push(Changed { namespace: ns_arc.clone(), kind: TypeKind::Cluster, name: cname.clone() });
+                    }
+                    let version = eds_version(&cname, &instances);
+                    if view.endpoints.get(&cname).is_none_or(|c| c.version != version) {
+                        let cla = r::load_assignment(cname.to_string(), instances.iter().copied());
+                        view.endpoints.insert(cname.clone(), Encoded::with_version(cname.clone(), &cla, version));
+                        changes.push(Changed { namespace: ns_arc.clone(), kind: TypeKind::Endpoint, name: cname.clone() });
+                    }
+                }
+            }
+        }
+        if route_dirty {
+            let rc = r::route_configuration(r::OUTBOUND_ROUTE, view.vhosts.values().cloned().collect());
+            let enc = Encoded::new(Arc::from(r::OUTBOUND_ROUTE), &rc);
+            if view.route.as_ref().is_none_or(|o| o.version != enc.version) {
+                view.route = Some(enc);
+                changes.push(Changed { namespace: ns_arc.clone(), kind: TypeKind::Route, name: Arc::from(r::OUTBOUND_ROUTE) });
+            }
+        }
+        self.namespaces.insert(ns_arc, Arc::new(view));
+    }
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Keeps the cache in step with the registry. The first change after a quiet period is translated
+/// at once; changes arriving within `debounce` after it are gathered into one more publish.
+pub async fn run(reg: Registry, cache: Arc<Cache>, debounce: Duration) {
+    let mut feed = reg.subscribe();
+    let mut builder = Builder::new();
+    builder.full(&reg, &cache);
+    loop {
+        let (keys, rev, lagged) = match feed.recv().await {
+            Ok(c) => (c.keys.clone(), c.revision, false),
+            Err(broadcast::error::RecvError::Lagged(_)) => (vec![], 0, true),
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        if lagged {
+            builder.full(&reg, &cache);
+        } else {
+            builder.apply(&reg, keys, rev, &cache);
+        }
+        if debounce.is_zero() {
+            continue;
+        }
+        let deadline = tokio::time::Instant::now() + debounce;
+        let mut acc = Vec::new();
+        let mut rev = 0;
+        let mut lagged = false;
+        loop {
+            tokio::select! {
+                r = feed.recv() => match r {
+                    Ok(c) => { acc.extend(c.keys.iter().cloned()); rev = c.revision; }
+                    Err(broadcast::error::RecvError::Lagged(_)) => lagged = true,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        if lagged {
+            builder.full(&reg, &cache);
+        } else if !acc.is_empty() {
+            builder.apply(&reg, acc, rev, &cache);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::model::InstanceInput;
+    use crate::registry::{self, Command};
+    use crate::store::RedbStore;
+
+    fn inst(svc: &str, host: &str) -> Instance {
+        InstanceInput {
+            namespace: Some("default".into()),
+            service: Some(svc.into()),
+            host: Some(host.into()),
+            port: Some(80),
+            ..Default::default()
+        }
+        .validate("t")
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn one_instance_change_touches_one_eds_resource() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(Arc::new(RedbStore::open(dir.path()).unwrap()), registry::Config::default(), Arc::new(Metrics::default())).await.unwrap();
+        let batch: Vec<_> = (0..20).map(|i| inst(&format!("s{i}"), "10.0.0.1")).collect();
+        reg.submit(Command::RegisterInstances(batch)).await.unwrap();
+        let cache = Cache::default();
+        let mut b = Builder::new();
+        b.full(&reg, &cache);
+        let g1 = cache.current();
+        assert_eq!(g1.namespaces["default"].clusters.len(), 20);
+        crate::xds::consistent("default", &g1.namespaces["default"]).unwrap();
+
+        reg.submit(Command::RegisterInstances(vec![inst("s3", "10.0.0.2")])).await.unwrap();
+        let rev = *reg.revision().borrow();
+        b.apply(&reg, vec![ChangeKey::Instances(ServiceKey::new("default", "s3"))], rev, &cache);
+        let g2 = cache.current();
+        assert_eq!(g2.generation, g1.generation + 1);
+        let ch = cache.changes(g1.generation, g2.generation).unwrap();
+        let kinds: Vec<_> = ch[0].iter().map(|c| (c.kind, c.name.to_string())).collect();
+        assert_eq!(kinds, vec![(TypeKind::Endpoint, "OUTBOUND|default|s3".to_string())]);
+        // Everything else is the very same allocation.
+        let (a, b2) = (&g1.namespaces["default"], &g2.namespaces["default"]);
+        assert!(Arc::ptr_eq(&a.clusters[&*Arc::<str>::from("OUTBOUND|default|s1")], &b2.clusters[&*Arc::<str>::from("OUTBOUND|default|s1")]));
+        assert!(Arc::ptr_eq(a.route.as_ref().unwrap(), b2.route.as_ref().unwrap()));
+
+        // Re-applying the same state publishes nothing new.
+        b.apply(&reg, vec![ChangeKey::Instances(ServiceKey::new("default", "s3"))], rev, &cache);
+        assert_eq!(cache.current().generation, g2.generation);
+    }
+
+    #[test]
+    fn versions_are_content_hashes() {
+        let svc = Service::bare("default", "echo", "t");
+        let a = Encoded::new(Arc::from("x"), &r::outbound_cluster(&svc));
+        let b = Encoded::new(Arc::from("x"), &r::outbound_cluster(&svc));
+        assert_eq!(a.version, b.version);
+        let mut svc2 = svc.clone();
+        svc2.protocol = "grpc".into();
+        assert_ne!(a.version, Encoded::new(Arc::from("x"), &r::outbound_cluster(&svc2)).version);
+        let i = inst("echo", "10.0.0.1");
+        let mut j = i.clone();
+        j.metadata.insert("a".into(), "1".into());
+        assert_ne!(eds_version("c", &[&i]), eds_version("c", &[&j]));
+        assert_eq!(eds_version("c", &[&j]), eds_version("c", &[&j.clone()]));
+    }
+}
