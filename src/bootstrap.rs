@@ -72,7 +72,10 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> Error {
 /// Renders the bootstrap YAML.
 pub fn render(a: &BootstrapArgs) -> Result<String, Error> {
     if a.node_id.is_empty() || a.node_id.contains(['"', '\\', '\n']) {
-        return Err(invalid("--node-id", "must be non-empty without quotes, backslashes or newlines"));
+        return Err(invalid(
+            "--node-id",
+            "must be non-empty without quotes, backslashes or newlines",
+        ));
     }
     let (host, port) = a
         .xds_addr
@@ -87,17 +90,24 @@ pub fn render(a: &BootstrapArgs) -> Result<String, Error> {
     if host.is_empty() || host.contains(['"', '\\', ' ']) {
         return Err(invalid("--xds-addr", "bad host"));
     }
-    for (f, p) in [("--admin-port", a.admin_port), ("--outbound-port", a.outbound_port)] {
+    for (f, p) in [
+        ("--admin-port", a.admin_port),
+        ("--outbound-port", a.outbound_port),
+    ] {
         if p == 0 {
             return Err(invalid(f, "must be 1..=65535"));
         }
     }
     let mut md = BTreeMap::new();
     if let Some(ns) = &a.namespace {
-        crate::model::validate_namespace_name(ns, "namespace").map_err(|e| invalid("--namespace", e.reason))?;
+        crate::model::validate_namespace_name(ns, "namespace")
+            .map_err(|e| invalid("--namespace", e.reason))?;
         md.insert(NODE_NAMESPACE_KEY.to_string(), ns.clone());
     }
-    md.insert(NODE_OUTBOUND_PORT_KEY.to_string(), a.outbound_port.to_string());
+    md.insert(
+        NODE_OUTBOUND_PORT_KEY.to_string(),
+        a.outbound_port.to_string(),
+    );
     for kv in &a.metadata {
         let (k, v) = kv
             .split_once('=')
@@ -109,7 +119,11 @@ pub fn render(a: &BootstrapArgs) -> Result<String, Error> {
         Some(p) => std::fs::read_to_string(p)?,
         None => TEMPLATE.to_string(),
     };
-    let cluster_type = if host.parse::<IpAddr>().is_ok() { "STATIC" } else { "STRICT_DNS" };
+    let cluster_type = if host.parse::<IpAddr>().is_ok() {
+        "STATIC"
+    } else {
+        "STRICT_DNS"
+    };
     let metadata = serde_json::to_string(&md).expect("string map serializes");
     Ok(template
         .replace("{{NODE_ID}}", &a.node_id)
@@ -149,7 +163,13 @@ mod tests {
 
     #[test]
     fn golden_sotw_dns() {
-        let a = BootstrapArgs { sotw: true, xds_addr: "polaris.polaris-system:15010".into(), namespace: None, metadata: vec![], ..args() };
+        let a = BootstrapArgs {
+            sotw: true,
+            xds_addr: "polaris.polaris-system:15010".into(),
+            namespace: None,
+            metadata: vec![],
+            ..args()
+        };
         let got = render(&a).unwrap();
         let want = include_str!("../tests/golden/bootstrap-sotw.yaml");
         assert_eq!(got, want);
@@ -157,12 +177,51 @@ mod tests {
 
     #[test]
     fn bad_flags_name_the_flag() {
-        let e = |a: BootstrapArgs| match render(&a).unwrap_err() { Error::Invalid { field, .. } => field, e => panic!("{e}") };
-        assert_eq!(e(BootstrapArgs { xds_addr: "nope".into(), ..args() }), "--xds-addr");
-        assert_eq!(e(BootstrapArgs { xds_addr: "h:0".into(), ..args() }), "--xds-addr");
-        assert_eq!(e(BootstrapArgs { admin_port: 0, ..args() }), "--admin-port");
-        assert_eq!(e(BootstrapArgs { metadata: vec!["novalue".into()], ..args() }), "--metadata");
-        assert_eq!(e(BootstrapArgs { namespace: Some("Bad_NS".into()), ..args() }), "--namespace");
-        assert_eq!(e(BootstrapArgs { node_id: String::new(), ..args() }), "--node-id");
+        let e = |a: BootstrapArgs| match render(&a).unwrap_err() {
+            Error::Invalid { field, .. } => field,
+            e => panic!("{e}"),
+        };
+        assert_eq!(
+            e(BootstrapArgs {
+                xds_addr: "nope".into(),
+                ..args()
+            }),
+            "--xds-addr"
+        );
+        assert_eq!(
+            e(BootstrapArgs {
+                xds_addr: "h:0".into(),
+                ..args()
+            }),
+            "--xds-addr"
+        );
+        assert_eq!(
+            e(BootstrapArgs {
+                admin_port: 0,
+                ..args()
+            }),
+            "--admin-port"
+        );
+        assert_eq!(
+            e(BootstrapArgs {
+                metadata: vec!["novalue".into()],
+                ..args()
+            }),
+            "--metadata"
+        );
+        assert_eq!(
+            e(BootstrapArgs {
+                namespace: Some("Bad_NS".into()),
+                ..args()
+            }),
+            "--namespace"
+        );
+        assert_eq!(
+            e(BootstrapArgs {
+                node_id: String::new(),
+                ..args()
+            }),
+            "--node-id"
+        );
     }
 }

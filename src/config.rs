@@ -65,6 +65,9 @@ pub struct ServerConfig {
     /// xDS: how long to gather a burst of registry changes before pushing, in milliseconds. The
     /// first change after a quiet period is pushed at once.
     pub xds_debounce_ms: u64,
+    /// Test hooks (never in production): a service with metadata
+    /// `polarismesh.cn/test-invalid-cluster: "true"` gets a cluster Envoy rejects.
+    pub test_hooks: bool,
 }
 
 impl Default for ServerConfig {
@@ -77,6 +80,7 @@ impl Default for ServerConfig {
             log_format: LogFormat::Text,
             health_check_interval_ms: 250,
             xds_debounce_ms: 5,
+            test_hooks: false,
         }
     }
 }

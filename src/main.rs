@@ -48,6 +48,9 @@ struct ServerArgs {
     /// Log format [default: text].
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+    /// Enable test hooks (for the end-to-end NACK test; never in production).
+    #[arg(long, hide = true)]
+    test_hooks: bool,
 }
 
 fn init_tracing(level: &str, format: LogFormat) {
@@ -91,7 +94,11 @@ fn main() -> anyhow::Result<()> {
             if let Some(v) = a.log_format {
                 cfg.log_format = v;
             }
+            cfg.test_hooks |= a.test_hooks;
             init_tracing(&cfg.log_level, cfg.log_format);
+            if cfg.test_hooks {
+                tracing::warn!("test hooks are enabled: not for production");
+            }
             rt.block_on(polaris_mesh::server::run(
                 cfg,
                 polaris_mesh::server::shutdown_signal(),

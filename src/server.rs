@@ -16,9 +16,9 @@ use crate::config::ServerConfig;
 use crate::metrics::Metrics;
 use crate::registry::{self, Registry};
 use crate::store::RedbStore;
+use crate::xds::debug;
 use crate::xds::server::{Ads, Nodes};
 use crate::xds::snapshot::{self, Cache};
-use crate::xds::debug;
 
 /// Addresses the server actually bound.
 #[derive(Debug, Clone, Copy)]
@@ -68,9 +68,11 @@ pub async fn run(
         registry.clone(),
         cache.clone(),
         Duration::from_millis(cfg.xds_debounce_ms),
+        cfg.test_hooks,
     ));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let ads = Ads::new(cache.clone(), metrics.clone(), nodes.clone()).with_shutdown(stop_rx.clone());
+    let ads =
+        Ads::new(cache.clone(), metrics.clone(), nodes.clone()).with_shutdown(stop_rx.clone());
     let streams = nodes.clone();
     let state = AppState {
         registry: registry.clone(),

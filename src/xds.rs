@@ -13,7 +13,8 @@ use serde::Serialize;
 /// Cluster type URL.
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 /// ClusterLoadAssignment type URL.
-pub const ENDPOINT_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+pub const ENDPOINT_TYPE: &str =
+    "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 /// Listener type URL.
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 /// RouteConfiguration type URL.
@@ -97,7 +98,9 @@ pub enum Inconsistency {
 /// Checks a namespace view: every EDS name has its cluster and vice versa, every route's cluster
 /// exists, no virtual host or domain appears twice.
 pub fn consistent(ns: &str, view: &snapshot::NamespaceView) -> Result<(), Inconsistency> {
-    use envoy_types::pb::envoy::config::route::v3::{route::Action, route_action::ClusterSpecifier, RouteConfiguration};
+    use envoy_types::pb::envoy::config::route::v3::{
+        route::Action, route_action::ClusterSpecifier, RouteConfiguration,
+    };
     use prost::Message;
     for n in view.endpoints.keys() {
         if !view.clusters.contains_key(n) {
@@ -116,7 +119,10 @@ pub fn consistent(ns: &str, view: &snapshot::NamespaceView) -> Result<(), Incons
         let mut domains = HashSet::new();
         for vh in &rc.virtual_hosts {
             if !vhosts.insert(vh.name.clone()) {
-                return Err(Inconsistency::Duplicate(format!("virtual host {}", vh.name)));
+                return Err(Inconsistency::Duplicate(format!(
+                    "virtual host {}",
+                    vh.name
+                )));
             }
             for d in &vh.domains {
                 if !domains.insert(d.clone()) {

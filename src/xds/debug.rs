@@ -40,7 +40,12 @@ async fn nodes_view(nodes: Arc<Nodes>) -> Json<Value> {
                 .types
                 .lock()
                 .iter()
-                .map(|(k, v)| (k.short().to_string(), serde_json::to_value(v).unwrap_or_default()))
+                .map(|(k, v)| {
+                    (
+                        k.short().to_string(),
+                        serde_json::to_value(v).unwrap_or_default(),
+                    )
+                })
                 .collect();
             json!({
                 "stream": s.stream,
@@ -103,5 +108,6 @@ async fn config_view(cache: Arc<Cache>, nodes: Arc<Nodes>, q: ConfigQuery) -> Re
             }));
         }
     }
-    Json(json!({"node": info, "generation": cache.current().generation, "resources": by_type})).into_response()
+    Json(json!({"node": info, "generation": cache.current().generation, "resources": by_type}))
+        .into_response()
 }

@@ -20,8 +20,8 @@ use envoy_types::pb::envoy::config::listener::v3::{
     filter, ApiListener, Filter, FilterChain, Listener,
 };
 use envoy_types::pb::envoy::config::route::v3::{
-    route::Action, route_action::ClusterSpecifier, route_match::PathSpecifier, Route,
-    RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
+    route::Action, route_action::ClusterSpecifier, route_match::PathSpecifier, Route, RouteAction,
+    RouteConfiguration, RouteMatch, VirtualHost,
 };
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
@@ -43,6 +43,9 @@ pub const OUTBOUND_ROUTE: &str = "polaris-outbound-router";
 pub const LB_POLICY_KEY: &str = "polarismesh.cn/lbPolicy";
 /// Service metadata key for the connect timeout in milliseconds.
 pub const CONNECT_TIMEOUT_KEY: &str = "polarismesh.cn/connectTimeoutMs";
+/// Service metadata key honoured only when the server runs with `--test-hooks`: the service's
+/// cluster gets a negative connect timeout, which Envoy rejects (to test NACK handling end to end).
+pub const TEST_INVALID_KEY: &str = "polarismesh.cn/test-invalid-cluster";
 /// Node metadata key: the sidecar's own service.
 pub const NODE_SERVICE_KEY: &str = "sidecar.polarismesh.cn/serviceName";
 /// Node metadata key: the sidecar's own namespace.
@@ -117,7 +120,11 @@ pub fn is_h2(protocol: &str) -> bool {
 /// The load-balancing policy named by the service's metadata (default round robin, which honours
 /// endpoint weights).
 pub fn lb_policy(svc: &Service) -> LbPolicy {
-    match svc.metadata.get(LB_POLICY_KEY).map(|s| s.to_ascii_uppercase()) {
+    match svc
+        .metadata
+        .get(LB_POLICY_KEY)
+        .map(|s| s.to_ascii_uppercase())
+    {
         Some(p) if p == "LEAST_REQUEST" => LbPolicy::LeastRequest,
         Some(p) if p == "RANDOM" => LbPolicy::Random,
         Some(p) if p == "RING_HASH" => LbPolicy::RingHash,
@@ -148,9 +155,7 @@ fn eds_cluster(name: String, svc: &Service) -> Cluster {
         let opts = HttpProtocolOptions {
             upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
                 ExplicitHttpConfig {
-                    protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(
-                        Default::default(),
-                    )),
+                    protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(Default::default())),
                 },
             )),
             ..Default::default()
@@ -164,6 +169,23 @@ fn eds_cluster(name: String, svc: &Service) -> Cluster {
 /// The outbound EDS cluster of a service.
 pub fn outbound_cluster(svc: &Service) -> Cluster {
     eds_cluster(outbound_name(&svc.namespace, &svc.name), svc)
+}
+
+/// [`outbound_cluster`], made invalid on purpose when test hooks are on and the service asks for it.
+pub fn outbound_cluster_with_hooks(svc: &Service, test_hooks: bool) -> Cluster {
+    let mut c = outbound_cluster(svc);
+    if test_hooks
+        && svc
+            .metadata
+            .get(TEST_INVALID_KEY)
+            .is_some_and(|v| v == "true")
+    {
+        c.connect_timeout = Some(Duration {
+            seconds: -1,
+            nanos: 0,
+        });
+    }
+    c
 }
 
 /// The inbound cluster of the node's own service (its endpoints are the local app ports).
@@ -279,7 +301,10 @@ pub fn inbound_load_assignment(svc: &Service, ports: &[u16]) -> ClusterLoadAssig
 }
 
 /// Ports a service answers on: its declared `ports` plus the ports of its instances (sorted, at most 16).
-pub fn service_ports<'a>(svc: &Service, instances: impl IntoIterator<Item = &'a Instance>) -> Vec<u16> {
+pub fn service_ports<'a>(
+    svc: &Service,
+    instances: impl IntoIterator<Item = &'a Instance>,
+) -> Vec<u16> {
     let mut ports: BTreeSet<u16> = svc
         .ports
         .split(',')
@@ -477,10 +502,14 @@ mod tests {
         assert_eq!(c.connect_timeout.unwrap().seconds, 5);
         assert!(c.typed_extension_protocol_options.is_empty());
         svc.protocol = "gRPC".into();
-        svc.metadata.insert(LB_POLICY_KEY.into(), "least_request".into());
-        svc.metadata.insert(CONNECT_TIMEOUT_KEY.into(), "250".into());
+        svc.metadata
+            .insert(LB_POLICY_KEY.into(), "least_request".into());
+        svc.metadata
+            .insert(CONNECT_TIMEOUT_KEY.into(), "250".into());
         let c = outbound_cluster(&svc);
-        assert!(c.typed_extension_protocol_options.contains_key(HTTP_OPTIONS_EXT));
+        assert!(c
+            .typed_extension_protocol_options
+            .contains_key(HTTP_OPTIONS_EXT));
         assert_eq!(c.lb_policy, LbPolicy::LeastRequest as i32);
         assert_eq!(c.connect_timeout.unwrap().nanos, 250_000_000);
     }
@@ -488,7 +517,11 @@ mod tests {
     #[test]
     fn endpoints_health_exclusion_locality() {
         let a = inst("10.0.0.1", 80, |i| {
-            i.location = Some(crate::model::Location { region: "r1".into(), zone: "z1".into(), campus: "c1".into() });
+            i.location = Some(crate::model::Location {
+                region: "r1".into(),
+                zone: "z1".into(),
+                campus: "c1".into(),
+            });
             i.metadata = Some([("version".to_string(), "v1".to_string())].into());
         });
         let b = inst("10.0.0.2", 80, |i| i.healthy = Some(false));
@@ -503,20 +536,40 @@ mod tests {
         for l in &cla.endpoints {
             assert!(l.load_balancing_weight.unwrap().value >= 1);
         }
-        let unhealthy = all.iter().filter(|e| e.health_status == HealthStatus::Unhealthy as i32).count();
+        let unhealthy = all
+            .iter()
+            .filter(|e| e.health_status == HealthStatus::Unhealthy as i32)
+            .count();
         assert_eq!(unhealthy, 1);
-        let loc = cla.endpoints.iter().find(|l| l.locality.as_ref().unwrap().region == "r1").unwrap();
+        let loc = cla
+            .endpoints
+            .iter()
+            .find(|l| l.locality.as_ref().unwrap().region == "r1")
+            .unwrap();
         assert_eq!(loc.locality.as_ref().unwrap().sub_zone, "c1");
         let md = loc.lb_endpoints[0].metadata.as_ref().unwrap();
-        assert!(md.filter_metadata[LB_METADATA].fields.contains_key("version"));
-        let default_loc = cla.endpoints.iter().find(|l| l.locality.as_ref().unwrap().region.is_empty()).unwrap();
+        assert!(md.filter_metadata[LB_METADATA]
+            .fields
+            .contains_key("version"));
+        let default_loc = cla
+            .endpoints
+            .iter()
+            .find(|l| l.locality.as_ref().unwrap().region.is_empty())
+            .unwrap();
         assert_eq!(default_loc.load_balancing_weight.unwrap().value, 400);
     }
 
     #[test]
     fn domains_cover_names_and_ports() {
         let d = domains("default", "echo", &[8080]);
-        for want in ["echo", "echo.default", "echo.default.svc", "echo.default.svc.cluster.local", "echo.default:8080", "echo.default.svc.cluster.local:8080"] {
+        for want in [
+            "echo",
+            "echo.default",
+            "echo.default.svc",
+            "echo.default.svc.cluster.local",
+            "echo.default:8080",
+            "echo.default.svc.cluster.local:8080",
+        ] {
             assert!(d.contains(&want.to_string()), "{want}");
         }
         assert_eq!(d.len(), 8);
@@ -524,9 +577,18 @@ mod tests {
 
     #[test]
     fn proxyless_targets() {
-        assert_eq!(parse_target("echo-grpc.default"), Some(("echo-grpc".into(), "default".into())));
-        assert_eq!(parse_target("echo-grpc.default:50051"), Some(("echo-grpc".into(), "default".into())));
-        assert_eq!(parse_target("echo.default.svc.cluster.local:80"), Some(("echo".into(), "default".into())));
+        assert_eq!(
+            parse_target("echo-grpc.default"),
+            Some(("echo-grpc".into(), "default".into()))
+        );
+        assert_eq!(
+            parse_target("echo-grpc.default:50051"),
+            Some(("echo-grpc".into(), "default".into()))
+        );
+        assert_eq!(
+            parse_target("echo.default.svc.cluster.local:80"),
+            Some(("echo".into(), "default".into()))
+        );
         assert_eq!(parse_target("echo"), None);
         let l = api_listener("echo.default:80");
         assert!(l.api_listener.is_some() && l.address.is_none());

@@ -38,6 +38,7 @@ const ABSENT: u64 = 0;
 
 /// Settings of a node, from its id and metadata.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct NodeInfo {
     /// Node id.
     pub id: String,
@@ -68,7 +69,9 @@ impl NodeInfo {
     /// Reads a node: namespace from metadata, else from a `type~ns/pod~ip` id, else `default`.
     pub fn from_node(node: &Node) -> Result<NodeInfo, Status> {
         if node.id.is_empty() {
-            return Err(Status::invalid_argument("node.id is required on the first request"));
+            return Err(Status::invalid_argument(
+                "node.id is required on the first request",
+            ));
         }
         let id_ns = node
             .id
@@ -86,7 +89,11 @@ impl NodeInfo {
                     .ok()
                     .filter(|p| (1.0..=65535.0).contains(p) && p.fract() == 0.0)
                     .map(|p| p as u16)
-                    .ok_or_else(|| Status::invalid_argument(format!("node metadata {key}: {v:?} is not a port"))),
+                    .ok_or_else(|| {
+                        Status::invalid_argument(format!(
+                            "node metadata {key}: {v:?} is not a port"
+                        ))
+                    }),
             }
         };
         let bind_ports = match meta_str(node, r::NODE_BIND_PORTS_KEY) {
@@ -95,7 +102,12 @@ impl NodeInfo {
                 .split(',')
                 .map(|p| p.trim().parse::<u16>().ok().filter(|p| *p > 0))
                 .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| Status::invalid_argument(format!("node metadata {}: {v:?} is not a port list", r::NODE_BIND_PORTS_KEY)))?,
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "node metadata {}: {v:?} is not a port list",
+                        r::NODE_BIND_PORTS_KEY
+                    ))
+                })?,
         };
         Ok(NodeInfo {
             id: node.id.clone(),
@@ -197,7 +209,12 @@ pub struct Ads {
 impl Ads {
     /// A new service over `cache`.
     pub fn new(cache: Arc<Cache>, metrics: Arc<Metrics>, nodes: Arc<Nodes>) -> Self {
-        Ads { cache, metrics, nodes, shutdown: None }
+        Ads {
+            cache,
+            metrics,
+            nodes,
+            shutdown: None,
+        }
     }
 
     /// Ends every stream when `shutdown` turns true (so a graceful stop does not wait on
@@ -252,6 +269,9 @@ async fn stopped(rx: &mut Option<tokio::sync::watch::Receiver<bool>>) {
     }
 }
 
+/// Previous `sent` entries of one response, to restore on NACK.
+type Undo = Vec<(Arc<str>, Option<u64>)>;
+
 /// Subscription and delivery state of one type on one stream.
 #[derive(Debug, Default)]
 struct TypeState {
@@ -276,7 +296,7 @@ struct TypeState {
     /// SotW: answer the next request even if nothing changed (new subscription).
     force_all: bool,
     /// Delta: per in-flight nonce, the previous `sent` entries to restore on NACK.
-    pending: Vec<(String, Vec<(Arc<str>, Option<u64>)>)>,
+    pending: Vec<(String, Undo)>,
 }
 
 fn entry_hash(name: &str, version: u64) -> u64 {
@@ -369,10 +389,15 @@ impl StreamState {
                 self.rebuild_locals();
                 Ok(())
             }
-            (None, None) => Err(Status::invalid_argument("the first request must carry node")),
-            (Some(cur), Some(n)) if !n.id.is_empty() && n.id != cur.id => Err(
-                Status::invalid_argument(format!("node changed on the stream: {} → {}", cur.id, n.id)),
-            ),
+            (None, None) => Err(Status::invalid_argument(
+                "the first request must carry node",
+            )),
+            (Some(cur), Some(n)) if !n.id.is_empty() && n.id != cur.id => {
+                Err(Status::invalid_argument(format!(
+                    "node changed on the stream: {} → {}",
+                    cur.id, n.id
+                )))
+            }
             _ => Ok(()),
         }
     }
@@ -383,7 +408,9 @@ impl StreamState {
     }
 
     fn rebuild_locals(&mut self) {
-        let Some(node) = self.node.clone() else { return };
+        let Some(node) = self.node.clone() else {
+            return;
+        };
         let mut by_kind: HashMap<TypeKind, Vec<Res>> = HashMap::new();
         let outbound = r::outbound_listener("0.0.0.0", node.outbound_port);
         by_kind
@@ -397,22 +424,43 @@ impl StreamState {
                 .map(|sv| (sv.service.clone(), sv.ports.clone()))
         });
         if let Some((svc, ports)) = own {
-            let ports = if node.bind_ports.is_empty() { ports } else { node.bind_ports.clone() };
+            let ports = if node.bind_ports.is_empty() {
+                ports
+            } else {
+                node.bind_ports.clone()
+            };
             let c = r::inbound_cluster(&svc);
-            by_kind.entry(TypeKind::Cluster).or_default().push(Encoded::new(Arc::from(c.name.as_str()), &c));
+            by_kind
+                .entry(TypeKind::Cluster)
+                .or_default()
+                .push(Encoded::new(Arc::from(c.name.as_str()), &c));
             let cla = r::inbound_load_assignment(&svc, &ports);
-            by_kind.entry(TypeKind::Endpoint).or_default().push(Encoded::new(Arc::from(cla.cluster_name.as_str()), &cla));
+            by_kind
+                .entry(TypeKind::Endpoint)
+                .or_default()
+                .push(Encoded::new(Arc::from(cla.cluster_name.as_str()), &cla));
             let l = r::inbound_listener(&svc.namespace, &svc.name, node.inbound_port);
-            by_kind.entry(TypeKind::Listener).or_default().push(Encoded::new(Arc::from(l.name.as_str()), &l));
+            by_kind
+                .entry(TypeKind::Listener)
+                .or_default()
+                .push(Encoded::new(Arc::from(l.name.as_str()), &l));
             let rc = r::inbound_route(&svc.namespace, &svc.name);
-            by_kind.entry(TypeKind::Route).or_default().push(Encoded::new(Arc::from(rc.name.as_str()), &rc));
+            by_kind
+                .entry(TypeKind::Route)
+                .or_default()
+                .push(Encoded::new(Arc::from(rc.name.as_str()), &rc));
         }
         self.locals.by_kind = by_kind;
     }
 
     /// The resource `name` of `kind` as this node would get it.
     fn lookup(&mut self, kind: TypeKind, name: &Arc<str>) -> Option<Res> {
-        if let Some(l) = self.locals.by_kind.get(&kind).and_then(|v| v.iter().find(|e| e.name == *name)) {
+        if let Some(l) = self
+            .locals
+            .by_kind
+            .get(&kind)
+            .and_then(|v| v.iter().find(|e| e.name == *name))
+        {
             return Some(l.clone());
         }
         let view = self.view();
@@ -425,7 +473,11 @@ impl StreamState {
             TypeKind::Listener => {
                 // Proxyless gRPC: `<svc>.<ns>[:port]` of an existing service in the node's view.
                 let (svc, ns) = r::parse_target(name)?;
-                let exists = self.snap.namespaces.get(ns.as_str()).is_some_and(|v| v.services.contains_key(svc.as_str()));
+                let exists = self
+                    .snap
+                    .namespaces
+                    .get(ns.as_str())
+                    .is_some_and(|v| v.services.contains_key(svc.as_str()));
                 if !exists {
                     self.locals.api.remove(name);
                     return None;
@@ -457,8 +509,14 @@ impl StreamState {
 
     /// Names to evaluate for `kind`: all (`None`) or only these.
     fn diff(&mut self, kind: TypeKind, only: Option<&HashSet<Arc<str>>>) -> Out {
-        let mut out = Out { kind, resources: vec![], removed: vec![] };
-        let Some(ts) = self.types.get(&kind) else { return out };
+        let mut out = Out {
+            kind,
+            resources: vec![],
+            removed: vec![],
+        };
+        let Some(ts) = self.types.get(&kind) else {
+            return out;
+        };
         if !ts.active {
             return out;
         }
@@ -474,12 +532,21 @@ impl StreamState {
                 n.into_iter().collect()
             }
         };
-        let wildcard_names: Option<HashSet<Arc<str>>> = wildcard.then(|| self.wildcard_set(kind).into_iter().map(|e| e.name.clone()).collect());
+        let wildcard_names: Option<HashSet<Arc<str>>> = wildcard.then(|| {
+            self.wildcard_set(kind)
+                .into_iter()
+                .map(|e| e.name.clone())
+                .collect()
+        });
         for name in names {
             let ts = &self.types[&kind];
             let explicit = ts.names.contains(&name);
             let by_wildcard = wildcard_names.as_ref().is_some_and(|w| w.contains(&name));
-            let desired = if explicit || by_wildcard { self.lookup(kind, &name) } else { None };
+            let desired = if explicit || by_wildcard {
+                self.lookup(kind, &name)
+            } else {
+                None
+            };
             let ts = self.types.get_mut(&kind).expect("active");
             let held = ts.sent.get(&name).copied();
             match desired {
@@ -561,7 +628,9 @@ impl StreamState {
             s.nacks += 1;
         }
         if delta {
-            let Some(ts) = self.types.get_mut(&kind) else { return };
+            let Some(ts) = self.types.get_mut(&kind) else {
+                return;
+            };
             // Roll back this response and everything sent after it: the client holds none of it.
             if let Some(pos) = ts.pending.iter().position(|(n, _)| n == nonce) {
                 let undone: Vec<_> = ts.pending.drain(pos..).collect();
@@ -597,8 +666,14 @@ impl StreamState {
         let changes = self.cache.changes(self.generation, snap.generation);
         self.snap = snap;
         self.generation = self.snap.generation;
-        self.status.generation.store(self.generation, Ordering::Relaxed);
-        let ns = self.node.as_ref().map(|n| n.namespace.clone()).unwrap_or_default();
+        self.status
+            .generation
+            .store(self.generation, Ordering::Relaxed);
+        let ns = self
+            .node
+            .as_ref()
+            .map(|n| n.namespace.clone())
+            .unwrap_or_default();
         let own = self.node.as_ref().and_then(|n| n.service.clone());
         match changes {
             None => {
@@ -616,7 +691,9 @@ impl StreamState {
                                 locals_dirty = true;
                             }
                             // Proxyless API listeners depend on the service existing.
-                            let lds = out.entry(TypeKind::Listener).or_insert_with(|| Some(HashSet::new()));
+                            let lds = out
+                                .entry(TypeKind::Listener)
+                                .or_insert_with(|| Some(HashSet::new()));
                             if let Some(set) = lds {
                                 for n in self.locals.api.keys() {
                                     set.insert(n.clone());
@@ -630,7 +707,8 @@ impl StreamState {
                         if *c.namespace != *ns {
                             continue;
                         }
-                        if let Some(set) = out.entry(c.kind).or_insert_with(|| Some(HashSet::new())) {
+                        if let Some(set) = out.entry(c.kind).or_insert_with(|| Some(HashSet::new()))
+                        {
                             set.insert(c.name.clone());
                         }
                     }
@@ -648,7 +726,11 @@ impl StreamState {
 
     // ---- State of the world ----
 
-    async fn run_sotw(mut self, mut inbound: Streaming<DiscoveryRequest>, tx: mpsc::Sender<Result<DiscoveryResponse, Status>>) {
+    async fn run_sotw(
+        mut self,
+        mut inbound: Streaming<DiscoveryRequest>,
+        tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    ) {
         let mut snaps = self.cache.subscribe();
         let mut shutdown = self.shutdown.clone();
         loop {
@@ -710,7 +792,11 @@ impl StreamState {
         }
         let first = !ts.active;
         ts.active = true;
-        let names: Vec<&String> = req.resource_names.iter().filter(|n| n.as_str() != "*").collect();
+        let names: Vec<&String> = req
+            .resource_names
+            .iter()
+            .filter(|n| n.as_str() != "*")
+            .collect();
         let star = req.resource_names.iter().any(|n| n == "*");
         let wildcard = star || (names.is_empty() && !ts.ever_named && kind.wildcard_capable());
         if !names.is_empty() {
@@ -743,7 +829,9 @@ impl StreamState {
 
     /// Everything of `kind` the client should hold now (sorted by name).
     fn desired_set(&mut self, kind: TypeKind) -> Vec<Res> {
-        let Some(ts) = self.types.get(&kind) else { return vec![] };
+        let Some(ts) = self.types.get(&kind) else {
+            return vec![];
+        };
         let mut names: Vec<Arc<str>> = ts.names.iter().cloned().collect();
         if ts.wildcard {
             names.extend(self.wildcard_set(kind).into_iter().map(|e| e.name.clone()));
@@ -764,10 +852,18 @@ impl StreamState {
         let force_all = std::mem::take(&mut ts.force_all);
         let full_set = kind.wildcard_capable();
         let keep: HashSet<Arc<str>> = desired.iter().map(|r| r.name.clone()).collect();
-        let removed: Vec<Arc<str>> = ts.sent.keys().filter(|n| !keep.contains(*n)).cloned().collect();
+        let removed: Vec<Arc<str>> = ts
+            .sent
+            .keys()
+            .filter(|n| !keep.contains(*n))
+            .cloned()
+            .collect();
         let send: Vec<Res> = if full_set {
             // LDS/CDS carry the complete set whenever any of it changed (an empty set included).
-            let unchanged = removed.is_empty() && desired.iter().all(|r| ts.sent.get(&r.name) == Some(&r.version));
+            let unchanged = removed.is_empty()
+                && desired
+                    .iter()
+                    .all(|r| ts.sent.get(&r.name) == Some(&r.version));
             if unchanged && !force_all && !ts.version_sent.is_empty() {
                 return None;
             }
@@ -775,7 +871,11 @@ impl StreamState {
         } else {
             desired
                 .into_iter()
-                .filter(|r| force_all || ts.sent.get(&r.name) != Some(&r.version) || (on_request && ts.force.contains(&r.name)))
+                .filter(|r| {
+                    force_all
+                        || ts.sent.get(&r.name) != Some(&r.version)
+                        || (on_request && ts.force.contains(&r.name))
+                })
                 .collect()
         };
         if send.is_empty() && !full_set {
@@ -786,7 +886,11 @@ impl StreamState {
             return None;
         }
         let nonce = self.next_nonce();
-        let out = Out { kind, resources: send, removed };
+        let out = Out {
+            kind,
+            resources: send,
+            removed,
+        };
         self.record(&out, &nonce, false);
         let ts = self.types.get_mut(&kind).expect("active");
         let version = ts.version_string();
@@ -802,7 +906,11 @@ impl StreamState {
 
     // ---- Delta ----
 
-    async fn run_delta(mut self, mut inbound: Streaming<DeltaDiscoveryRequest>, tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>) {
+    async fn run_delta(
+        mut self,
+        mut inbound: Streaming<DeltaDiscoveryRequest>,
+        tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    ) {
         let mut snaps = self.cache.subscribe();
         let mut shutdown = self.shutdown.clone();
         loop {
@@ -850,7 +958,10 @@ impl StreamState {
         self.nodes.remove(self.status.stream);
     }
 
-    fn delta_request(&mut self, req: DeltaDiscoveryRequest) -> Result<Vec<DeltaDiscoveryResponse>, Status> {
+    fn delta_request(
+        &mut self,
+        req: DeltaDiscoveryRequest,
+    ) -> Result<Vec<DeltaDiscoveryResponse>, Status> {
         self.check_node(req.node.as_ref())?;
         let Some(kind) = TypeKind::from_url(&req.type_url) else {
             tracing::debug!(type_url = %req.type_url, "ignoring request for an unserved type");
@@ -862,7 +973,10 @@ impl StreamState {
         let covered: HashSet<Arc<str>> = if req.resource_names_unsubscribe.is_empty() {
             HashSet::new()
         } else {
-            self.wildcard_set(kind).into_iter().map(|e| e.name.clone()).collect()
+            self.wildcard_set(kind)
+                .into_iter()
+                .map(|e| e.name.clone())
+                .collect()
         };
         let ts = self.types.entry(kind).or_default();
         let first = !ts.active;
@@ -870,7 +984,10 @@ impl StreamState {
         if first {
             for (name, v) in &req.initial_resource_versions {
                 let v = u64::from_str_radix(v, 16).unwrap_or(u64::MAX);
-                ts.set_sent(Arc::from(name.as_str()), Some(if v == ABSENT { u64::MAX } else { v }));
+                ts.set_sent(
+                    Arc::from(name.as_str()),
+                    Some(if v == ABSENT { u64::MAX } else { v }),
+                );
             }
             if req.resource_names_subscribe.is_empty() && kind.wildcard_capable() {
                 ts.wildcard = true;
@@ -890,10 +1007,9 @@ impl StreamState {
             let fresh = ts.names.insert(name.clone());
             // A (re)subscribed name must be provided even if we think the client has it; on the
             // first request, initial_resource_versions says what it has.
-            if !first || !req.initial_resource_versions.contains_key(n) {
-                if fresh || ts.sent.get(&name) != Some(&ABSENT) {
-                    ts.set_sent(name.clone(), None);
-                }
+            let claimed = first && req.initial_resource_versions.contains_key(n);
+            if !claimed && (fresh || ts.sent.get(&name) != Some(&ABSENT)) {
+                ts.set_sent(name.clone(), None);
             }
             evaluate.insert(name);
         }
@@ -935,10 +1051,17 @@ impl StreamState {
         if evaluate.is_empty() {
             return Ok(vec![]);
         }
-        Ok(self.delta_build(kind, Some(&evaluate)).into_iter().collect())
+        Ok(self
+            .delta_build(kind, Some(&evaluate))
+            .into_iter()
+            .collect())
     }
 
-    fn delta_build(&mut self, kind: TypeKind, only: Option<&HashSet<Arc<str>>>) -> Option<DeltaDiscoveryResponse> {
+    fn delta_build(
+        &mut self,
+        kind: TypeKind,
+        only: Option<&HashSet<Arc<str>>>,
+    ) -> Option<DeltaDiscoveryResponse> {
         let out = self.diff(kind, only);
         if out.resources.is_empty() && out.removed.is_empty() {
             return None;
@@ -969,7 +1092,11 @@ impl StreamState {
 /// The resources a node with these settings would get from `cache` as a wildcard subscriber
 /// (what `/debug/xds/config` shows).
 pub fn resources_for(cache: &Arc<Cache>, node: &NodeInfo) -> Vec<(TypeKind, Res)> {
-    let ads = Ads::new(cache.clone(), Arc::new(Metrics::default()), Arc::new(Nodes::default()));
+    let ads = Ads::new(
+        cache.clone(),
+        Arc::new(Metrics::default()),
+        Arc::new(Nodes::default()),
+    );
     let mut st = StreamState::new(&ads, "view");
     st.node = Some(node.clone());
     st.rebuild_locals();

@@ -206,6 +206,7 @@ impl Cache {
 pub struct Builder {
     namespaces: HashMap<Arc<str>, Arc<NamespaceView>>,
     generation: u64,
+    test_hooks: bool,
 }
 
 fn eds_version(name: &str, instances: &[&Instance]) -> u64 {
@@ -213,7 +214,13 @@ fn eds_version(name: &str, instances: &[&Instance]) -> u64 {
     h.update(TRANSLATOR_SALT);
     h.update(name.as_bytes());
     for i in instances.iter().filter(|i| r::routable(i)) {
-        for part in [i.id.as_str(), i.host.as_str(), i.location.region.as_str(), i.location.zone.as_str(), i.location.campus.as_str()] {
+        for part in [
+            i.id.as_str(),
+            i.host.as_str(),
+            i.location.region.as_str(),
+            i.location.zone.as_str(),
+            i.location.campus.as_str(),
+        ] {
             h.update(part.as_bytes());
             h.update(&[0]);
         }
@@ -236,7 +243,14 @@ impl Builder {
         Builder {
             namespaces: HashMap::new(),
             generation: 0,
+            test_hooks: false,
         }
+    }
+
+    /// Honours [`r::TEST_INVALID_KEY`] (for end-to-end NACK tests only).
+    pub fn with_test_hooks(mut self, on: bool) -> Self {
+        self.test_hooks = on;
+        self
     }
 
     /// Re-translates everything and publishes.
@@ -250,7 +264,8 @@ impl Builder {
         let mut touched: Vec<ChangeKey> = ns.into_iter().map(ChangeKey::Namespace).collect();
         touched.extend(keys.into_iter().map(ChangeKey::Service));
         // Forget namespaces that no longer exist.
-        let live: std::collections::HashSet<String> = reg.read().namespaces.keys().cloned().collect();
+        let live: std::collections::HashSet<String> =
+            reg.read().namespaces.keys().cloned().collect();
         let mut changes = Vec::new();
         self.namespaces.retain(|n, _| live.contains(&**n));
         self.apply_inner(reg, touched, revision, cache, &mut changes);
@@ -305,14 +320,28 @@ impl Builder {
         );
     }
 
-    fn apply_namespace(&mut self, reg: &Registry, ns: &str, svcs: &[String], changes: &mut Vec<Changed>) {
+    fn apply_namespace(
+        &mut self,
+        reg: &Registry,
+        ns: &str,
+        svcs: &[String],
+        changes: &mut Vec<Changed>,
+    ) {
         let st = reg.read();
         let ns_arc: Arc<str> = Arc::from(ns);
         if !st.namespaces.contains_key(ns) {
             if let Some(old) = self.namespaces.remove(ns) {
                 for n in old.clusters.keys() {
-                    changes.push(Changed { namespace: ns_arc.clone(), kind: TypeKind::Cluster, name: n.clone() });
-                    changes.push(Changed { namespace: ns_arc.clone(), kind: TypeKind::Endpoint, name: n.clone() });
+                    changes.push(Changed {
+                        namespace: ns_arc.clone(),
+                        kind: TypeKind::Cluster,
+                        name: n.clone(),
+                    });
+                    changes.push(Changed {
+                        namespace: ns_arc.clone(),
+                        kind: TypeKind::Endpoint,
+                        name: n.clone(),
+                    });
                 }
             }
             return;
@@ -335,16 +364,29 @@ impl Builder {
                         route_dirty = true;
                     }
                     if view.clusters.remove(&cname).is_some() {
-                        changes.push(Changed { namespace: ns_arc.clone(), kind: TypeKind::Cluster, name: cname.clone() });
+                        changes.push(Changed {
+                            namespace: ns_arc.clone(),
+                            kind: TypeKind::Cluster,
+                            name: cname.clone(),
+                        });
                     }
                     if view.endpoints.remove(&cname).is_some() {
-                        changes.push(Changed { namespace: ns_arc.clone(), kind: TypeKind::Endpoint, name: cname.clone() });
+                        changes.push(Changed {
+                            namespace: ns_arc.clone(),
+                            kind: TypeKind::Endpoint,
+                            name: cname.clone(),
+                        });
                     }
-                    changes.push(Changed { namespace: ns_arc.clone(), kind: TypeKind::Listener, name: name_arc.clone() });
+                    changes.push(Changed {
+                        namespace: ns_arc.clone(),
+                        kind: TypeKind::Listener,
+                        name: name_arc.clone(),
+                    });
                 }
                 Some(entry) => {
                     let svc = entry.service.clone();
-                    let instances: Vec<&Instance> = entry.instances.values().map(|i| i.as_ref()).collect();
+                    let instances: Vec<&Instance> =
+                        entry.instances.values().map(|i| i.as_ref()).collect();
                     let ports = r::service_ports(&svc, instances.iter().copied());
                     let vhost = match &svc.alias_for {
                         // An alias answers its own names and routes to its target's cluster.
@@ -359,33 +401,70 @@ impl Builder {
                         view.vhosts.insert(name_arc.clone(), vhost);
                         route_dirty = true;
                     }
-                    let prev = view.services.insert(name_arc.clone(), ServiceView { service: svc.clone(), ports });
+                    let prev = view.services.insert(
+                        name_arc.clone(),
+                        ServiceView {
+                            service: svc.clone(),
+                            ports,
+                        },
+                    );
                     if prev.as_ref().is_none_or(|p| p.service != svc) {
-                        changes.push(Changed { namespace: ns_arc.clone(), kind: TypeKind::Listener, name: name_arc.clone() });
+                        changes.push(Changed {
+                            namespace: ns_arc.clone(),
+                            kind: TypeKind::Listener,
+                            name: name_arc.clone(),
+                        });
                     }
                     if svc.alias_for.is_some() {
                         continue;
                     }
-                    let cluster = Encoded::new(cname.clone(), &r::outbound_cluster(&svc));
-                    if view.clusters.get(&cname).is_none_or(|c| c.version != cluster.version) {
+                    let cluster = Encoded::new(
+                        cname.clone(),
+                        &r::outbound_cluster_with_hooks(&svc, self.test_hooks),
+                    );
+                    if view
+                        .clusters
+                        .get(&cname)
+                        .is_none_or(|c| c.version != cluster.version)
+                    {
                         view.clusters.insert(cname.clone(), cluster);
-                        changes.push(Changed { namespace: ns_arc.clone(), kind: TypeKind::Cluster, name: cname.clone() });
+                        changes.push(Changed {
+                            namespace: ns_arc.clone(),
+                            kind: TypeKind::Cluster,
+                            name: cname.clone(),
+                        });
                     }
                     let version = eds_version(&cname, &instances);
-                    if view.endpoints.get(&cname).is_none_or(|c| c.version != version) {
+                    if view
+                        .endpoints
+                        .get(&cname)
+                        .is_none_or(|c| c.version != version)
+                    {
                         let cla = r::load_assignment(cname.to_string(), instances.iter().copied());
-                        view.endpoints.insert(cname.clone(), Encoded::with_version(cname.clone(), &cla, version));
-                        changes.push(Changed { namespace: ns_arc.clone(), kind: TypeKind::Endpoint, name: cname.clone() });
+                        view.endpoints.insert(
+                            cname.clone(),
+                            Encoded::with_version(cname.clone(), &cla, version),
+                        );
+                        changes.push(Changed {
+                            namespace: ns_arc.clone(),
+                            kind: TypeKind::Endpoint,
+                            name: cname.clone(),
+                        });
                     }
                 }
             }
         }
         if route_dirty {
-            let rc = r::route_configuration(r::OUTBOUND_ROUTE, view.vhosts.values().cloned().collect());
+            let rc =
+                r::route_configuration(r::OUTBOUND_ROUTE, view.vhosts.values().cloned().collect());
             let enc = Encoded::new(Arc::from(r::OUTBOUND_ROUTE), &rc);
             if view.route.as_ref().is_none_or(|o| o.version != enc.version) {
                 view.route = Some(enc);
-                changes.push(Changed { namespace: ns_arc.clone(), kind: TypeKind::Route, name: Arc::from(r::OUTBOUND_ROUTE) });
+                changes.push(Changed {
+                    namespace: ns_arc.clone(),
+                    kind: TypeKind::Route,
+                    name: Arc::from(r::OUTBOUND_ROUTE),
+                });
             }
         }
         self.namespaces.insert(ns_arc, Arc::new(view));
@@ -400,9 +479,9 @@ impl Default for Builder {
 
 /// Keeps the cache in step with the registry. The first change after a quiet period is translated
 /// at once; changes arriving within `debounce` after it are gathered into one more publish.
-pub async fn run(reg: Registry, cache: Arc<Cache>, debounce: Duration) {
+pub async fn run(reg: Registry, cache: Arc<Cache>, debounce: Duration, test_hooks: bool) {
     let mut feed = reg.subscribe();
-    let mut builder = Builder::new();
+    let mut builder = Builder::new().with_test_hooks(test_hooks);
     builder.full(&reg, &cache);
     loop {
         let (keys, rev, lagged) = match feed.recv().await {
@@ -463,8 +542,16 @@ mod tests {
     #[tokio::test]
     async fn one_instance_change_touches_one_eds_resource() {
         let dir = tempfile::tempdir().unwrap();
-        let reg = Registry::open(Arc::new(RedbStore::open(dir.path()).unwrap()), registry::Config::default(), Arc::new(Metrics::default())).await.unwrap();
-        let batch: Vec<_> = (0..20).map(|i| inst(&format!("s{i}"), "10.0.0.1")).collect();
+        let reg = Registry::open(
+            Arc::new(RedbStore::open(dir.path()).unwrap()),
+            registry::Config::default(),
+            Arc::new(Metrics::default()),
+        )
+        .await
+        .unwrap();
+        let batch: Vec<_> = (0..20)
+            .map(|i| inst(&format!("s{i}"), "10.0.0.1"))
+            .collect();
         reg.submit(Command::RegisterInstances(batch)).await.unwrap();
         let cache = Cache::default();
         let mut b = Builder::new();
@@ -473,21 +560,42 @@ mod tests {
         assert_eq!(g1.namespaces["default"].clusters.len(), 20);
         crate::xds::consistent("default", &g1.namespaces["default"]).unwrap();
 
-        reg.submit(Command::RegisterInstances(vec![inst("s3", "10.0.0.2")])).await.unwrap();
+        reg.submit(Command::RegisterInstances(vec![inst("s3", "10.0.0.2")]))
+            .await
+            .unwrap();
         let rev = *reg.revision().borrow();
-        b.apply(&reg, vec![ChangeKey::Instances(ServiceKey::new("default", "s3"))], rev, &cache);
+        b.apply(
+            &reg,
+            vec![ChangeKey::Instances(ServiceKey::new("default", "s3"))],
+            rev,
+            &cache,
+        );
         let g2 = cache.current();
         assert_eq!(g2.generation, g1.generation + 1);
         let ch = cache.changes(g1.generation, g2.generation).unwrap();
         let kinds: Vec<_> = ch[0].iter().map(|c| (c.kind, c.name.to_string())).collect();
-        assert_eq!(kinds, vec![(TypeKind::Endpoint, "OUTBOUND|default|s3".to_string())]);
+        assert_eq!(
+            kinds,
+            vec![(TypeKind::Endpoint, "OUTBOUND|default|s3".to_string())]
+        );
         // Everything else is the very same allocation.
         let (a, b2) = (&g1.namespaces["default"], &g2.namespaces["default"]);
-        assert!(Arc::ptr_eq(&a.clusters[&*Arc::<str>::from("OUTBOUND|default|s1")], &b2.clusters[&*Arc::<str>::from("OUTBOUND|default|s1")]));
-        assert!(Arc::ptr_eq(a.route.as_ref().unwrap(), b2.route.as_ref().unwrap()));
+        assert!(Arc::ptr_eq(
+            &a.clusters[&*Arc::<str>::from("OUTBOUND|default|s1")],
+            &b2.clusters[&*Arc::<str>::from("OUTBOUND|default|s1")]
+        ));
+        assert!(Arc::ptr_eq(
+            a.route.as_ref().unwrap(),
+            b2.route.as_ref().unwrap()
+        ));
 
         // Re-applying the same state publishes nothing new.
-        b.apply(&reg, vec![ChangeKey::Instances(ServiceKey::new("default", "s3"))], rev, &cache);
+        b.apply(
+            &reg,
+            vec![ChangeKey::Instances(ServiceKey::new("default", "s3"))],
+            rev,
+            &cache,
+        );
         assert_eq!(cache.current().generation, g2.generation);
     }
 
@@ -499,7 +607,10 @@ mod tests {
         assert_eq!(a.version, b.version);
         let mut svc2 = svc.clone();
         svc2.protocol = "grpc".into();
-        assert_ne!(a.version, Encoded::new(Arc::from("x"), &r::outbound_cluster(&svc2)).version);
+        assert_ne!(
+            a.version,
+            Encoded::new(Arc::from("x"), &r::outbound_cluster(&svc2)).version
+        );
         let i = inst("echo", "10.0.0.1");
         let mut j = i.clone();
         j.metadata.insert("a".into(), "1".into());

