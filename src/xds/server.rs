@@ -803,7 +803,8 @@ impl StreamState {
             ts.ever_named = true;
         }
         let new_names: HashSet<Arc<str>> = names.iter().map(|n| Arc::from(n.as_str())).collect();
-        let added = new_names.difference(&ts.names).count() > 0 || (wildcard && !ts.wildcard);
+        let added: Vec<Arc<str>> = new_names.difference(&ts.names).cloned().collect();
+        let wildcard_added = wildcard && !ts.wildcard;
         let removed: Vec<Arc<str>> = ts.names.difference(&new_names).cloned().collect();
         ts.wildcard = wildcard;
         ts.names = new_names;
@@ -813,13 +814,16 @@ impl StreamState {
                 ts.set_sent(n, None);
             }
         }
+        // Newly requested names are answered at once, even if sent before; LDS/CDS (full set)
+        // and the first request answer with everything.
+        if first || wildcard_added || (kind.wildcard_capable() && !added.is_empty()) {
+            ts.force_all = true;
+        } else {
+            ts.force.extend(added);
+        }
         if !req.response_nonce.is_empty() {
             let (nonce, version) = (req.response_nonce.clone(), req.version_info.clone());
             self.on_ack(kind, &nonce, &version);
-        }
-        let ts = self.types.get_mut(&kind).expect("active");
-        if first || added {
-            ts.force_all = true;
         }
         if self.generation == 0 {
             self.advance();

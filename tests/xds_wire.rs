@@ -1,0 +1,638 @@
+//! Wire-level xDS protocol tests: a scripted tonic client against the real binary. Test names carry
+//! the behaviour numbers of the xDS checklist (W).
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::{post, Server};
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+
+const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+const QUIET: Duration = Duration::from_millis(300);
+
+fn node(id: &str) -> Node {
+    Node {
+        id: id.into(),
+        ..Default::default()
+    }
+}
+
+fn cname(svc: &str) -> String {
+    format!("OUTBOUND|default|{svc}")
+}
+
+async fn reg(c: &reqwest::Client, s: &Server, svc: &str, port: u16) {
+    let (st, b) = post(
+        c,
+        &s.url("/naming/v1/instances"),
+        json!([{"namespace": "default", "service": svc, "host": "127.0.0.1", "port": port}]),
+    )
+    .await;
+    assert_eq!(st, 200, "{b}");
+}
+
+async fn dereg(c: &reqwest::Client, s: &Server, svc: &str, port: u16) {
+    let (st, b) = post(
+        c,
+        &s.url("/naming/v1/instances/delete"),
+        json!([{"namespace": "default", "service": svc, "host": "127.0.0.1", "port": port}]),
+    )
+    .await;
+    assert_eq!(st, 200, "{b}");
+}
+
+async fn del_service(c: &reqwest::Client, s: &Server, svc: &str) {
+    let (st, b) = post(
+        c,
+        &s.url("/naming/v1/services/delete"),
+        json!([{"namespace": "default", "name": svc}]),
+    )
+    .await;
+    assert_eq!(st, 200, "{b}");
+}
+
+struct Sotw {
+    tx: mpsc::Sender<DiscoveryRequest>,
+    rx: Streaming<DiscoveryResponse>,
+}
+
+impl Sotw {
+    async fn open(s: &Server) -> Sotw {
+        let mut client =
+            AggregatedDiscoveryServiceClient::connect(format!("http://127.0.0.1:{}", s.xds_port))
+                .await
+                .unwrap();
+        let (tx, rx) = mpsc::channel(16);
+        let rx = client
+            .stream_aggregated_resources(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        Sotw { tx, rx }
+    }
+
+    async fn send(
+        &self,
+        node: Option<Node>,
+        type_url: &str,
+        names: &[&str],
+        version: &str,
+        nonce: &str,
+    ) {
+        self.tx
+            .send(DiscoveryRequest {
+                node,
+                type_url: type_url.into(),
+                resource_names: names.iter().map(|s| s.to_string()).collect(),
+                version_info: version.into(),
+                response_nonce: nonce.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn nack(&self, type_url: &str, version: &str, nonce: &str) {
+        self.tx
+            .send(DiscoveryRequest {
+                type_url: type_url.into(),
+                version_info: version.into(),
+                response_nonce: nonce.into(),
+                error_detail: Some(RpcStatus {
+                    code: 3,
+                    message: "rejected by test".into(),
+                    details: vec![],
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn recv(&mut self) -> DiscoveryResponse {
+        tokio::time::timeout(Duration::from_secs(5), self.rx.message())
+            .await
+            .expect("no response within 5 s")
+            .unwrap()
+            .expect("stream ended")
+    }
+
+    async fn quiet(&mut self) -> Option<DiscoveryResponse> {
+        match tokio::time::timeout(QUIET, self.rx.message()).await {
+            Err(_) => None,
+            Ok(r) => r.ok().flatten(),
+        }
+    }
+
+    /// Receives and ACKs the next response.
+    async fn recv_ack(&mut self, names: &[&str]) -> DiscoveryResponse {
+        let r = self.recv().await;
+        self.send(None, &r.type_url, names, &r.version_info, &r.nonce)
+            .await;
+        r
+    }
+}
+
+fn cluster_names(r: &DiscoveryResponse) -> Vec<String> {
+    use prost::Message;
+    let mut v: Vec<String> = r
+        .resources
+        .iter()
+        .map(|a| {
+            if a.type_url == CDS {
+                envoy_types::pb::envoy::config::cluster::v3::Cluster::decode(a.value.as_slice())
+                    .unwrap()
+                    .name
+            } else if a.type_url == EDS {
+                envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment::decode(
+                    a.value.as_slice(),
+                )
+                .unwrap()
+                .cluster_name
+            } else {
+                envoy_types::pb::envoy::config::listener::v3::Listener::decode(a.value.as_slice())
+                    .unwrap()
+                    .name
+            }
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+struct Delta {
+    tx: mpsc::Sender<DeltaDiscoveryRequest>,
+    rx: Streaming<DeltaDiscoveryResponse>,
+}
+
+impl Delta {
+    async fn open(s: &Server) -> Delta {
+        let mut client =
+            AggregatedDiscoveryServiceClient::connect(format!("http://127.0.0.1:{}", s.xds_port))
+                .await
+                .unwrap();
+        let (tx, rx) = mpsc::channel(16);
+        let rx = client
+            .delta_aggregated_resources(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        Delta { tx, rx }
+    }
+
+    async fn send(&self, req: DeltaDiscoveryRequest) {
+        self.tx.send(req).await.unwrap();
+    }
+
+    async fn sub(&self, node: Option<Node>, type_url: &str, sub: &[&str], unsub: &[&str]) {
+        self.send(DeltaDiscoveryRequest {
+            node,
+            type_url: type_url.into(),
+            resource_names_subscribe: sub.iter().map(|s| s.to_string()).collect(),
+            resource_names_unsubscribe: unsub.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })
+        .await;
+    }
+
+    async fn ack(&self, r: &DeltaDiscoveryResponse) {
+        self.send(DeltaDiscoveryRequest {
+            type_url: r.type_url.clone(),
+            response_nonce: r.nonce.clone(),
+            ..Default::default()
+        })
+        .await;
+    }
+
+    async fn recv(&mut self) -> DeltaDiscoveryResponse {
+        tokio::time::timeout(Duration::from_secs(5), self.rx.message())
+            .await
+            .expect("no response within 5 s")
+            .unwrap()
+            .expect("stream ended")
+    }
+
+    async fn recv_ack(&mut self) -> DeltaDiscoveryResponse {
+        let r = self.recv().await;
+        self.ack(&r).await;
+        r
+    }
+
+    async fn quiet(&mut self) -> Option<DeltaDiscoveryResponse> {
+        match tokio::time::timeout(QUIET, self.rx.message()).await {
+            Err(_) => None,
+            Ok(r) => r.ok().flatten(),
+        }
+    }
+}
+
+fn names(r: &DeltaDiscoveryResponse) -> Vec<String> {
+    let mut v: Vec<String> = r.resources.iter().map(|x| x.name.clone()).collect();
+    v.sort();
+    v
+}
+
+async fn server_with(svcs: &[&str]) -> (tempfile::TempDir, Server, reqwest::Client) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("d"), &[]).await;
+    let c = reqwest::Client::new();
+    for (i, svc) in svcs.iter().enumerate() {
+        reg(&c, &s, svc, 9000 + i as u16).await;
+    }
+    (dir, s, c)
+}
+
+#[tokio::test]
+async fn b01_node_on_first_request_only_and_a_changed_node_is_rejected() {
+    let (_d, s, _c) = server_with(&["a"]).await;
+    let mut x = Sotw::open(&s).await;
+    x.send(Some(node("n1")), CDS, &[], "", "").await;
+    let r = x.recv().await;
+    // Later requests without node are fine.
+    x.send(None, EDS, &[&cname("a")], "", "").await;
+    let e = x.recv().await;
+    assert_eq!(cluster_names(&e), vec![cname("a")]);
+    x.send(None, CDS, &[], &r.version_info, &r.nonce).await;
+    assert!(x.quiet().await.is_none());
+    // A different node on the same stream is an error.
+    x.send(Some(node("n2")), CDS, &[], &r.version_info, &r.nonce)
+        .await;
+    let err = tokio::time::timeout(Duration::from_secs(5), x.rx.message())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    // And a stream whose first request has no node is refused.
+    let mut y = Sotw::open(&s).await;
+    y.send(None, CDS, &[], "", "").await;
+    let err = tokio::time::timeout(Duration::from_secs(5), y.rx.message())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn b02_b03_unique_nonces_changing_versions_and_no_response_storm() {
+    let (_d, s, c) = server_with(&["a"]).await;
+    let mut x = Sotw::open(&s).await;
+    x.send(Some(node("n")), CDS, &[], "", "").await;
+    let r1 = x.recv_ack(&[]).await;
+    assert!(!r1.version_info.is_empty() && !r1.nonce.is_empty());
+    // K identical ACKs: zero responses.
+    for _ in 0..5 {
+        x.send(None, CDS, &[], &r1.version_info, &r1.nonce).await;
+    }
+    assert!(
+        x.quiet().await.is_none(),
+        "response storm on unchanged ACKs"
+    );
+    reg(&c, &s, "b", 9100).await;
+    let r2 = x.recv_ack(&[]).await;
+    assert_ne!(r2.nonce, r1.nonce);
+    assert_ne!(r2.version_info, r1.version_info);
+    assert_eq!(cluster_names(&r2), vec![cname("a"), cname("b")]);
+}
+
+#[tokio::test]
+async fn b04_nack_is_not_answered_with_the_same_version() {
+    let (_d, s, c) = server_with(&["a"]).await;
+    let mut x = Sotw::open(&s).await;
+    x.send(Some(node("n")), CDS, &[], "", "").await;
+    let r = x.recv().await;
+    x.nack(CDS, "", &r.nonce).await;
+    assert!(x.quiet().await.is_none(), "rejected version was resent");
+    let (_, nodes) = common::get(&c, &s.url("/debug/xds/nodes")).await;
+    assert_eq!(
+        nodes["nodes"][0]["types"]["CDS"]["lastNack"],
+        "rejected by test"
+    );
+    let m = reqwest::get(s.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("polaris_xds_nacks_total 1"), "{m}");
+    // Other types keep being served.
+    x.send(None, EDS, &[&cname("a")], "", "").await;
+    assert_eq!(cluster_names(&x.recv().await), vec![cname("a")]);
+    // A new input produces a new version.
+    reg(&c, &s, "b", 9100).await;
+    let r2 = x.recv().await;
+    assert_eq!(r2.type_url, CDS);
+    assert_ne!(r2.version_info, r.version_info);
+}
+
+#[tokio::test]
+async fn b05_stale_nonce_ignored_in_sotw_applied_in_delta() {
+    let (_d, s, c) = server_with(&["a", "b"]).await;
+    let mut x = Sotw::open(&s).await;
+    x.send(Some(node("n")), EDS, &[&cname("a")], "", "").await;
+    let r1 = x.recv().await;
+    x.send(None, EDS, &[&cname("a")], &r1.version_info, &r1.nonce)
+        .await;
+    reg(&c, &s, "a", 9200).await;
+    let r2 = x.recv().await;
+    // A request carrying the older nonce is stale: even a new name gets no response.
+    x.send(
+        None,
+        EDS,
+        &[&cname("a"), &cname("b")],
+        &r1.version_info,
+        &r1.nonce,
+    )
+    .await;
+    assert!(x.quiet().await.is_none(), "answered a stale nonce");
+    x.send(
+        None,
+        EDS,
+        &[&cname("a"), &cname("b")],
+        &r2.version_info,
+        &r2.nonce,
+    )
+    .await;
+    assert_eq!(cluster_names(&x.recv().await), vec![cname("b")]);
+
+    // Delta: subscription changes apply even with a stale nonce.
+    let mut d = Delta::open(&s).await;
+    d.sub(Some(node("d")), EDS, &[&cname("a")], &[]).await;
+    let first = d.recv_ack().await;
+    d.send(DeltaDiscoveryRequest {
+        type_url: EDS.into(),
+        response_nonce: "stale".into(),
+        resource_names_subscribe: vec![cname("b")],
+        ..Default::default()
+    })
+    .await;
+    let r = d.recv().await;
+    assert_eq!(names(&r), vec![cname("b")]);
+    assert_ne!(r.nonce, first.nonce);
+}
+
+#[tokio::test]
+async fn b06_versions_are_per_type() {
+    let (_d, s, c) = server_with(&["a"]).await;
+    let mut x = Sotw::open(&s).await;
+    x.send(Some(node("n")), CDS, &[], "", "").await;
+    let cds = x.recv_ack(&[]).await;
+    x.send(None, EDS, &[&cname("a")], "", "").await;
+    let eds = x.recv().await;
+    assert_eq!(eds.type_url, EDS);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (_, nodes) = common::get(&c, &s.url("/debug/xds/nodes")).await;
+    let t = &nodes["nodes"][0]["types"];
+    assert_eq!(t["CDS"]["versionAcked"], cds.version_info.as_str());
+    assert_eq!(t["EDS"]["versionAcked"], "", "EDS not ACKed yet: {t}");
+}
+
+#[tokio::test]
+async fn b07_wildcard_sequence_sotw_and_delta() {
+    let (_d, s, _c) = server_with(&["a", "b"]).await;
+    let mut x = Sotw::open(&s).await;
+    // 1. Legacy wildcard: empty names → everything.
+    x.send(Some(node("n")), CDS, &[], "", "").await;
+    let r = x.recv_ack(&[]).await;
+    assert_eq!(cluster_names(&r), vec![cname("a"), cname("b")]);
+    // 2. Naming a resource ends the wildcard.
+    let a = cname("a");
+    x.send(None, CDS, &[&a], &r.version_info, &r.nonce).await;
+    let r = x.recv_ack(&[&a]).await;
+    assert_eq!(cluster_names(&r), vec![cname("a")]);
+    // 3. Empty after naming means nothing (not wildcard).
+    x.send(None, CDS, &[], &r.version_info, &r.nonce).await;
+    let r = x.recv().await;
+    assert!(r.resources.is_empty());
+    // 4. `*` plus a name: everything.
+    x.send(None, CDS, &["*", &a], &r.version_info, &r.nonce)
+        .await;
+    let r = x.recv().await;
+    assert_eq!(cluster_names(&r), vec![cname("a"), cname("b")]);
+
+    // Delta: empty first subscribe is wildcard; explicit `*` removal stops it.
+    let mut d = Delta::open(&s).await;
+    d.sub(Some(node("d")), CDS, &[], &[]).await;
+    assert_eq!(names(&d.recv_ack().await), vec![cname("a"), cname("b")]);
+    d.sub(None, CDS, &[&a], &["*"]).await;
+    let r = d.recv_ack().await;
+    assert_eq!(r.removed_resources, vec![cname("b")]);
+}
+
+#[tokio::test]
+async fn b08_sotw_cds_carries_the_full_set_and_an_empty_set_is_sent() {
+    let (_d, s, c) = server_with(&["a", "b"]).await;
+    let mut x = Sotw::open(&s).await;
+    x.send(Some(node("n")), CDS, &[], "", "").await;
+    x.recv_ack(&[]).await;
+    reg(&c, &s, "a", 9300).await; // touches only a's endpoints: no CDS change
+    assert!(x.quiet().await.is_none());
+    dereg(&c, &s, "b", 9001).await;
+    del_service(&c, &s, "b").await;
+    let r = x.recv_ack(&[]).await;
+    assert_eq!(cluster_names(&r), vec![cname("a")]);
+    dereg(&c, &s, "a", 9000).await;
+    dereg(&c, &s, "a", 9300).await;
+    del_service(&c, &s, "a").await;
+    let r = x.recv().await;
+    assert_eq!(r.type_url, CDS);
+    assert!(r.resources.is_empty(), "all removed: an empty CDS response");
+}
+
+#[tokio::test]
+async fn b09_b24_sotw_eds_names_and_additions() {
+    let (_d, s, _c) = server_with(&["a", "b", "c"]).await;
+    let mut x = Sotw::open(&s).await;
+    // Several names in one request.
+    let (a, b, c3) = (cname("a"), cname("b"), cname("c"));
+    x.send(Some(node("n")), EDS, &[&a, &b], "", "").await;
+    let r = x.recv_ack(&[&a, &b]).await;
+    assert_eq!(cluster_names(&r), vec![a.clone(), b.clone()]);
+    // Adding a name answers at once with it, unchanged as it is.
+    x.send(None, EDS, &[&a, &b, &c3], &r.version_info, &r.nonce)
+        .await;
+    let r = x.recv_ack(&[&a, &b, &c3]).await;
+    assert!(cluster_names(&r).contains(&c3));
+    assert!(x.quiet().await.is_none());
+    // Dropping a name then adding it back re-sends it.
+    x.send(None, EDS, &[&a], &r.version_info, &r.nonce).await;
+    let _ = x.quiet().await;
+    let mut x2 = Sotw::open(&s).await;
+    x2.send(Some(node("m")), EDS, &[&a], "", "").await;
+    let r = x2.recv_ack(&[&a]).await;
+    x2.send(None, EDS, &[&a, &b], &r.version_info, &r.nonce)
+        .await;
+    assert!(cluster_names(&x2.recv().await).contains(&b));
+}
+
+#[tokio::test]
+async fn b10_missing_names_are_remembered_and_pushed_on_creation() {
+    let (_d, s, c) = server_with(&["a"]).await;
+    let x_name = cname("later");
+    let mut x = Sotw::open(&s).await;
+    x.send(Some(node("n")), EDS, &[&x_name], "", "").await;
+    assert!(
+        x.quiet().await.is_none(),
+        "SotW answers nothing for a missing name"
+    );
+    let mut d = Delta::open(&s).await;
+    d.sub(Some(node("d")), EDS, &[&x_name], &[]).await;
+    let r = d.recv_ack().await;
+    assert_eq!(
+        r.removed_resources,
+        vec![x_name.clone()],
+        "delta says it does not exist"
+    );
+    reg(&c, &s, "later", 9400).await;
+    assert_eq!(cluster_names(&x.recv().await), vec![x_name.clone()]);
+    assert_eq!(names(&d.recv().await), vec![x_name]);
+}
+
+#[tokio::test]
+async fn b11_delta_sends_only_changes_removals_and_accepts_phantom_unsubscribe() {
+    let (_d, s, c) = server_with(&["a", "b"]).await;
+    let mut d = Delta::open(&s).await;
+    d.sub(Some(node("d")), CDS, &[], &[]).await;
+    assert_eq!(names(&d.recv_ack().await).len(), 2);
+    d.sub(None, EDS, &[&cname("a"), &cname("b")], &[]).await;
+    assert_eq!(names(&d.recv_ack().await).len(), 2);
+    reg(&c, &s, "a", 9500).await;
+    let r = d.recv_ack().await;
+    assert_eq!((r.type_url.as_str(), names(&r)), (EDS, vec![cname("a")]));
+    // Phantom unsubscribe: accepted silently.
+    d.sub(None, EDS, &[], &[&cname("never")]).await;
+    assert!(d.quiet().await.is_none());
+    // Deleting a service removes its cluster and load assignment.
+    dereg(&c, &s, "b", 9001).await;
+    del_service(&c, &s, "b").await;
+    let mut removed = HashMap::new();
+    while removed.len() < 2 {
+        let r = d.recv_ack().await;
+        if !r.removed_resources.is_empty() {
+            removed.insert(r.type_url.clone(), r.removed_resources.clone());
+        }
+    }
+    assert_eq!(removed[CDS], vec![cname("b")]);
+    assert_eq!(removed[EDS], vec![cname("b")]);
+    // `*` plus a name; dropping the name while `*` covers it re-sends it.
+    let mut w = Delta::open(&s).await;
+    w.sub(Some(node("w")), CDS, &["*", &cname("a")], &[]).await;
+    w.recv_ack().await;
+    w.sub(None, CDS, &[], &[&cname("a")]).await;
+    assert_eq!(names(&w.recv().await), vec![cname("a")]);
+}
+
+#[tokio::test]
+async fn b12_delta_reconnect_honours_initial_resource_versions() {
+    let (_d, s, c) = server_with(&["a", "b", "c"]).await;
+    let mut d = Delta::open(&s).await;
+    d.sub(Some(node("d")), CDS, &[], &[]).await;
+    let r = d.recv_ack().await;
+    let versions: HashMap<String, String> = r
+        .resources
+        .iter()
+        .map(|x| (x.name.clone(), x.version.clone()))
+        .collect();
+    assert_eq!(versions.len(), 3);
+    drop(d);
+    // While disconnected: c disappears, b changes.
+    dereg(&c, &s, "c", 9002).await;
+    del_service(&c, &s, "c").await;
+    let (st, _) = common::put(
+        &c,
+        &s.url("/naming/v1/services"),
+        json!([{"namespace": "default", "name": "b", "protocol": "grpc"}]),
+    )
+    .await;
+    assert_eq!(st, 200);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut d = Delta::open(&s).await;
+    d.send(DeltaDiscoveryRequest {
+        node: Some(node("d")),
+        type_url: CDS.into(),
+        initial_resource_versions: versions,
+        ..Default::default()
+    })
+    .await;
+    let r = d.recv().await;
+    assert_eq!(
+        names(&r),
+        vec![cname("b")],
+        "only the changed one is resent"
+    );
+    assert_eq!(r.removed_resources, vec![cname("c")]);
+}
+
+#[tokio::test]
+async fn b13_no_response_names_a_resource_twice() {
+    let (_d, s, _c) = server_with(&["a", "b", "c", "d"]).await;
+    let mut x = Sotw::open(&s).await;
+    x.send(
+        Some(node("n")),
+        CDS,
+        &["*", &cname("a"), &cname("a")],
+        "",
+        "",
+    )
+    .await;
+    let r = x.recv().await;
+    let n = cluster_names(&r);
+    let uniq: HashSet<_> = n.iter().collect();
+    assert_eq!(n.len(), uniq.len());
+    assert_eq!(n.len(), 4);
+}
+
+#[tokio::test]
+async fn b21_reconnect_gets_full_state_and_old_nonces_are_stale() {
+    let (_d, s, _c) = server_with(&["a", "b"]).await;
+    let mut x = Sotw::open(&s).await;
+    x.send(Some(node("n")), CDS, &[], "", "").await;
+    let r = x.recv_ack(&[]).await;
+    drop(x);
+    let mut y = Sotw::open(&s).await;
+    y.send(Some(node("n")), CDS, &[], &r.version_info, "").await;
+    let r2 = y.recv().await;
+    assert_eq!(cluster_names(&r2), vec![cname("a"), cname("b")]);
+    // Listener wildcard works on the new stream too.
+    y.send(None, LDS, &[], "", "").await;
+    let l = y.recv().await;
+    assert_eq!(cluster_names(&l), vec!["OUTBOUND_15001".to_string()]);
+}
+
+#[tokio::test]
+async fn b22_a_client_that_does_not_read_does_not_block_others() {
+    let (_d, s, c) = server_with(&["a"]).await;
+    // The stalled client subscribes and never reads again.
+    let stalled = Delta::open(&s).await;
+    stalled.sub(Some(node("stalled")), CDS, &[], &[]).await;
+    stalled.sub(None, EDS, &[&cname("a")], &[]).await;
+    let mut live = Delta::open(&s).await;
+    live.sub(Some(node("live")), EDS, &[&cname("a")], &[]).await;
+    live.recv_ack().await;
+    // Many changes with large metadata fill the stalled stream's window.
+    let big = "x".repeat(4000);
+    for i in 0..60u16 {
+        let md: serde_json::Map<String, serde_json::Value> =
+            (0..16).map(|k| (format!("k{k}"), json!(big))).collect();
+        let (st, _) = post(&c, &s.url("/naming/v1/instances"), json!([{"namespace": "default", "service": "a", "host": "127.0.0.1", "port": 10000 + i, "metadata": md}])).await;
+        assert_eq!(st, 200);
+        let r = live.recv_ack().await;
+        assert_eq!(names(&r), vec![cname("a")]);
+    }
+    // The server still answers promptly.
+    let (st, _) = common::get(&c, &s.url("/healthz")).await;
+    assert_eq!(st, 200);
+    drop(stalled);
+}
