@@ -15,6 +15,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+mod xds;
+
 use crate::config::ServerConfig;
 use crate::model::instance_id;
 
@@ -29,6 +31,11 @@ pub struct BenchArgs {
 enum What {
     /// Registrations/s and heartbeats/s over loopback HTTP.
     Registry(RegistryArgs),
+    /// xDS push latency, server memory per client, bytes per change, snapshot build time.
+    Xds(xds::XdsArgs),
+    /// The client side of `bench xds` (started by it).
+    #[command(hide = true)]
+    XdsClients(xds::ClientArgs),
 }
 
 #[derive(Debug, Args)]
@@ -54,6 +61,8 @@ struct RegistryArgs {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.what {
         What::Registry(a) => registry(a).await,
+        What::Xds(a) => xds::run(a).await,
+        What::XdsClients(a) => xds::clients(a).await,
     }
 }
 

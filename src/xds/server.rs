@@ -751,8 +751,8 @@ impl StreamState {
                     let changed = self.advance();
                     let mut outs = Vec::new();
                     for k in TypeKind::ALL {
-                        if changed.contains_key(&k) {
-                            outs.extend(self.sotw_build(k, false));
+                        if let Some(only) = changed.get(&k) {
+                            outs.extend(self.sotw_build(k, false, only.as_ref()));
                         }
                     }
                     outs
@@ -802,6 +802,21 @@ impl StreamState {
         if !names.is_empty() {
             ts.ever_named = true;
         }
+        // The common case, an ACK repeating the same names: no allocation, no rebuild.
+        let same = !first
+            && wildcard == ts.wildcard
+            && names.len() == ts.names.len()
+            && names.iter().all(|n| ts.names.contains(n.as_str()));
+        if same {
+            let forced: Vec<Arc<str>> = ts.force.drain().collect();
+            if !req.response_nonce.is_empty() {
+                self.on_ack(kind, &req.response_nonce, &req.version_info);
+            }
+            if forced.is_empty() {
+                return Ok(vec![]);
+            }
+            return Ok(self.sotw_forced(kind, forced).into_iter().collect());
+        }
         let new_names: HashSet<Arc<str>> = names.iter().map(|n| Arc::from(n.as_str())).collect();
         let added: Vec<Arc<str>> = new_names.difference(&ts.names).cloned().collect();
         let wildcard_added = wildcard && !ts.wildcard;
@@ -828,7 +843,7 @@ impl StreamState {
         if self.generation == 0 {
             self.advance();
         }
-        Ok(self.sotw_build(kind, true).into_iter().collect())
+        Ok(self.sotw_build(kind, true, None).into_iter().collect())
     }
 
     /// Everything of `kind` the client should hold now (sorted by name).
@@ -847,9 +862,17 @@ impl StreamState {
 
     /// Builds a SotW response for `kind` if what the client should hold changed, or a request
     /// forces one (first request, new names, cluster warming).
-    fn sotw_build(&mut self, kind: TypeKind, on_request: bool) -> Option<DiscoveryResponse> {
+    fn sotw_build(
+        &mut self,
+        kind: TypeKind,
+        on_request: bool,
+        only: Option<&HashSet<Arc<str>>>,
+    ) -> Option<DiscoveryResponse> {
         if !self.types.get(&kind).is_some_and(|t| t.active) {
             return None;
+        }
+        if let (false, false, Some(only)) = (kind.wildcard_capable(), on_request, only) {
+            return self.sotw_changed(kind, only);
         }
         let desired = self.desired_set(kind);
         let ts = self.types.get_mut(&kind).expect("active");
@@ -894,6 +917,78 @@ impl StreamState {
             kind,
             resources: send,
             removed,
+        };
+        self.record(&out, &nonce, false);
+        let ts = self.types.get_mut(&kind).expect("active");
+        let version = ts.version_string();
+        ts.version_sent = version.clone();
+        Some(DiscoveryResponse {
+            version_info: version,
+            resources: out.resources.iter().map(|r| r.any.clone()).collect(),
+            type_url: kind.url().to_string(),
+            nonce,
+            ..Default::default()
+        })
+    }
+
+    /// SotW: re-send these names as they are (a warming cluster waits for its load assignment).
+    fn sotw_forced(&mut self, kind: TypeKind, names: Vec<Arc<str>>) -> Option<DiscoveryResponse> {
+        let mut send: Vec<Res> = names.iter().filter_map(|n| self.lookup(kind, n)).collect();
+        if send.is_empty() {
+            return None;
+        }
+        send.sort_by(|a, b| a.name.cmp(&b.name));
+        let nonce = self.next_nonce();
+        let out = Out {
+            kind,
+            resources: send,
+            removed: vec![],
+        };
+        self.record(&out, &nonce, false);
+        let ts = self.types.get_mut(&kind).expect("active");
+        let version = ts.version_string();
+        ts.version_sent = version.clone();
+        Some(DiscoveryResponse {
+            version_info: version,
+            resources: out.resources.iter().map(|r| r.any.clone()).collect(),
+            type_url: kind.url().to_string(),
+            nonce,
+            ..Default::default()
+        })
+    }
+
+    /// SotW EDS/RDS after a snapshot change: look only at the names that changed.
+    fn sotw_changed(
+        &mut self,
+        kind: TypeKind,
+        only: &HashSet<Arc<str>>,
+    ) -> Option<DiscoveryResponse> {
+        let mut send = Vec::new();
+        let mut gone = Vec::new();
+        for name in only {
+            let ts = &self.types[&kind];
+            let subscribed = ts.wildcard || ts.names.contains(name);
+            let held = ts.sent.get(name).copied();
+            match subscribed.then(|| self.lookup(kind, name)).flatten() {
+                Some(r) if held != Some(r.version) => send.push(r),
+                Some(_) => {}
+                None if held.is_some() => gone.push(name.clone()),
+                None => {}
+            }
+        }
+        if send.is_empty() {
+            let ts = self.types.get_mut(&kind).expect("active");
+            for n in gone {
+                ts.set_sent(n, None);
+            }
+            return None;
+        }
+        send.sort_by(|a, b| a.name.cmp(&b.name));
+        let nonce = self.next_nonce();
+        let out = Out {
+            kind,
+            resources: send,
+            removed: gone,
         };
         self.record(&out, &nonce, false);
         let ts = self.types.get_mut(&kind).expect("active");

@@ -1,0 +1,569 @@
+//! `polaris bench xds`: push latency, memory per client and bytes per change of the ADS server.
+//!
+//! The benchmark process runs the server side (registry, snapshot builder, ADS on loopback) and
+//! starts a second process (`polaris bench xds-clients`, hidden) that holds C simulated clients,
+//! each on its own HTTP/2 connection, behaving like Envoy (wildcard CDS/LDS, EDS for every cluster,
+//! RDS, every response ACKed). Keeping the clients in another process makes the server's RSS its own.
+//! The two processes talk over the child's stdin/stdout; times are wall-clock (same machine).
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::metrics::Metrics;
+use crate::model::InstanceInput;
+use crate::registry::{self, Command, Registry};
+use crate::store::RedbStore;
+use crate::xds::resources::OUTBOUND_ROUTE;
+use crate::xds::server::{Ads, Nodes};
+use crate::xds::snapshot::{self, Builder, Cache};
+use crate::xds::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
+
+/// Client protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Incremental ADS.
+    Delta,
+    /// State-of-the-world ADS.
+    Sotw,
+}
+
+/// `polaris bench xds` arguments.
+#[derive(Debug, Args)]
+pub struct XdsArgs {
+    /// Services.
+    #[arg(long, default_value_t = 1000)]
+    services: usize,
+    /// Endpoints per service.
+    #[arg(long, default_value_t = 10)]
+    endpoints: usize,
+    /// Simulated clients.
+    #[arg(long, default_value_t = 1000)]
+    clients: usize,
+    /// Protocols to run, one after the other.
+    #[arg(long, value_enum, default_values_t = [Mode::Delta, Mode::Sotw])]
+    mode: Vec<Mode>,
+    /// Single-endpoint changes to measure.
+    #[arg(long, default_value_t = 30)]
+    changes: usize,
+    /// Debounce of the snapshot builder in milliseconds.
+    #[arg(long, default_value_t = 5)]
+    debounce_ms: u64,
+}
+
+/// Hidden client-side process arguments.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// ADS address.
+    #[arg(long)]
+    addr: String,
+    /// Clients.
+    #[arg(long)]
+    clients: usize,
+    /// Clusters each client must hold before it counts as synced.
+    #[arg(long)]
+    clusters: usize,
+    /// Protocol.
+    #[arg(long, value_enum)]
+    mode: Mode,
+}
+
+fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos()
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn raise_fd_limit() {
+    if let Ok((_, hard)) = rlimit::Resource::NOFILE.get() {
+        let _ = rlimit::Resource::NOFILE.set(hard, hard);
+    }
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn instance(svc: usize, ep: usize) -> InstanceInput {
+    InstanceInput {
+        namespace: Some("default".into()),
+        service: Some(format!("svc-{svc}")),
+        host: Some(format!(
+            "10.{}.{}.{}",
+            (svc >> 8) & 255,
+            svc & 255,
+            ep % 250 + 1
+        )),
+        port: Some(8000 + (ep / 250) as i64),
+        metadata: Some([("version".to_string(), format!("v{}", ep % 3))].into()),
+        ..Default::default()
+    }
+}
+
+/// Runs the server side and prints one table row per mode.
+pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
+    raise_fd_limit();
+    let dir = std::env::temp_dir().join(format!("polaris-bench-xds-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let metrics = Arc::new(Metrics::default());
+    let reg = Registry::open(
+        Arc::new(RedbStore::open(&dir)?),
+        registry::Config::default(),
+        metrics.clone(),
+    )
+    .await?;
+    let now = crate::model::now_rfc3339();
+    for s in 0..a.services {
+        let batch = (0..a.endpoints)
+            .map(|e| instance(s, e).validate(&now))
+            .collect::<Result<Vec<_>, _>>()?;
+        reg.submit(Command::RegisterInstances(batch)).await?;
+    }
+    // (d) Full translation time, measured on its own builder.
+    let mut full = Vec::new();
+    for _ in 0..3 {
+        let c = Cache::default();
+        let mut b = Builder::new();
+        let t = Instant::now();
+        b.full(&reg, &c);
+        full.push(t.elapsed());
+    }
+    full.sort();
+    let cache = Arc::new(Cache::default());
+    tokio::spawn(snapshot::run(
+        reg.clone(),
+        cache.clone(),
+        Duration::from_millis(a.debounce_ms),
+        false,
+    ));
+    while cache.current().generation == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let world_bytes: usize = cache
+        .current()
+        .namespaces
+        .values()
+        .map(|v| {
+            v.clusters
+                .values()
+                .chain(v.endpoints.values())
+                .chain(v.route.iter())
+                .map(|r| r.any.value.len())
+                .sum::<usize>()
+        })
+        .sum();
+    let nodes = Arc::new(Nodes::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let ads = Ads::new(cache.clone(), metrics.clone(), nodes.clone());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(ads.into_service())
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    println!(
+        "xds benchmark: {} services x {} endpoints = {} instances, {} clients (each its own connection, in a second process), {} single-endpoint changes per mode, debounce {} ms",
+        a.services,
+        a.endpoints,
+        a.services * a.endpoints,
+        a.clients,
+        a.changes,
+        a.debounce_ms
+    );
+    println!(
+        "full translation (snapshot build): {:.1} ms (median of 3); encoded world: {:.1} MiB",
+        full[1].as_secs_f64() * 1e3,
+        world_bytes as f64 / (1 << 20) as f64
+    );
+    println!("| mode  | clients | sync all s | push p50 ms | push p99 ms | push max ms | KiB/client (server RSS) | bytes/change/client |");
+    println!("|-------|---------|------------|-------------|-------------|-------------|-------------------------|---------------------|");
+    let mut next_ep = a.endpoints;
+    for mode in &a.mode {
+        let rss_before = rss_kib();
+        let exe = std::env::current_exe()?;
+        let mut child = tokio::process::Command::new(exe)
+            .args([
+                "bench",
+                "xds-clients",
+                "--addr",
+                &addr.to_string(),
+                "--clients",
+                &a.clients.to_string(),
+            ])
+            .args(["--clusters", &a.services.to_string()])
+            .args([
+                "--mode",
+                if *mode == Mode::Delta {
+                    "delta"
+                } else {
+                    "sotw"
+                },
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let mut stdin = child.stdin.take().context("child stdin")?;
+        let mut lines = BufReader::new(child.stdout.take().context("child stdout")?).lines();
+        let ready = lines.next_line().await?.context("client process ended")?;
+        let sync_s: f64 = ready
+            .strip_prefix("READY ")
+            .context("expected READY")?
+            .parse()?;
+        // Let the server settle before reading its memory.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let rss_after = rss_kib();
+        let mut lat: Vec<f64> = Vec::new();
+        let mut bytes = 0u64;
+        for k in 0..a.changes {
+            let svc = (k * 7919) % a.services;
+            let cluster = format!("OUTBOUND|default|svc-{svc}");
+            stdin
+                .write_all(format!("ARM {cluster}\n").as_bytes())
+                .await?;
+            stdin.flush().await?;
+            let armed = lines.next_line().await?.context("client process ended")?;
+            if armed != "ARMED" {
+                bail!("unexpected {armed}");
+            }
+            let b0 = metrics.xds_bytes.get();
+            let t0 = now_ns();
+            let inst = instance(svc, next_ep).validate(&now)?;
+            next_ep += 1;
+            reg.submit(Command::RegisterInstances(vec![inst])).await?;
+            let done = lines.next_line().await?.context("client process ended")?;
+            let times = done.strip_prefix("DONE ").context("expected DONE")?;
+            for t in times.split_whitespace() {
+                let t: u128 = t.parse()?;
+                lat.push(t.saturating_sub(t0) as f64 / 1e6);
+            }
+            bytes += metrics.xds_bytes.get() - b0;
+        }
+        drop(stdin);
+        let _ = child.wait().await;
+        lat.sort_by(|x, y| x.partial_cmp(y).unwrap_or(std::cmp::Ordering::Equal));
+        println!(
+            "| {:<5} | {:>7} | {:>10.2} | {:>11.2} | {:>11.2} | {:>11.2} | {:>23.1} | {:>19.0} |",
+            if *mode == Mode::Delta {
+                "delta"
+            } else {
+                "sotw"
+            },
+            a.clients,
+            sync_s,
+            pct(&lat, 0.5),
+            pct(&lat, 0.99),
+            pct(&lat, 1.0),
+            rss_after.saturating_sub(rss_before) as f64 / a.clients as f64,
+            bytes as f64 / (a.changes * a.clients) as f64
+        );
+        // Wait for the streams to close before the next mode.
+        let t = Instant::now();
+        while !nodes.is_empty() && t.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    drop(reg);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Events from client tasks: (client, cluster name whose load assignment arrived, when).
+type Event = (usize, String, u128);
+
+/// The client process: C simulated proxies.
+pub async fn clients(a: ClientArgs) -> anyhow::Result<()> {
+    raise_fd_limit();
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Event>();
+    let synced = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    for id in 0..a.clients {
+        let (addr, ev_tx, synced) = (a.addr.clone(), ev_tx.clone(), synced.clone());
+        let clusters = a.clusters;
+        let mode = a.mode;
+        tokio::spawn(async move {
+            // Like Envoy: reconnect after a failure (e.g. a reset while 1000 clients connect).
+            let counted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            for attempt in 0..20u64 {
+                let r = match mode {
+                    Mode::Delta => {
+                        delta_client(
+                            id,
+                            &addr,
+                            clusters,
+                            ev_tx.clone(),
+                            synced.clone(),
+                            counted.clone(),
+                        )
+                        .await
+                    }
+                    Mode::Sotw => {
+                        sotw_client(
+                            id,
+                            &addr,
+                            clusters,
+                            ev_tx.clone(),
+                            synced.clone(),
+                            counted.clone(),
+                        )
+                        .await
+                    }
+                };
+                match r {
+                    Ok(()) => return,
+                    Err(e) if attempt == 19 => eprintln!("client {id}: {e:#}"),
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(50 + (id as u64 % 50) * 4)).await
+                    }
+                }
+            }
+        });
+        if id % 50 == 49 {
+            tokio::task::yield_now().await;
+        }
+    }
+    while synced.load(Ordering::Relaxed) < a.clients {
+        if start.elapsed() > Duration::from_secs(120) {
+            bail!(
+                "only {} of {} clients synced",
+                synced.load(Ordering::Relaxed),
+                a.clients
+            );
+        }
+        while ev_rx.try_recv().is_ok() {}
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut out = std::io::stdout();
+    writeln!(out, "READY {:.3}", start.elapsed().as_secs_f64())?;
+    out.flush()?;
+    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = stdin.next_line().await? {
+        let Some(cluster) = line.strip_prefix("ARM ") else {
+            continue;
+        };
+        while ev_rx.try_recv().is_ok() {}
+        writeln!(out, "ARMED")?;
+        out.flush()?;
+        let mut times: HashMap<usize, u128> = HashMap::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while times.len() < a.clients {
+            let ev = tokio::time::timeout_at(deadline.into(), ev_rx.recv()).await;
+            match ev {
+                Ok(Some((c, name, t))) if name == cluster => {
+                    times.entry(c).or_insert(t);
+                }
+                Ok(Some(_)) => {}
+                _ => bail!(
+                    "only {} of {} clients got the change",
+                    times.len(),
+                    a.clients
+                ),
+            }
+        }
+        let list: Vec<String> = times.values().map(|t| t.to_string()).collect();
+        writeln!(out, "DONE {}", list.join(" "))?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+fn bench_node(id: usize) -> Node {
+    Node {
+        id: format!("sidecar~default/bench-{id}~127.0.0.1"),
+        user_agent_name: "polaris-bench".into(),
+        ..Default::default()
+    }
+}
+
+async fn connect(
+    addr: &str,
+) -> anyhow::Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?;
+    Ok(AggregatedDiscoveryServiceClient::new(ch).max_decoding_message_size(64 << 20))
+}
+
+async fn delta_client(
+    id: usize,
+    addr: &str,
+    clusters: usize,
+    ev: mpsc::UnboundedSender<Event>,
+    synced: Arc<AtomicUsize>,
+    counted: Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<()> {
+    let mut client = connect(addr).await?;
+    let (tx, rx) = mpsc::channel(64);
+    let sub = |node: Option<Node>, t: &str, names: Vec<String>| DeltaDiscoveryRequest {
+        node,
+        type_url: t.into(),
+        resource_names_subscribe: names,
+        ..Default::default()
+    };
+    tx.send(sub(Some(bench_node(id)), CLUSTER_TYPE, vec![]))
+        .await?;
+    tx.send(sub(None, LISTENER_TYPE, vec![])).await?;
+    let mut stream = client
+        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let mut known: HashSet<String> = HashSet::new();
+    let mut have_eds: HashSet<String> = HashSet::new();
+    while let Some(r) = stream.message().await? {
+        let t = now_ns();
+        tx.send(DeltaDiscoveryRequest {
+            type_url: r.type_url.clone(),
+            response_nonce: r.nonce.clone(),
+            ..Default::default()
+        })
+        .await?;
+        match r.type_url.as_str() {
+            CLUSTER_TYPE => {
+                let fresh: Vec<String> = r
+                    .resources
+                    .iter()
+                    .map(|x| x.name.clone())
+                    .filter(|n| known.insert(n.clone()))
+                    .collect();
+                if !fresh.is_empty() {
+                    tx.send(sub(None, ENDPOINT_TYPE, fresh)).await?;
+                }
+            }
+            LISTENER_TYPE => {
+                tx.send(sub(None, ROUTE_TYPE, vec![OUTBOUND_ROUTE.into()]))
+                    .await?;
+            }
+            ENDPOINT_TYPE => {
+                for x in &r.resources {
+                    have_eds.insert(x.name.clone());
+                    let _ = ev.send((id, x.name.clone(), t));
+                }
+            }
+            _ => {}
+        }
+        if have_eds.len() >= clusters && !counted.swap(true, Ordering::Relaxed) {
+            synced.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    Ok(())
+}
+
+async fn sotw_client(
+    id: usize,
+    addr: &str,
+    clusters: usize,
+    ev: mpsc::UnboundedSender<Event>,
+    synced: Arc<AtomicUsize>,
+    counted: Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<()> {
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    use prost::Message;
+    let mut client = connect(addr).await?;
+    let (tx, rx) = mpsc::channel(64);
+    let req =
+        |node: Option<Node>, t: &str, names: Vec<String>, v: &str, n: &str| DiscoveryRequest {
+            node,
+            type_url: t.into(),
+            resource_names: names,
+            version_info: v.into(),
+            response_nonce: n.into(),
+            ..Default::default()
+        };
+    tx.send(req(Some(bench_node(id)), CLUSTER_TYPE, vec![], "", ""))
+        .await?;
+    tx.send(req(None, LISTENER_TYPE, vec![], "", "")).await?;
+    let mut stream = client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let mut cluster_names: Vec<String> = Vec::new();
+    let mut have_eds: HashSet<String> = HashSet::new();
+    let mut eds_started = false;
+    while let Some(r) = stream.message().await? {
+        let t = now_ns();
+        match r.type_url.as_str() {
+            CLUSTER_TYPE => {
+                let mut names: Vec<String> = r
+                    .resources
+                    .iter()
+                    .filter_map(|a| Cluster::decode(a.value.as_slice()).ok())
+                    .map(|c| c.name)
+                    .collect();
+                names.sort();
+                tx.send(req(None, CLUSTER_TYPE, vec![], &r.version_info, &r.nonce))
+                    .await?;
+                if names != cluster_names || !eds_started {
+                    cluster_names = names;
+                    eds_started = true;
+                    tx.send(req(None, ENDPOINT_TYPE, cluster_names.clone(), "", ""))
+                        .await?;
+                }
+            }
+            LISTENER_TYPE => {
+                tx.send(req(None, LISTENER_TYPE, vec![], &r.version_info, &r.nonce))
+                    .await?;
+                tx.send(req(None, ROUTE_TYPE, vec![OUTBOUND_ROUTE.into()], "", ""))
+                    .await?;
+            }
+            ENDPOINT_TYPE => {
+                for a in &r.resources {
+                    if let Ok(cla) = ClusterLoadAssignment::decode(a.value.as_slice()) {
+                        have_eds.insert(cla.cluster_name.clone());
+                        let _ = ev.send((id, cla.cluster_name, t));
+                    }
+                }
+                tx.send(req(
+                    None,
+                    ENDPOINT_TYPE,
+                    cluster_names.clone(),
+                    &r.version_info,
+                    &r.nonce,
+                ))
+                .await?;
+            }
+            ROUTE_TYPE => {
+                tx.send(req(
+                    None,
+                    ROUTE_TYPE,
+                    vec![OUTBOUND_ROUTE.into()],
+                    &r.version_info,
+                    &r.nonce,
+                ))
+                .await?;
+            }
+            _ => {}
+        }
+        if have_eds.len() >= clusters && !counted.swap(true, Ordering::Relaxed) {
+            synced.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    Ok(())
+}
