@@ -5,6 +5,7 @@ pub mod debug;
 pub mod resources;
 pub mod server;
 pub mod snapshot;
+pub mod transport;
 
 use std::collections::HashSet;
 

@@ -240,6 +240,23 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
         // Let the server settle before reading its memory.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let rss_after = rss_kib();
+        if std::env::var_os("POLARIS_BENCH_RSS_TRACE").is_some() {
+            let state: usize = nodes
+                .list()
+                .iter()
+                .map(|n| {
+                    n.types
+                        .lock()
+                        .values()
+                        .map(|t| t.state_bytes)
+                        .sum::<usize>()
+                })
+                .sum();
+            eprintln!(
+                "stream bookkeeping: {} KiB/client",
+                state / 1024 / a.clients
+            );
+        }
         let mut lat: Vec<f64> = Vec::new();
         let mut bytes = 0u64;
         for k in 0..a.changes {

@@ -6,32 +6,24 @@
 //! (the `watch` channel keeps one value). Responses go out in ADS order: CDS, EDS, LDS, RDS.
 
 use std::collections::{HashMap, HashSet};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
-    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-};
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
 use envoy_types::pb::google::protobuf::value::Kind;
-use futures::Stream;
 use parking_lot::Mutex;
 use serde::Serialize;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Status, Streaming};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::resources as r;
 use super::snapshot::{Cache, Encoded, NamespaceView, Res, Snapshot};
+use super::transport::{AdsService, Msg, Tx};
 use super::TypeKind;
 use crate::metrics::Metrics;
-
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// "The client was told this resource does not exist."
 const ABSENT: u64 = 0;
@@ -137,6 +129,8 @@ pub struct TypeStatus {
     pub nacks: u64,
     /// Responses sent.
     pub responses: u64,
+    /// Approximate memory of this type's bookkeeping on the stream.
+    pub state_bytes: usize,
 }
 
 /// One connected stream, as the debug views see it.
@@ -225,36 +219,20 @@ impl Ads {
     }
 
     /// The tonic service.
-    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Ads> {
-        AggregatedDiscoveryServiceServer::new(self)
-            .max_decoding_message_size(16 << 20)
-            .max_encoding_message_size(64 << 20)
+    pub fn into_service(self) -> AdsService {
+        AdsService::new(self)
     }
-}
 
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for Ads {
-    type StreamAggregatedResourcesStream = BoxStream<DiscoveryResponse>;
-    type DeltaAggregatedResourcesStream = BoxStream<DeltaDiscoveryResponse>;
-
-    async fn stream_aggregated_resources(
-        &self,
-        req: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let (tx, rx) = mpsc::channel(2);
+    /// Serves one SotW stream.
+    pub fn spawn_sotw(&self, inbound: Streaming<DiscoveryRequest>, tx: Tx) {
         let st = StreamState::new(self, "sotw");
-        tokio::spawn(st.run_sotw(req.into_inner(), tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        tokio::spawn(st.run_sotw(inbound, tx));
     }
 
-    async fn delta_aggregated_resources(
-        &self,
-        req: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let (tx, rx) = mpsc::channel(2);
+    /// Serves one delta stream.
+    pub fn spawn_delta(&self, inbound: Streaming<DeltaDiscoveryRequest>, tx: Tx) {
         let st = StreamState::new(self, "delta");
-        tokio::spawn(st.run_delta(req.into_inner(), tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        tokio::spawn(st.run_delta(inbound, tx));
     }
 }
 
@@ -325,6 +303,18 @@ impl TypeState {
     fn version_string(&self) -> String {
         format!("{:016x}", self.agg)
     }
+
+    fn state_bytes(&self) -> usize {
+        let entry = std::mem::size_of::<(Arc<str>, u64)>() + 1;
+        let name = std::mem::size_of::<Arc<str>>() + 1;
+        self.sent.capacity() * entry
+            + (self.names.capacity() + self.force.capacity()) * name
+            + self
+                .pending
+                .iter()
+                .map(|(n, u)| n.len() + u.capacity() * 32)
+                .sum::<usize>()
+    }
 }
 
 /// Node-local resources (listeners, inbound cluster and route, proxyless API listeners).
@@ -348,6 +338,12 @@ struct StreamState {
     generation: u64,
     nonce: u64,
     locals: Locals,
+}
+
+/// A response ready for the wire, with its type.
+struct Reply {
+    kind: TypeKind,
+    msg: Msg,
 }
 
 /// One response to send, independent of the protocol.
@@ -597,10 +593,8 @@ impl StreamState {
         s.version_sent = ts.version_string();
         s.resources = ts.sent.values().filter(|v| **v != ABSENT).count();
         s.responses += 1;
+        s.state_bytes = ts.state_bytes();
         self.metrics.xds_pushes.inc();
-        self.metrics
-            .xds_bytes
-            .add(out.resources.iter().map(|r| r.any.value.len() as u64).sum());
         // Warming: a changed cluster waits for a fresh load assignment, even an unchanged one.
         if out.kind == TypeKind::Cluster && !out.resources.is_empty() {
             if let Some(eds) = self.types.get_mut(&TypeKind::Endpoint) {
@@ -726,11 +720,7 @@ impl StreamState {
 
     // ---- State of the world ----
 
-    async fn run_sotw(
-        mut self,
-        mut inbound: Streaming<DiscoveryRequest>,
-        tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
-    ) {
+    async fn run_sotw(mut self, mut inbound: Streaming<DiscoveryRequest>, tx: Tx) {
         let mut snaps = self.cache.subscribe();
         let mut shutdown = self.shutdown.clone();
         loop {
@@ -760,7 +750,8 @@ impl StreamState {
             };
             let mut closed = false;
             for resp in outs {
-                if tx.send(Ok(resp)).await.is_err() {
+                self.metrics.xds_bytes.add(resp.msg.len() as u64);
+                if tx.send(Ok(resp.msg)).await.is_err() {
                     closed = true;
                     break;
                 }
@@ -772,7 +763,7 @@ impl StreamState {
         self.nodes.remove(self.status.stream);
     }
 
-    fn sotw_request(&mut self, req: DiscoveryRequest) -> Result<Vec<DiscoveryResponse>, Status> {
+    fn sotw_request(&mut self, req: DiscoveryRequest) -> Result<Vec<Reply>, Status> {
         self.check_node(req.node.as_ref())?;
         let Some(kind) = TypeKind::from_url(&req.type_url) else {
             tracing::debug!(type_url = %req.type_url, "ignoring request for an unserved type");
@@ -867,7 +858,7 @@ impl StreamState {
         kind: TypeKind,
         on_request: bool,
         only: Option<&HashSet<Arc<str>>>,
-    ) -> Option<DiscoveryResponse> {
+    ) -> Option<Reply> {
         if !self.types.get(&kind).is_some_and(|t| t.active) {
             return None;
         }
@@ -922,17 +913,20 @@ impl StreamState {
         let ts = self.types.get_mut(&kind).expect("active");
         let version = ts.version_string();
         ts.version_sent = version.clone();
-        Some(DiscoveryResponse {
+        let env = DiscoveryResponse {
             version_info: version,
-            resources: out.resources.iter().map(|r| r.any.clone()).collect(),
             type_url: kind.url().to_string(),
             nonce,
             ..Default::default()
+        };
+        Some(Reply {
+            kind,
+            msg: Msg::sotw(&env, &out.resources),
         })
     }
 
     /// SotW: re-send these names as they are (a warming cluster waits for its load assignment).
-    fn sotw_forced(&mut self, kind: TypeKind, names: Vec<Arc<str>>) -> Option<DiscoveryResponse> {
+    fn sotw_forced(&mut self, kind: TypeKind, names: Vec<Arc<str>>) -> Option<Reply> {
         let mut send: Vec<Res> = names.iter().filter_map(|n| self.lookup(kind, n)).collect();
         if send.is_empty() {
             return None;
@@ -948,21 +942,20 @@ impl StreamState {
         let ts = self.types.get_mut(&kind).expect("active");
         let version = ts.version_string();
         ts.version_sent = version.clone();
-        Some(DiscoveryResponse {
+        let env = DiscoveryResponse {
             version_info: version,
-            resources: out.resources.iter().map(|r| r.any.clone()).collect(),
             type_url: kind.url().to_string(),
             nonce,
             ..Default::default()
+        };
+        Some(Reply {
+            kind,
+            msg: Msg::sotw(&env, &out.resources),
         })
     }
 
     /// SotW EDS/RDS after a snapshot change: look only at the names that changed.
-    fn sotw_changed(
-        &mut self,
-        kind: TypeKind,
-        only: &HashSet<Arc<str>>,
-    ) -> Option<DiscoveryResponse> {
+    fn sotw_changed(&mut self, kind: TypeKind, only: &HashSet<Arc<str>>) -> Option<Reply> {
         let mut send = Vec::new();
         let mut gone = Vec::new();
         for name in only {
@@ -994,22 +987,21 @@ impl StreamState {
         let ts = self.types.get_mut(&kind).expect("active");
         let version = ts.version_string();
         ts.version_sent = version.clone();
-        Some(DiscoveryResponse {
+        let env = DiscoveryResponse {
             version_info: version,
-            resources: out.resources.iter().map(|r| r.any.clone()).collect(),
             type_url: kind.url().to_string(),
             nonce,
             ..Default::default()
+        };
+        Some(Reply {
+            kind,
+            msg: Msg::sotw(&env, &out.resources),
         })
     }
 
     // ---- Delta ----
 
-    async fn run_delta(
-        mut self,
-        mut inbound: Streaming<DeltaDiscoveryRequest>,
-        tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
-    ) {
+    async fn run_delta(mut self, mut inbound: Streaming<DeltaDiscoveryRequest>, tx: Tx) {
         let mut snaps = self.cache.subscribe();
         let mut shutdown = self.shutdown.clone();
         loop {
@@ -1031,7 +1023,7 @@ impl StreamState {
                     let mut outs = Vec::new();
                     for k in TypeKind::ALL {
                         // A cluster update forgets its load assignment: include EDS then.
-                        let forced = k == TypeKind::Endpoint && outs.iter().any(|o: &DeltaDiscoveryResponse| o.type_url == TypeKind::Cluster.url());
+                        let forced = k == TypeKind::Endpoint && outs.iter().any(|o: &Reply| o.kind == TypeKind::Cluster);
                         let only = match changed.get(&k) {
                             Some(o) => o.clone(),
                             None if forced => None,
@@ -1045,7 +1037,8 @@ impl StreamState {
             };
             let mut closed = false;
             for resp in outs {
-                if tx.send(Ok(resp)).await.is_err() {
+                self.metrics.xds_bytes.add(resp.msg.len() as u64);
+                if tx.send(Ok(resp.msg)).await.is_err() {
                     closed = true;
                     break;
                 }
@@ -1057,10 +1050,7 @@ impl StreamState {
         self.nodes.remove(self.status.stream);
     }
 
-    fn delta_request(
-        &mut self,
-        req: DeltaDiscoveryRequest,
-    ) -> Result<Vec<DeltaDiscoveryResponse>, Status> {
+    fn delta_request(&mut self, req: DeltaDiscoveryRequest) -> Result<Vec<Reply>, Status> {
         self.check_node(req.node.as_ref())?;
         let Some(kind) = TypeKind::from_url(&req.type_url) else {
             tracing::debug!(type_url = %req.type_url, "ignoring request for an unserved type");
@@ -1156,11 +1146,7 @@ impl StreamState {
             .collect())
     }
 
-    fn delta_build(
-        &mut self,
-        kind: TypeKind,
-        only: Option<&HashSet<Arc<str>>>,
-    ) -> Option<DeltaDiscoveryResponse> {
+    fn delta_build(&mut self, kind: TypeKind, only: Option<&HashSet<Arc<str>>>) -> Option<Reply> {
         let out = self.diff(kind, only);
         if out.resources.is_empty() && out.removed.is_empty() {
             return None;
@@ -1168,22 +1154,16 @@ impl StreamState {
         let nonce = self.next_nonce();
         self.record(&out, &nonce, true);
         let ts = &self.types[&kind];
-        Some(DeltaDiscoveryResponse {
+        let env = DeltaDiscoveryResponse {
             system_version_info: ts.version_string(),
-            resources: out
-                .resources
-                .iter()
-                .map(|r| Resource {
-                    name: r.name.to_string(),
-                    version: r.version_string(),
-                    resource: Some(r.any.clone()),
-                    ..Default::default()
-                })
-                .collect(),
             type_url: kind.url().to_string(),
             removed_resources: out.removed.iter().map(|n| n.to_string()).collect(),
             nonce,
             ..Default::default()
+        };
+        Some(Reply {
+            kind,
+            msg: Msg::delta(&env, &out.resources),
         })
     }
 }

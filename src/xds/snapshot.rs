@@ -11,7 +11,9 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use envoy_types::pb::envoy::config::route::v3::VirtualHost;
+use envoy_types::pb::envoy::service::discovery::v3::Resource;
 use envoy_types::pb::google::protobuf::Any;
 use parking_lot::RwLock;
 use prost::{Message, Name};
@@ -35,6 +37,38 @@ pub struct Encoded {
     pub version: u64,
     /// The encoded message.
     pub any: Any,
+    /// The resource framed as field 2 of a `DiscoveryResponse` (an `Any`).
+    pub sotw: Bytes,
+    /// The resource framed as field 2 of a `DeltaDiscoveryResponse` (a `Resource`).
+    pub delta: Bytes,
+}
+
+/// `msg` as a length-delimited field 2.
+fn field2(msg: &impl Message) -> Bytes {
+    let len = msg.encoded_len();
+    let mut b = BytesMut::with_capacity(1 + prost::length_delimiter_len(len) + len);
+    prost::encoding::encode_key(2, prost::encoding::WireType::LengthDelimited, &mut b);
+    prost::encoding::encode_varint(len as u64, &mut b);
+    msg.encode(&mut b).expect("capacity reserved");
+    b.freeze()
+}
+
+fn build(name: Arc<str>, version: u64, any: Any) -> Arc<Encoded> {
+    let resource = Resource {
+        name: name.to_string(),
+        version: format!("{version:016x}"),
+        resource: Some(any),
+        ..Default::default()
+    };
+    let delta = field2(&resource);
+    let any = resource.resource.expect("set above");
+    Arc::new(Encoded {
+        name,
+        version,
+        sotw: field2(&any),
+        delta,
+        any,
+    })
 }
 
 impl Encoded {
@@ -44,26 +78,26 @@ impl Encoded {
         let mut h = Xxh3::new();
         h.update(TRANSLATOR_SALT);
         h.update(&value);
-        Arc::new(Encoded {
+        build(
             name,
-            version: h.digest(),
-            any: Any {
+            h.digest(),
+            Any {
                 type_url: M::type_url(),
                 value,
             },
-        })
+        )
     }
 
     /// Encodes `msg` with an explicit version (for messages whose encoding is not canonical).
     pub fn with_version<M: Message + Name>(name: Arc<str>, msg: &M, version: u64) -> Arc<Encoded> {
-        Arc::new(Encoded {
+        build(
             name,
             version,
-            any: Any {
+            Any {
                 type_url: M::type_url(),
                 value: msg.encode_to_vec(),
             },
-        })
+        )
     }
 
     /// The version as sent on the wire.
