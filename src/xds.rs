@@ -20,6 +20,8 @@ pub const ENDPOINT_TYPE: &str =
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 /// RouteConfiguration type URL.
 pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+/// VirtualHost type URL (VHDS, delta only).
+pub const VIRTUAL_HOST_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.VirtualHost";
 
 /// The resource types we serve, in the order ADS pushes them (CDS before EDS, LDS before RDS).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -32,15 +34,18 @@ pub enum TypeKind {
     Listener,
     /// RDS.
     Route,
+    /// VHDS (on demand, delta only).
+    VirtualHost,
 }
 
 impl TypeKind {
     /// All kinds in push order.
-    pub const ALL: [TypeKind; 4] = [
+    pub const ALL: [TypeKind; 5] = [
         TypeKind::Cluster,
         TypeKind::Endpoint,
         TypeKind::Listener,
         TypeKind::Route,
+        TypeKind::VirtualHost,
     ];
 
     /// The type URL.
@@ -50,6 +55,7 @@ impl TypeKind {
             TypeKind::Endpoint => ENDPOINT_TYPE,
             TypeKind::Listener => LISTENER_TYPE,
             TypeKind::Route => ROUTE_TYPE,
+            TypeKind::VirtualHost => VIRTUAL_HOST_TYPE,
         }
     }
 
@@ -70,6 +76,7 @@ impl TypeKind {
             TypeKind::Endpoint => "EDS",
             TypeKind::Listener => "LDS",
             TypeKind::Route => "RDS",
+            TypeKind::VirtualHost => "VHDS",
         }
     }
 }

@@ -228,3 +228,55 @@ async fn envoy_delta_end_to_end() {
 async fn envoy_sotw_end_to_end() {
     scenario(true).await;
 }
+
+#[tokio::test]
+async fn envoy_on_demand_virtual_hosts() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("data"), &[]).await;
+    let c = reqwest::Client::new();
+    let a = Backend::start("a").await;
+    register(&c, &s, "echo", a.port, json!({})).await;
+    let t0 = Instant::now();
+    let e = Envoy::start_with(
+        dir.path(),
+        "sidecar~default/on-demand~127.0.0.1",
+        s.xds_port,
+        false,
+        &["sidecar.polarismesh.cn/openOnDemand=true"],
+    )
+    .await;
+    // Known gap: Envoy 1.40 holds the on-demand listener until its 15 s initial fetch timeout even
+    // though it accepts our first (empty) VHDS response; printed, not asserted.
+    eprintln!("[vhds] envoy ready after {:?}", t0.elapsed());
+    // The first request for a host is paused until its virtual host arrives, then routed.
+    let t = Instant::now();
+    let (st, body) = e.get(&c, "echo.default").await;
+    assert_eq!(
+        (st, body.as_str()),
+        (200, "a"),
+        "log:\n{}",
+        std::fs::read_to_string(&e.log).unwrap_or_default()
+    );
+    eprintln!(
+        "[vhds] first on-demand request answered in {:?}",
+        t.elapsed()
+    );
+    // An unknown host: 404 at once, no hang.
+    let t = Instant::now();
+    let (st, _) = e.get(&c, "nope.default").await;
+    assert_eq!(st, 404);
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "unknown host hung for {:?}",
+        t.elapsed()
+    );
+    // Only the hosts asked for were sent.
+    let (_, nodes) = get(&c, &s.url("/debug/xds/nodes")).await;
+    assert_eq!(
+        nodes["nodes"][0]["types"]["VHDS"]["resources"], 2,
+        "{nodes}"
+    );
+    let t = Instant::now();
+    assert_eq!(answering(&e, &c, "echo", 5).await, set(&["a"]));
+    eprintln!("[vhds] bare host answered in {:?}", t.elapsed());
+}

@@ -636,3 +636,75 @@ async fn b22_a_client_that_does_not_read_does_not_block_others() {
     assert_eq!(st, 200);
     drop(stalled);
 }
+
+fn on_demand_node(id: &str) -> Node {
+    use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+    let mut fields = std::collections::HashMap::new();
+    fields.insert(
+        "sidecar.polarismesh.cn/openOnDemand".to_string(),
+        Value {
+            kind: Some(Kind::StringValue("true".into())),
+        },
+    );
+    Node {
+        id: id.into(),
+        metadata: Some(Struct { fields }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn b18_vhds_answers_known_hosts_with_aliases_and_unknown_hosts_without_body() {
+    const VHDS: &str = "type.googleapis.com/envoy.config.route.v3.VirtualHost";
+    const RDS: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+    let (_d, s, c) = server_with(&["echo"]).await;
+    let mut d = Delta::open(&s).await;
+    d.sub(
+        Some(on_demand_node("od")),
+        RDS,
+        &["polaris-on-demand-router"],
+        &[],
+    )
+    .await;
+    let r = d.recv_ack().await;
+    use prost::Message;
+    let rc = envoy_types::pb::envoy::config::route::v3::RouteConfiguration::decode(
+        r.resources[0].resource.as_ref().unwrap().value.as_slice(),
+    )
+    .unwrap();
+    assert!(rc.virtual_hosts.is_empty() && rc.vhds.is_some(), "{rc:?}");
+    let (known, unknown) = (
+        "polaris-on-demand-router/echo.default",
+        "polaris-on-demand-router/nope.default",
+    );
+    d.sub(None, VHDS, &[known, unknown], &[]).await;
+    let r = d.recv_ack().await;
+    assert_eq!(r.type_url, VHDS);
+    let k = r
+        .resources
+        .iter()
+        .find(|x| x.name == known)
+        .expect("known host answered");
+    assert_eq!(k.aliases, vec![known.to_string()]);
+    let vh = envoy_types::pb::envoy::config::route::v3::VirtualHost::decode(
+        k.resource.as_ref().unwrap().value.as_slice(),
+    )
+    .unwrap();
+    assert!(vh.domains.contains(&"echo.default".to_string()));
+    let u = r
+        .resources
+        .iter()
+        .find(|x| x.name == unknown)
+        .expect("unknown host answered");
+    assert_eq!(u.aliases, vec![unknown.to_string()]);
+    assert!(u.resource.is_none(), "unknown host gets no body");
+    // The host appears later: pushed with a body.
+    reg(&c, &s, "nope", 9600).await;
+    let r = d.recv_ack().await;
+    let u = r
+        .resources
+        .iter()
+        .find(|x| x.name == unknown)
+        .expect("pushed on creation");
+    assert!(u.resource.is_some());
+}

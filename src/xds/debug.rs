@@ -10,7 +10,7 @@ use axum::{Json, Router};
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
-use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
 use prost::Message;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -71,6 +71,7 @@ fn decoded(kind: TypeKind, r: &Res) -> String {
         TypeKind::Endpoint => ClusterLoadAssignment::decode(b).map(|m| format!("{m:?}")),
         TypeKind::Listener => Listener::decode(b).map(|m| format!("{m:?}")),
         TypeKind::Route => RouteConfiguration::decode(b).map(|m| format!("{m:?}")),
+        TypeKind::VirtualHost => VirtualHost::decode(b).map(|m| format!("{m:?}")),
     }
     .unwrap_or_else(|e| format!("undecodable: {e}"))
 }

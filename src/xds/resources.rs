@@ -19,10 +19,12 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 use envoy_types::pb::envoy::config::listener::v3::{
     filter, ApiListener, Filter, FilterChain, Listener,
 };
+use envoy_types::pb::envoy::config::route::v3::Vhds;
 use envoy_types::pb::envoy::config::route::v3::{
     route::Action, route_action::ClusterSpecifier, route_match::PathSpecifier, Route, RouteAction,
     RouteConfiguration, RouteMatch, VirtualHost,
 };
+use envoy_types::pb::envoy::extensions::filters::http::on_demand::v3::OnDemand;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     http_connection_manager::{CodecType, RouteSpecifier},
@@ -39,6 +41,10 @@ use crate::model::{Instance, Service};
 
 /// The outbound route configuration's name.
 pub const OUTBOUND_ROUTE: &str = "polaris-outbound-router";
+/// The route configuration of on-demand nodes: no virtual hosts, fetched per host over VHDS.
+pub const ON_DEMAND_ROUTE: &str = "polaris-on-demand-router";
+/// Node metadata key: `"true"` turns on on-demand virtual hosts (VHDS).
+pub const NODE_ON_DEMAND_KEY: &str = "sidecar.polarismesh.cn/openOnDemand";
 /// Service metadata key choosing the cluster's load-balancing policy.
 pub const LB_POLICY_KEY: &str = "polarismesh.cn/lbPolicy";
 /// Service metadata key for the connect timeout in milliseconds.
@@ -394,6 +400,51 @@ pub fn hcm(stat_prefix: &str, route: &str) -> HttpConnectionManager {
         http_filters: vec![router_filter()],
         ..Default::default()
     }
+}
+
+/// The outbound listener of an on-demand node: the `on_demand` filter pauses a request whose
+/// host is unknown until its virtual host arrives over VHDS.
+pub fn on_demand_outbound_listener(ip: &str, port: u16) -> Listener {
+    let mut h = hcm("OUTBOUND_HTTP", ON_DEMAND_ROUTE);
+    h.http_filters.insert(
+        0,
+        HttpFilter {
+            name: "envoy.filters.http.on_demand".to_string(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+                OnDemand::default(),
+            ))),
+            ..Default::default()
+        },
+    );
+    Listener {
+        name: outbound_listener_name(port),
+        address: Some(socket(ip, port)),
+        filter_chains: vec![FilterChain {
+            filters: vec![Filter {
+                name: HCM_FILTER.to_string(),
+                config_type: Some(filter::ConfigType::TypedConfig(pack_any(h))),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// The on-demand route configuration: no virtual hosts, VHDS over ADS.
+pub fn on_demand_route() -> RouteConfiguration {
+    RouteConfiguration {
+        name: ON_DEMAND_ROUTE.to_string(),
+        vhds: Some(Vhds {
+            config_source: Some(ads()),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Splits a VHDS resource name `<route config>/<host>` (from the right: hosts have no slash).
+pub fn parse_vhds_name(name: &str) -> Option<(&str, &str)> {
+    name.rsplit_once('/')
+        .filter(|(rc, host)| !rc.is_empty() && !host.is_empty())
 }
 
 fn hcm_listener(name: String, ip: &str, port: u16, stat_prefix: &str, route: &str) -> Listener {

@@ -46,6 +46,8 @@ pub struct NodeInfo {
     pub bind_ports: Vec<u16>,
     /// Client name (`envoy`, `gRPC Python`, ...).
     pub user_agent: String,
+    /// Virtual hosts on demand (VHDS) instead of the full route table.
+    pub on_demand: bool,
 }
 
 fn meta_str(node: &Node, key: &str) -> Option<String> {
@@ -109,6 +111,7 @@ impl NodeInfo {
             inbound_port: port(r::NODE_INBOUND_PORT_KEY, 15006)?,
             bind_ports,
             user_agent: node.user_agent_name.clone(),
+            on_demand: meta_str(node, r::NODE_ON_DEMAND_KEY).is_some_and(|v| v == "true"),
         })
     }
 }
@@ -408,7 +411,16 @@ impl StreamState {
             return;
         };
         let mut by_kind: HashMap<TypeKind, Vec<Res>> = HashMap::new();
-        let outbound = r::outbound_listener("0.0.0.0", node.outbound_port);
+        let outbound = if node.on_demand {
+            let rc = r::on_demand_route();
+            by_kind
+                .entry(TypeKind::Route)
+                .or_default()
+                .push(Encoded::new(Arc::from(rc.name.as_str()), &rc));
+            r::on_demand_outbound_listener("0.0.0.0", node.outbound_port)
+        } else {
+            r::outbound_listener("0.0.0.0", node.outbound_port)
+        };
         by_kind
             .entry(TypeKind::Listener)
             .or_default()
@@ -466,6 +478,14 @@ impl StreamState {
             TypeKind::Route => view
                 .and_then(|v| v.route.clone())
                 .filter(|rt| rt.name == *name),
+            TypeKind::VirtualHost => {
+                let (rc, host) = r::parse_vhds_name(name)?;
+                if rc != r::ON_DEMAND_ROUTE {
+                    return None;
+                }
+                let vh = view.and_then(|v| v.hosts.get(host).and_then(|svc| v.vhosts.get(svc)));
+                Some(Encoded::vhds(name.clone(), vh))
+            }
             TypeKind::Listener => {
                 // Proxyless gRPC: `<svc>.<ns>[:port]` of an existing service in the node's view.
                 let (svc, ns) = r::parse_target(name)?;
@@ -496,8 +516,12 @@ impl StreamState {
             match kind {
                 TypeKind::Cluster => out.extend(v.clusters.values().cloned()),
                 TypeKind::Endpoint => out.extend(v.endpoints.values().cloned()),
-                TypeKind::Route => out.extend(v.route.clone()),
-                TypeKind::Listener => {}
+                TypeKind::Route => {
+                    if !self.node.as_ref().is_some_and(|n| n.on_demand) {
+                        out.extend(v.route.clone())
+                    }
+                }
+                TypeKind::Listener | TypeKind::VirtualHost => {}
             }
         }
         out
@@ -701,6 +725,11 @@ impl StreamState {
                         if *c.namespace != *ns {
                             continue;
                         }
+                        if c.kind == TypeKind::VirtualHost {
+                            // Subscriptions name hosts, not services: look at all of them (few).
+                            out.insert(TypeKind::VirtualHost, None);
+                            continue;
+                        }
                         if let Some(set) = out.entry(c.kind).or_insert_with(|| Some(HashSet::new()))
                         {
                             set.insert(c.name.clone());
@@ -765,7 +794,8 @@ impl StreamState {
 
     fn sotw_request(&mut self, req: DiscoveryRequest) -> Result<Vec<Reply>, Status> {
         self.check_node(req.node.as_ref())?;
-        let Some(kind) = TypeKind::from_url(&req.type_url) else {
+        let Some(kind) = TypeKind::from_url(&req.type_url).filter(|k| *k != TypeKind::VirtualHost)
+        else {
             tracing::debug!(type_url = %req.type_url, "ignoring request for an unserved type");
             return Ok(vec![]);
         };
@@ -1138,6 +1168,22 @@ impl StreamState {
             return Ok(self.delta_build(kind, None).into_iter().collect());
         }
         if evaluate.is_empty() {
+            if first && kind == TypeKind::VirtualHost {
+                // Envoy's VHDS subscription starts empty and holds the listener's initialization
+                // until a first (empty) response arrives.
+                let nonce = self.next_nonce();
+                self.types.get_mut(&kind).expect("active").nonce = nonce.clone();
+                let env = DeltaDiscoveryResponse {
+                    system_version_info: self.types[&kind].version_string(),
+                    type_url: kind.url().to_string(),
+                    nonce,
+                    ..Default::default()
+                };
+                return Ok(vec![Reply {
+                    kind,
+                    msg: Msg::delta(&env, &[]),
+                }]);
+            }
             return Ok(vec![]);
         }
         Ok(self

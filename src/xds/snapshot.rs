@@ -88,6 +88,37 @@ impl Encoded {
         )
     }
 
+    /// A VHDS resource answering `name` (`<route config>/<host>`): the virtual host, with the
+    /// requested name as its alias so Envoy resumes the paused request, or no body when the host
+    /// is unknown (Envoy then answers 404 instead of waiting).
+    pub fn vhds(name: Arc<str>, vhost: Option<&VirtualHost>) -> Arc<Encoded> {
+        let value = vhost.map(|v| v.encode_to_vec());
+        let mut h = Xxh3::new();
+        h.update(TRANSLATOR_SALT);
+        h.update(name.as_bytes());
+        h.update(value.as_deref().unwrap_or(b"absent"));
+        let version = h.digest();
+        let any = value.map(|value| Any {
+            type_url: VirtualHost::type_url(),
+            value,
+        });
+        let resource = Resource {
+            name: name.to_string(),
+            aliases: vec![name.to_string()],
+            version: format!("{version:016x}"),
+            resource: any.clone(),
+            ..Default::default()
+        };
+        let any = any.unwrap_or_default();
+        Arc::new(Encoded {
+            name,
+            version,
+            sotw: field2(&any),
+            delta: field2(&resource),
+            any,
+        })
+    }
+
     /// Encodes `msg` with an explicit version (for messages whose encoding is not canonical).
     pub fn with_version<M: Message + Name>(name: Arc<str>, msg: &M, version: u64) -> Arc<Encoded> {
         build(
@@ -127,8 +158,10 @@ pub struct NamespaceView {
     pub clusters: BTreeMap<Arc<str>, Res>,
     /// Load assignments by cluster name.
     pub endpoints: BTreeMap<Arc<str>, Res>,
-    /// Virtual hosts by service name (kept decoded to rebuild the route cheaply).
-    vhosts: BTreeMap<Arc<str>, VirtualHost>,
+    /// Virtual hosts by service name (kept decoded to rebuild the route cheaply, and for VHDS).
+    pub vhosts: BTreeMap<Arc<str>, VirtualHost>,
+    /// Host (domain) → service name, for VHDS lookups.
+    pub hosts: HashMap<String, Arc<str>>,
     /// The outbound route configuration.
     pub route: Option<Res>,
 }
@@ -394,8 +427,16 @@ impl Builder {
             match st.services.get(&key) {
                 None => {
                     view.services.remove(name.as_str());
-                    if view.vhosts.remove(name.as_str()).is_some() {
+                    if let Some(old) = view.vhosts.remove(name.as_str()) {
                         route_dirty = true;
+                        for d in &old.domains {
+                            view.hosts.remove(d);
+                        }
+                        changes.push(Changed {
+                            namespace: ns_arc.clone(),
+                            kind: TypeKind::VirtualHost,
+                            name: name_arc.clone(),
+                        });
                     }
                     if view.clusters.remove(&cname).is_some() {
                         changes.push(Changed {
@@ -432,8 +473,21 @@ impl Builder {
                         None => r::service_virtual_host(&svc, &ports),
                     };
                     if view.vhosts.get(name.as_str()) != Some(&vhost) {
+                        if let Some(old) = view.vhosts.get(name.as_str()) {
+                            for d in &old.domains {
+                                view.hosts.remove(d);
+                            }
+                        }
+                        for d in &vhost.domains {
+                            view.hosts.insert(d.clone(), name_arc.clone());
+                        }
                         view.vhosts.insert(name_arc.clone(), vhost);
                         route_dirty = true;
+                        changes.push(Changed {
+                            namespace: ns_arc.clone(),
+                            kind: TypeKind::VirtualHost,
+                            name: name_arc.clone(),
+                        });
                     }
                     let prev = view.services.insert(
                         name_arc.clone(),

@@ -204,6 +204,17 @@ pub struct Envoy {
 impl Envoy {
     /// Renders a bootstrap with `polaris bootstrap` and starts Envoy on it.
     pub async fn start(dir: &Path, node_id: &str, xds_port: u16, sotw: bool) -> Envoy {
+        Self::start_with(dir, node_id, xds_port, sotw, &[]).await
+    }
+
+    /// [`Envoy::start`] with extra node metadata (`key=value`).
+    pub async fn start_with(
+        dir: &Path,
+        node_id: &str,
+        xds_port: u16,
+        sotw: bool,
+        metadata: &[&str],
+    ) -> Envoy {
         let admin_port = free_port();
         let outbound_port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_polaris"));
@@ -213,6 +224,9 @@ impl Envoy {
             .args(["--outbound-port", &outbound_port.to_string()]);
         if sotw {
             cmd.arg("--sotw");
+        }
+        for m in metadata {
+            cmd.args(["--metadata", m]);
         }
         let out = cmd.output().unwrap();
         assert!(
