@@ -1176,6 +1176,9 @@ impl StreamState {
                 let env = DeltaDiscoveryResponse {
                     system_version_info: self.types[&kind].version_string(),
                     type_url: kind.url().to_string(),
+                    // Envoy ignores removals of names it never had, but an update with no change
+                    // at all does not reach the subscription (and would not end its init).
+                    removed_resources: vec![format!("{}/", r::ON_DEMAND_ROUTE)],
                     nonce,
                     ..Default::default()
                 };
