@@ -394,9 +394,24 @@ impl Builder {
         svcs: &[String],
         changes: &mut Vec<Changed>,
     ) {
-        let st = reg.read();
+        // Copy the inputs (Arcs) and release the registry lock before translating: the writer
+        // must not wait on encoding.
+        type Input = Option<(Arc<Service>, Vec<Arc<Instance>>)>;
+        let (exists, inputs): (bool, Vec<Input>) = {
+            let st = reg.read();
+            (
+                st.namespaces.contains_key(ns),
+                svcs.iter()
+                    .map(|n| {
+                        st.services
+                            .get(&ServiceKey::new(ns, n))
+                            .map(|e| (e.service.clone(), e.instances.values().cloned().collect()))
+                    })
+                    .collect(),
+            )
+        };
         let ns_arc: Arc<str> = Arc::from(ns);
-        if !st.namespaces.contains_key(ns) {
+        if !exists {
             if let Some(old) = self.namespaces.remove(ns) {
                 for n in old.clusters.keys() {
                     changes.push(Changed {
@@ -420,11 +435,10 @@ impl Builder {
             .unwrap_or_default();
         let is_new = !self.namespaces.contains_key(ns);
         let mut route_dirty = is_new;
-        for name in svcs {
-            let key = ServiceKey::new(ns, name);
+        for (name, input) in svcs.iter().zip(inputs) {
             let name_arc: Arc<str> = Arc::from(name.as_str());
             let cname: Arc<str> = Arc::from(r::outbound_name(ns, name).as_str());
-            match st.services.get(&key) {
+            match input {
                 None => {
                     view.services.remove(name.as_str());
                     if let Some(old) = view.vhosts.remove(name.as_str()) {
@@ -458,10 +472,8 @@ impl Builder {
                         name: name_arc.clone(),
                     });
                 }
-                Some(entry) => {
-                    let svc = entry.service.clone();
-                    let instances: Vec<&Instance> =
-                        entry.instances.values().map(|i| i.as_ref()).collect();
+                Some((svc, insts)) => {
+                    let instances: Vec<&Instance> = insts.iter().map(|i| i.as_ref()).collect();
                     let ports = r::service_ports(&svc, instances.iter().copied());
                     let vhost = match &svc.alias_for {
                         // An alias answers its own names and routes to its target's cluster.
