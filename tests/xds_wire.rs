@@ -245,6 +245,18 @@ fn names(r: &DeltaDiscoveryResponse) -> Vec<String> {
     v
 }
 
+/// Waits until the xDS snapshot reflects every registry write so far.
+async fn settle(c: &reqwest::Client, s: &Server) {
+    for _ in 0..500 {
+        let (_, v) = common::get(c, &s.url("/debug/xds/nodes")).await;
+        if v["snapshot"]["revision"] == v["registryRevision"] {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("snapshot never caught up with the registry");
+}
+
 async fn server_with(svcs: &[&str]) -> (tempfile::TempDir, Server, reqwest::Client) {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start(&dir.path().join("d"), &[]).await;
@@ -252,6 +264,7 @@ async fn server_with(svcs: &[&str]) -> (tempfile::TempDir, Server, reqwest::Clie
     for (i, svc) in svcs.iter().enumerate() {
         reg(&c, &s, svc, 9000 + i as u16).await;
     }
+    settle(&c, &s).await;
     (dir, s, c)
 }
 

@@ -23,15 +23,21 @@ use crate::api::AppState;
 /// Routes of the debug views.
 pub fn routes(cache: Arc<Cache>, nodes: Arc<Nodes>) -> Router<AppState> {
     let n2 = nodes.clone();
+    let c2 = cache.clone();
     Router::new()
-        .route("/debug/xds/nodes", get(move || nodes_view(nodes.clone())))
+        .route(
+            "/debug/xds/nodes",
+            get(move |st: axum::extract::State<AppState>| {
+                nodes_view(nodes.clone(), c2.clone(), *st.registry.revision().borrow())
+            }),
+        )
         .route(
             "/debug/xds/config",
             get(move |q: Query<ConfigQuery>| config_view(cache.clone(), n2.clone(), q.0)),
         )
 }
 
-async fn nodes_view(nodes: Arc<Nodes>) -> Json<Value> {
+async fn nodes_view(nodes: Arc<Nodes>, cache: Arc<Cache>, registry_revision: u64) -> Json<Value> {
     let list: Vec<Value> = nodes
         .list()
         .into_iter()
@@ -56,7 +62,13 @@ async fn nodes_view(nodes: Arc<Nodes>) -> Json<Value> {
             })
         })
         .collect();
-    Json(json!({"count": list.len(), "nodes": list}))
+    let snap = cache.current();
+    Json(json!({
+        "registryRevision": registry_revision,
+        "snapshot": {"generation": snap.generation, "revision": cache.applied_revision()},
+        "count": list.len(),
+        "nodes": list,
+    }))
 }
 
 #[derive(Debug, Deserialize)]

@@ -229,13 +229,23 @@ impl Ads {
     /// Serves one SotW stream.
     pub fn spawn_sotw(&self, inbound: Streaming<DiscoveryRequest>, tx: Tx) {
         let st = StreamState::new(self, "sotw");
-        tokio::spawn(st.run_sotw(inbound, tx));
+        tokio::spawn(st.run(
+            inbound,
+            tx,
+            StreamState::sotw_request,
+            StreamState::sotw_push,
+        ));
     }
 
     /// Serves one delta stream.
     pub fn spawn_delta(&self, inbound: Streaming<DeltaDiscoveryRequest>, tx: Tx) {
         let st = StreamState::new(self, "delta");
-        tokio::spawn(st.run_delta(inbound, tx));
+        tokio::spawn(st.run(
+            inbound,
+            tx,
+            StreamState::delta_request,
+            StreamState::delta_push,
+        ));
     }
 }
 
@@ -749,7 +759,15 @@ impl StreamState {
 
     // ---- State of the world ----
 
-    async fn run_sotw(mut self, mut inbound: Streaming<DiscoveryRequest>, tx: Tx) {
+    /// The stream loop, shared by both protocols: answer requests, push snapshot changes, end on
+    /// client close, error or server shutdown.
+    async fn run<Req: Send + 'static>(
+        mut self,
+        mut inbound: Streaming<Req>,
+        tx: Tx,
+        on_request: fn(&mut Self, Req) -> Result<Vec<Reply>, Status>,
+        on_snapshot: fn(&mut Self) -> Vec<Reply>,
+    ) {
         let mut snaps = self.cache.subscribe();
         let mut shutdown = self.shutdown.clone();
         loop {
@@ -757,24 +775,17 @@ impl StreamState {
                 biased;
                 _ = stopped(&mut shutdown) => break,
                 req = inbound.message() => match req {
-                    Ok(Some(req)) => match self.sotw_request(req) {
+                    Ok(Some(req)) => match on_request(&mut self, req) {
                         Ok(outs) => outs,
                         Err(status) => { let _ = tx.send(Err(status)).await; break; }
                     },
                     Ok(None) => break,
-                    Err(e) => { tracing::debug!(error = %e, "sotw stream ended"); break; }
+                    Err(e) => { tracing::debug!(error = %e, "stream ended"); break; }
                 },
                 ch = snaps.changed() => {
                     if ch.is_err() { break; }
                     if self.node.is_none() { continue; }
-                    let changed = self.advance();
-                    let mut outs = Vec::new();
-                    for k in TypeKind::ALL {
-                        if let Some(only) = changed.get(&k) {
-                            outs.extend(self.sotw_build(k, false, only.as_ref()));
-                        }
-                    }
-                    outs
+                    on_snapshot(&mut self)
                 }
             };
             let mut closed = false;
@@ -790,6 +801,18 @@ impl StreamState {
             }
         }
         self.nodes.remove(self.status.stream);
+    }
+
+    /// SotW: responses for what changed in the latest snapshot.
+    fn sotw_push(&mut self) -> Vec<Reply> {
+        let changed = self.advance();
+        let mut outs = Vec::new();
+        for k in TypeKind::ALL {
+            if let Some(only) = changed.get(&k) {
+                outs.extend(self.sotw_build(k, false, only.as_ref()));
+            }
+        }
+        outs
     }
 
     fn sotw_request(&mut self, req: DiscoveryRequest) -> Result<Vec<Reply>, Status> {
@@ -933,10 +956,15 @@ impl StreamState {
             }
             return None;
         }
+        Some(self.sotw_reply(kind, send, removed))
+    }
+
+    /// Records and frames a SotW response.
+    fn sotw_reply(&mut self, kind: TypeKind, resources: Vec<Res>, removed: Vec<Arc<str>>) -> Reply {
         let nonce = self.next_nonce();
         let out = Out {
             kind,
-            resources: send,
+            resources,
             removed,
         };
         self.record(&out, &nonce, false);
@@ -949,10 +977,10 @@ impl StreamState {
             nonce,
             ..Default::default()
         };
-        Some(Reply {
+        Reply {
             kind,
             msg: Msg::sotw(&env, &out.resources),
-        })
+        }
     }
 
     /// SotW: re-send these names as they are (a warming cluster waits for its load assignment).
@@ -962,26 +990,7 @@ impl StreamState {
             return None;
         }
         send.sort_by(|a, b| a.name.cmp(&b.name));
-        let nonce = self.next_nonce();
-        let out = Out {
-            kind,
-            resources: send,
-            removed: vec![],
-        };
-        self.record(&out, &nonce, false);
-        let ts = self.types.get_mut(&kind).expect("active");
-        let version = ts.version_string();
-        ts.version_sent = version.clone();
-        let env = DiscoveryResponse {
-            version_info: version,
-            type_url: kind.url().to_string(),
-            nonce,
-            ..Default::default()
-        };
-        Some(Reply {
-            kind,
-            msg: Msg::sotw(&env, &out.resources),
-        })
+        Some(self.sotw_reply(kind, send, vec![]))
     }
 
     /// SotW EDS/RDS after a snapshot change: look only at the names that changed.
@@ -1007,77 +1016,28 @@ impl StreamState {
             return None;
         }
         send.sort_by(|a, b| a.name.cmp(&b.name));
-        let nonce = self.next_nonce();
-        let out = Out {
-            kind,
-            resources: send,
-            removed: gone,
-        };
-        self.record(&out, &nonce, false);
-        let ts = self.types.get_mut(&kind).expect("active");
-        let version = ts.version_string();
-        ts.version_sent = version.clone();
-        let env = DiscoveryResponse {
-            version_info: version,
-            type_url: kind.url().to_string(),
-            nonce,
-            ..Default::default()
-        };
-        Some(Reply {
-            kind,
-            msg: Msg::sotw(&env, &out.resources),
-        })
+        Some(self.sotw_reply(kind, send, gone))
     }
 
     // ---- Delta ----
 
-    async fn run_delta(mut self, mut inbound: Streaming<DeltaDiscoveryRequest>, tx: Tx) {
-        let mut snaps = self.cache.subscribe();
-        let mut shutdown = self.shutdown.clone();
-        loop {
-            let outs = tokio::select! {
-                biased;
-                _ = stopped(&mut shutdown) => break,
-                req = inbound.message() => match req {
-                    Ok(Some(req)) => match self.delta_request(req) {
-                        Ok(outs) => outs,
-                        Err(status) => { let _ = tx.send(Err(status)).await; break; }
-                    },
-                    Ok(None) => break,
-                    Err(e) => { tracing::debug!(error = %e, "delta stream ended"); break; }
-                },
-                ch = snaps.changed() => {
-                    if ch.is_err() { break; }
-                    if self.node.is_none() { continue; }
-                    let changed = self.advance();
-                    let mut outs = Vec::new();
-                    for k in TypeKind::ALL {
-                        // A cluster update forgets its load assignment: include EDS then.
-                        let forced = k == TypeKind::Endpoint && outs.iter().any(|o: &Reply| o.kind == TypeKind::Cluster);
-                        let only = match changed.get(&k) {
-                            Some(o) => o.clone(),
-                            None if forced => None,
-                            None => continue,
-                        };
-                        let only = if forced { None } else { only };
-                        outs.extend(self.delta_build(k, only.as_ref()));
-                    }
-                    outs
-                }
+    /// Delta: responses for what changed in the latest snapshot.
+    fn delta_push(&mut self) -> Vec<Reply> {
+        let changed = self.advance();
+        let mut outs: Vec<Reply> = Vec::new();
+        for k in TypeKind::ALL {
+            // A cluster update forgets its load assignment: evaluate EDS fully then.
+            let forced =
+                k == TypeKind::Endpoint && outs.iter().any(|o| o.kind == TypeKind::Cluster);
+            let only = match changed.get(&k) {
+                Some(_) if forced => None,
+                Some(o) => o.clone(),
+                None if forced => None,
+                None => continue,
             };
-            let mut closed = false;
-            for resp in outs {
-                self.metrics.xds_bytes.add(resp.msg.len() as u64);
-                if tx.send(Ok(resp.msg)).await.is_err() {
-                    closed = true;
-                    break;
-                }
-            }
-            if closed {
-                break;
-            }
+            outs.extend(self.delta_build(k, only.as_ref()));
         }
-        self.nodes.remove(self.status.stream);
+        outs
     }
 
     fn delta_request(&mut self, req: DeltaDiscoveryRequest) -> Result<Vec<Reply>, Status> {

@@ -194,6 +194,8 @@ pub struct Cache {
     log: RwLock<VecDeque<(u64, Arc<Vec<Changed>>)>>,
     /// Publishes the build time of each generation (for the benchmark and metrics).
     build_stats: RwLock<BuildStats>,
+    /// Registry revision the builder has applied (published or found to change nothing).
+    applied: std::sync::atomic::AtomicU64,
 }
 
 /// Timing of the last builds.
@@ -217,6 +219,7 @@ impl Default for Cache {
             tx,
             log: RwLock::new(VecDeque::new()),
             build_stats: RwLock::new(BuildStats::default()),
+            applied: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -249,6 +252,11 @@ impl Cache {
             .map(|(_, c)| c.clone())
             .collect();
         (out.len() as u64 == to - from).then_some(out)
+    }
+
+    /// The registry revision the cache reflects (every change up to it has been translated).
+    pub fn applied_revision(&self) -> u64 {
+        self.applied.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Timing of recent builds.
@@ -374,6 +382,9 @@ impl Builder {
             self.apply_namespace(reg, &ns, &svcs, changes);
         }
         if changes.is_empty() && self.generation > 0 {
+            cache
+                .applied
+                .fetch_max(revision, std::sync::atomic::Ordering::AcqRel);
             return;
         }
         self.generation += 1;
@@ -385,6 +396,9 @@ impl Builder {
             },
             std::mem::take(changes),
         );
+        cache
+            .applied
+            .fetch_max(revision, std::sync::atomic::Ordering::AcqRel);
     }
 
     fn apply_namespace(
