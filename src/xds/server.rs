@@ -351,13 +351,12 @@ struct StreamState {
     generation: u64,
     nonce: u64,
     locals: Locals,
+    /// Delta: load assignments to re-send because their cluster was just updated (warming).
+    rewarm: HashSet<Arc<str>>,
 }
 
-/// A response ready for the wire, with its type.
-struct Reply {
-    kind: TypeKind,
-    msg: Msg,
-}
+/// A response ready for the wire.
+type Reply = Msg;
 
 /// One response to send, independent of the protocol.
 struct Out {
@@ -380,6 +379,7 @@ impl StreamState {
             generation: 0,
             nonce: 0,
             locals: Locals::default(),
+            rewarm: HashSet::new(),
         }
     }
 
@@ -636,6 +636,7 @@ impl StreamState {
                     if eds.sent.contains_key(&c.name) {
                         if delta {
                             eds.set_sent(c.name.clone(), None);
+                            self.rewarm.insert(c.name.clone());
                         } else {
                             eds.force.insert(c.name.clone());
                         }
@@ -790,8 +791,8 @@ impl StreamState {
             };
             let mut closed = false;
             for resp in outs {
-                self.metrics.xds_bytes.add(resp.msg.len() as u64);
-                if tx.send(Ok(resp.msg)).await.is_err() {
+                self.metrics.xds_bytes.add(resp.len() as u64);
+                if tx.send(Ok(resp)).await.is_err() {
                     closed = true;
                     break;
                 }
@@ -977,10 +978,7 @@ impl StreamState {
             nonce,
             ..Default::default()
         };
-        Reply {
-            kind,
-            msg: Msg::sotw(&env, &out.resources),
-        }
+        Msg::sotw(&env, &out.resources)
     }
 
     /// SotW: re-send these names as they are (a warming cluster waits for its load assignment).
@@ -1026,13 +1024,16 @@ impl StreamState {
         let changed = self.advance();
         let mut outs: Vec<Reply> = Vec::new();
         for k in TypeKind::ALL {
-            // A cluster update forgets its load assignment: evaluate EDS fully then.
-            let forced =
-                k == TypeKind::Endpoint && outs.iter().any(|o| o.kind == TypeKind::Cluster);
+            // A cluster update forgot its load assignment: send that one again too.
+            let rewarm = if k == TypeKind::Endpoint {
+                std::mem::take(&mut self.rewarm)
+            } else {
+                HashSet::new()
+            };
             let only = match changed.get(&k) {
-                Some(_) if forced => None,
-                Some(o) => o.clone(),
-                None if forced => None,
+                Some(None) => None,
+                Some(Some(names)) => Some(names.union(&rewarm).cloned().collect()),
+                None if !rewarm.is_empty() => Some(rewarm),
                 None => continue,
             };
             outs.extend(self.delta_build(k, only.as_ref()));
@@ -1125,7 +1126,9 @@ impl StreamState {
             evaluate.extend(self.types[&kind].sent.keys().cloned());
         }
         if full {
-            return Ok(self.delta_build(kind, None).into_iter().collect());
+            let mut out: Vec<Reply> = self.delta_build(kind, None).into_iter().collect();
+            out.extend(self.rewarm_now());
+            return Ok(out);
         }
         if evaluate.is_empty() {
             if first && kind == TypeKind::VirtualHost {
@@ -1142,17 +1145,25 @@ impl StreamState {
                     nonce,
                     ..Default::default()
                 };
-                return Ok(vec![Reply {
-                    kind,
-                    msg: Msg::delta(&env, &[]),
-                }]);
+                return Ok(vec![Msg::delta(&env, &[])]);
             }
             return Ok(vec![]);
         }
-        Ok(self
+        let mut out: Vec<Reply> = self
             .delta_build(kind, Some(&evaluate))
             .into_iter()
-            .collect())
+            .collect();
+        out.extend(self.rewarm_now());
+        Ok(out)
+    }
+
+    /// Re-sends load assignments whose cluster a request-triggered response just updated.
+    fn rewarm_now(&mut self) -> Option<Reply> {
+        if self.rewarm.is_empty() {
+            return None;
+        }
+        let names = std::mem::take(&mut self.rewarm);
+        self.delta_build(TypeKind::Endpoint, Some(&names))
     }
 
     fn delta_build(&mut self, kind: TypeKind, only: Option<&HashSet<Arc<str>>>) -> Option<Reply> {
@@ -1170,10 +1181,7 @@ impl StreamState {
             nonce,
             ..Default::default()
         };
-        Some(Reply {
-            kind,
-            msg: Msg::delta(&env, &out.resources),
-        })
+        Some(Msg::delta(&env, &out.resources))
     }
 }
 
