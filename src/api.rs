@@ -342,7 +342,6 @@ fn query<T: serde::de::DeserializeOwned>(uri: &axum::http::Uri) -> Result<T, Api
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
-#[allow(dead_code)]
 struct NamespaceQuery {
     /// Exact name filter.
     name: Option<String>,
