@@ -7,11 +7,6 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use polaris_mesh::config::{LogFormat, ServerConfig};
 
-// mimalloc returns freed memory to the OS promptly, so RSS follows live memory after bursts
-// (initial xDS syncs of many proxies at once).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "polaris",
