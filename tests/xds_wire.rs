@@ -249,7 +249,7 @@ fn names(r: &DeltaDiscoveryResponse) -> Vec<String> {
 async fn settle(c: &reqwest::Client, s: &Server) {
     for _ in 0..500 {
         let (_, v) = common::get(c, &s.url("/debug/xds/nodes")).await;
-        if v["snapshot"]["revision"] == v["registryRevision"] {
+        if v["snapshot"]["revision"] == v["registryRevision"] && v["snapshot"]["retiring"] == 0 {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -570,7 +570,7 @@ async fn b12_delta_reconnect_honours_initial_resource_versions() {
     )
     .await;
     assert_eq!(st, 200);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    settle(&c, &s).await;
     let mut d = Delta::open(&s).await;
     d.send(DeltaDiscoveryRequest {
         node: Some(node("d")),
@@ -720,4 +720,35 @@ async fn b18_vhds_answers_known_hosts_with_aliases_and_unknown_hosts_without_bod
         .find(|x| x.name == unknown)
         .expect("pushed on creation");
     assert!(u.resource.is_some());
+}
+
+#[tokio::test]
+async fn b17_a_deleted_service_leaves_the_routes_before_its_cluster_goes() {
+    const RDS: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+    let (_d, s, c) = server_with(&["a", "b"]).await;
+    let mut d = Delta::open(&s).await;
+    d.sub(Some(node("d")), CDS, &[], &[]).await;
+    d.recv_ack().await;
+    d.sub(None, RDS, &["polaris-outbound-router"], &[]).await;
+    d.recv_ack().await;
+    dereg(&c, &s, "b", 9001).await;
+    del_service(&c, &s, "b").await;
+    // First the route without b's virtual host, then b's cluster removal.
+    let mut order = Vec::new();
+    while order.len() < 2 {
+        let r = d.recv_ack().await;
+        let route_without_b = r.type_url == RDS
+            && r.resources.iter().any(|x| {
+                use prost::Message;
+                let rc = envoy_types::pb::envoy::config::route::v3::RouteConfiguration::decode(
+                    x.resource.as_ref().unwrap().value.as_slice(),
+                )
+                .unwrap();
+                !rc.virtual_hosts.iter().any(|v| v.name == cname("b"))
+            });
+        if route_without_b || (r.type_url == CDS && r.removed_resources == vec![cname("b")]) {
+            order.push(r.type_url.clone());
+        }
+    }
+    assert_eq!(order, vec![RDS.to_string(), CDS.to_string()]);
 }

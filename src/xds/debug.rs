@@ -65,7 +65,7 @@ async fn nodes_view(nodes: Arc<Nodes>, cache: Arc<Cache>, registry_revision: u64
     let snap = cache.current();
     Json(json!({
         "registryRevision": registry_revision,
-        "snapshot": {"generation": snap.generation, "revision": cache.applied_revision()},
+        "snapshot": {"generation": snap.generation, "revision": cache.applied_revision(), "retiring": cache.retiring()},
         "count": list.len(),
         "nodes": list,
     }))

@@ -196,6 +196,8 @@ pub struct Cache {
     build_stats: RwLock<BuildStats>,
     /// Registry revision the builder has applied (published or found to change nothing).
     applied: std::sync::atomic::AtomicU64,
+    /// Clusters of deleted services still waiting to be removed.
+    retiring: std::sync::atomic::AtomicUsize,
 }
 
 /// Timing of the last builds.
@@ -220,6 +222,7 @@ impl Default for Cache {
             log: RwLock::new(VecDeque::new()),
             build_stats: RwLock::new(BuildStats::default()),
             applied: std::sync::atomic::AtomicU64::new(0),
+            retiring: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 }
@@ -259,6 +262,11 @@ impl Cache {
         self.applied.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// Clusters of deleted services waiting to be removed (after their routes).
+    pub fn retiring(&self) -> usize {
+        self.retiring.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Timing of recent builds.
     pub fn build_stats(&self) -> BuildStats {
         self.build_stats.read().clone()
@@ -282,6 +290,8 @@ pub struct Builder {
     namespaces: HashMap<Arc<str>, Arc<NamespaceView>>,
     generation: u64,
     test_hooks: bool,
+    /// Clusters of deleted services, removed one generation after their routes: (ns, cluster, service).
+    retiring: Vec<(Arc<str>, Arc<str>, Arc<str>)>,
 }
 
 fn eds_version(name: &str, instances: &[&Instance]) -> u64 {
@@ -319,7 +329,56 @@ impl Builder {
             namespaces: HashMap::new(),
             generation: 0,
             test_hooks: false,
+            retiring: Vec::new(),
         }
+    }
+
+    /// Whether clusters of deleted services wait for [`Builder::retire`].
+    pub fn has_retiring(&self) -> bool {
+        !self.retiring.is_empty()
+    }
+
+    /// Removes the clusters (and load assignments) of deleted services whose routes are gone
+    /// already, and publishes. A service re-created meanwhile keeps its cluster.
+    pub fn retire(&mut self, cache: &Cache) {
+        let mut changes = Vec::new();
+        for (ns, cname, svc) in std::mem::take(&mut self.retiring) {
+            let Some(cur) = self.namespaces.get(&ns) else {
+                continue;
+            };
+            if cur.services.contains_key(&svc) {
+                continue;
+            }
+            let mut view = (**cur).clone();
+            for (kind, removed) in [
+                (TypeKind::Cluster, view.clusters.remove(&cname).is_some()),
+                (TypeKind::Endpoint, view.endpoints.remove(&cname).is_some()),
+            ] {
+                if removed {
+                    changes.push(Changed {
+                        namespace: ns.clone(),
+                        kind,
+                        name: cname.clone(),
+                    });
+                }
+            }
+            self.namespaces.insert(ns, Arc::new(view));
+        }
+        cache
+            .retiring
+            .store(0, std::sync::atomic::Ordering::Release);
+        if changes.is_empty() {
+            return;
+        }
+        self.generation += 1;
+        cache.publish(
+            Snapshot {
+                generation: self.generation,
+                revision: cache.applied_revision(),
+                namespaces: self.namespaces.clone(),
+            },
+            changes,
+        );
     }
 
     /// Honours [`r::TEST_INVALID_KEY`] (for end-to-end NACK tests only).
@@ -338,6 +397,12 @@ impl Builder {
         let ns: Vec<String> = reg.read().namespaces.keys().cloned().collect();
         let mut touched: Vec<ChangeKey> = ns.into_iter().map(ChangeKey::Namespace).collect();
         touched.extend(keys.into_iter().map(ChangeKey::Service));
+        // Services translated before but gone from the registry must be looked at too.
+        for (ns, view) in &self.namespaces {
+            for svc in view.services.keys() {
+                touched.push(ChangeKey::Service(ServiceKey::new(&**ns, &**svc)));
+            }
+        }
         // Forget namespaces that no longer exist.
         let live: std::collections::HashSet<String> =
             reg.read().namespaces.keys().cloned().collect();
@@ -381,6 +446,9 @@ impl Builder {
             svcs.dedup();
             self.apply_namespace(reg, &ns, &svcs, changes);
         }
+        cache
+            .retiring
+            .store(self.retiring.len(), std::sync::atomic::Ordering::Release);
         if changes.is_empty() && self.generation > 0 {
             cache
                 .applied
@@ -466,19 +534,11 @@ impl Builder {
                             name: name_arc.clone(),
                         });
                     }
-                    if view.clusters.remove(&cname).is_some() {
-                        changes.push(Changed {
-                            namespace: ns_arc.clone(),
-                            kind: TypeKind::Cluster,
-                            name: cname.clone(),
-                        });
-                    }
-                    if view.endpoints.remove(&cname).is_some() {
-                        changes.push(Changed {
-                            namespace: ns_arc.clone(),
-                            kind: TypeKind::Endpoint,
-                            name: cname.clone(),
-                        });
+                    // Make before break: the route stops naming the cluster in this generation;
+                    // the cluster and its endpoints go in a later one (see `retire`).
+                    if view.clusters.contains_key(&cname) {
+                        self.retiring
+                            .push((ns_arc.clone(), cname.clone(), name_arc.clone()));
                     }
                     changes.push(Changed {
                         namespace: ns_arc.clone(),
@@ -591,14 +651,30 @@ impl Default for Builder {
     }
 }
 
+/// How long a deleted service's cluster outlives its route: long enough for clients to apply the
+/// route update first (make before break).
+pub const RETIRE_AFTER: Duration = Duration::from_millis(500);
+
 /// Keeps the cache in step with the registry. The first change after a quiet period is translated
 /// at once; changes arriving within `debounce` after it are gathered into one more publish.
 pub async fn run(reg: Registry, cache: Arc<Cache>, debounce: Duration, test_hooks: bool) {
     let mut feed = reg.subscribe();
     let mut builder = Builder::new().with_test_hooks(test_hooks);
     builder.full(&reg, &cache);
+    let mut retire_at: Option<tokio::time::Instant> = None;
     loop {
-        let (keys, rev, lagged) = match feed.recv().await {
+        if retire_at.is_none() && builder.has_retiring() {
+            retire_at = Some(tokio::time::Instant::now() + RETIRE_AFTER);
+        }
+        let received = tokio::select! {
+            r = feed.recv() => r,
+            _ = async { tokio::time::sleep_until(retire_at.expect("guarded")).await }, if retire_at.is_some() => {
+                retire_at = None;
+                builder.retire(&cache);
+                continue;
+            }
+        };
+        let (keys, rev, lagged) = match received {
             Ok(c) => (c.keys.clone(), c.revision, false),
             Err(broadcast::error::RecvError::Lagged(_)) => (vec![], 0, true),
             Err(broadcast::error::RecvError::Closed) => return,
