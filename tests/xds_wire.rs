@@ -752,3 +752,91 @@ async fn b17_a_deleted_service_leaves_the_routes_before_its_cluster_goes() {
     }
     assert_eq!(order, vec![RDS.to_string(), CDS.to_string()]);
 }
+
+#[tokio::test]
+async fn node_metadata_widens_the_visible_namespaces() {
+    use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+    use prost::Message;
+    const RDS: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+    let (_d, s, c) = server_with(&["api"]).await;
+    assert_eq!(
+        post(
+            &c,
+            &s.url("/naming/v1/namespaces"),
+            json!([{"name": "prod"}])
+        )
+        .await
+        .0,
+        200
+    );
+    let (st, _) = post(
+        &c,
+        &s.url("/naming/v1/instances"),
+        json!([{"namespace": "prod", "service": "api", "host": "127.0.0.1", "port": 9700}]),
+    )
+    .await;
+    assert_eq!(st, 200);
+    settle(&c, &s).await;
+    let mut fields = std::collections::HashMap::new();
+    fields.insert(
+        "sidecar.polarismesh.cn/visibleNamespaces".to_string(),
+        Value {
+            kind: Some(Kind::StringValue("prod".into())),
+        },
+    );
+    let wide = Node {
+        id: "wide".into(),
+        metadata: Some(Struct { fields }),
+        ..Default::default()
+    };
+    let mut d = Delta::open(&s).await;
+    d.sub(Some(wide), CDS, &[], &[]).await;
+    let r = d.recv_ack().await;
+    assert_eq!(
+        names(&r),
+        vec![cname("api"), "OUTBOUND|prod|api".to_string()]
+    );
+    d.sub(None, RDS, &["polaris-outbound-router"], &[]).await;
+    let r = d.recv_ack().await;
+    let rc = envoy_types::pb::envoy::config::route::v3::RouteConfiguration::decode(
+        r.resources[0].resource.as_ref().unwrap().value.as_slice(),
+    )
+    .unwrap();
+    let domains = |name: &str| {
+        rc.virtual_hosts
+            .iter()
+            .find(|v| v.name == name)
+            .map(|v| v.domains.clone())
+            .unwrap_or_default()
+    };
+    assert!(
+        domains("OUTBOUND|default|api").contains(&"api".to_string()),
+        "own namespace answers the bare name"
+    );
+    let prod = domains("OUTBOUND|prod|api");
+    assert!(
+        prod.contains(&"api.prod".to_string()) && !prod.contains(&"api".to_string()),
+        "{prod:?}"
+    );
+    // A change in the other namespace reaches this node; a plain node in default never sees prod.
+    d.sub(None, EDS, &["OUTBOUND|prod|api"], &[]).await;
+    assert_eq!(
+        names(&d.recv_ack().await),
+        vec!["OUTBOUND|prod|api".to_string()]
+    );
+    let (st, _) = post(
+        &c,
+        &s.url("/naming/v1/instances"),
+        json!([{"namespace": "prod", "service": "api", "host": "127.0.0.2", "port": 9700}]),
+    )
+    .await;
+    assert_eq!(st, 200);
+    let r = d.recv_ack().await;
+    assert_eq!(
+        (r.type_url.as_str(), names(&r)),
+        (EDS, vec!["OUTBOUND|prod|api".to_string()])
+    );
+    let mut plain = Delta::open(&s).await;
+    plain.sub(Some(node("plain")), CDS, &[], &[]).await;
+    assert_eq!(names(&plain.recv_ack().await), vec![cname("api")]);
+}

@@ -43,6 +43,8 @@ use crate::model::{Instance, Service};
 pub const OUTBOUND_ROUTE: &str = "polaris-outbound-router";
 /// The route configuration of on-demand nodes: no virtual hosts, fetched per host over VHDS.
 pub const ON_DEMAND_ROUTE: &str = "polaris-on-demand-router";
+/// Node metadata key: comma-separated other namespaces the node also sees (`*`: all).
+pub const NODE_VISIBLE_NAMESPACES_KEY: &str = "sidecar.polarismesh.cn/visibleNamespaces";
 /// Node metadata key: `"true"` turns on on-demand virtual hosts (VHDS).
 pub const NODE_ON_DEMAND_KEY: &str = "sidecar.polarismesh.cn/openOnDemand";
 /// Service metadata key choosing the cluster's load-balancing policy.

@@ -48,6 +48,8 @@ pub struct NodeInfo {
     pub user_agent: String,
     /// Virtual hosts on demand (VHDS) instead of the full route table.
     pub on_demand: bool,
+    /// Other namespaces whose services this node also sees (`*`: all).
+    pub extra_namespaces: Vec<String>,
 }
 
 fn meta_str(node: &Node, key: &str) -> Option<String> {
@@ -103,6 +105,14 @@ impl NodeInfo {
                     ))
                 })?,
         };
+        let extra_namespaces = meta_str(node, r::NODE_VISIBLE_NAMESPACES_KEY)
+            .map(|v| {
+                v.split(',')
+                    .map(|n| n.trim().to_string())
+                    .filter(|n| !n.is_empty() && *n != namespace)
+                    .collect()
+            })
+            .unwrap_or_default();
         Ok(NodeInfo {
             id: node.id.clone(),
             namespace,
@@ -112,6 +122,7 @@ impl NodeInfo {
             bind_ports,
             user_agent: node.user_agent_name.clone(),
             on_demand: meta_str(node, r::NODE_ON_DEMAND_KEY).is_some_and(|v| v == "true"),
+            extra_namespaces,
         })
     }
 }
@@ -416,11 +427,63 @@ impl StreamState {
         self.snap.namespaces.get(ns.as_str())
     }
 
+    /// Whether the node sees the services of `ns`.
+    fn sees(&self, ns: &str) -> bool {
+        self.node.as_ref().is_some_and(|n| {
+            n.namespace == ns || n.extra_namespaces.iter().any(|e| e == "*" || e == ns)
+        })
+    }
+
+    /// Whether the node sees more than its own namespace.
+    fn widened(&self) -> bool {
+        self.node
+            .as_ref()
+            .is_some_and(|n| !n.extra_namespaces.is_empty())
+    }
+
+    /// The other namespaces' views the node sees, sorted by name.
+    fn extra_views(&self) -> Vec<(&Arc<str>, &Arc<NamespaceView>)> {
+        let own = self
+            .node
+            .as_ref()
+            .map(|n| n.namespace.as_str())
+            .unwrap_or_default();
+        let mut v: Vec<_> = self
+            .snap
+            .namespaces
+            .iter()
+            .filter(|(ns, _)| &***ns != own && self.sees(ns))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(b.0));
+        v
+    }
+
     fn rebuild_locals(&mut self) {
         let Some(node) = self.node.clone() else {
             return;
         };
         let mut by_kind: HashMap<TypeKind, Vec<Res>> = HashMap::new();
+        if self.widened() && !node.on_demand {
+            // Own services answer every name; other namespaces' only their qualified names, so the
+            // bare `svc` of two namespaces never collides.
+            let mut vhosts: Vec<_> = self
+                .view()
+                .map(|v| v.vhosts.values().cloned().collect())
+                .unwrap_or_default();
+            for (_, v) in self.extra_views() {
+                for vh in v.vhosts.values() {
+                    let mut vh = vh.clone();
+                    vh.domains
+                        .retain(|d| d.split(':').next().is_some_and(|h| h.contains('.')));
+                    vhosts.push(vh);
+                }
+            }
+            let rc = r::route_configuration(r::OUTBOUND_ROUTE, vhosts);
+            by_kind
+                .entry(TypeKind::Route)
+                .or_default()
+                .push(Encoded::new(Arc::from(rc.name.as_str()), &rc));
+        }
         let outbound = if node.on_demand {
             let rc = r::on_demand_route();
             by_kind
@@ -483,8 +546,23 @@ impl StreamState {
         }
         let view = self.view();
         match kind {
-            TypeKind::Cluster => view.and_then(|v| v.clusters.get(name).cloned()),
-            TypeKind::Endpoint => view.and_then(|v| v.endpoints.get(name).cloned()),
+            TypeKind::Cluster | TypeKind::Endpoint => {
+                let in_view = |v: &NamespaceView| {
+                    if kind == TypeKind::Cluster {
+                        v.clusters.get(name).cloned()
+                    } else {
+                        v.endpoints.get(name).cloned()
+                    }
+                };
+                view.and_then(|v| in_view(v)).or_else(|| {
+                    // `OUTBOUND|<ns>|<svc>` of another namespace the node sees.
+                    let ns = name.split('|').nth(1)?;
+                    if !self.sees(ns) {
+                        return None;
+                    }
+                    self.snap.namespaces.get(ns).and_then(|v| in_view(v))
+                })
+            }
             TypeKind::Route => view
                 .and_then(|v| v.route.clone())
                 .filter(|rt| rt.name == *name),
@@ -527,11 +605,19 @@ impl StreamState {
                 TypeKind::Cluster => out.extend(v.clusters.values().cloned()),
                 TypeKind::Endpoint => out.extend(v.endpoints.values().cloned()),
                 TypeKind::Route => {
-                    if !self.node.as_ref().is_some_and(|n| n.on_demand) {
+                    let local = self.node.as_ref().is_some_and(|n| n.on_demand) || self.widened();
+                    if !local {
                         out.extend(v.route.clone())
                     }
                 }
                 TypeKind::Listener | TypeKind::VirtualHost => {}
+            }
+        }
+        for (_, v) in self.extra_views() {
+            match kind {
+                TypeKind::Cluster => out.extend(v.clusters.values().cloned()),
+                TypeKind::Endpoint => out.extend(v.endpoints.values().cloned()),
+                _ => {}
             }
         }
         out
@@ -734,6 +820,21 @@ impl StreamState {
                             continue;
                         }
                         if *c.namespace != *ns {
+                            if !self.sees(&c.namespace) {
+                                continue;
+                            }
+                            // Another namespace this node sees: its clusters and endpoints are
+                            // ours too; its virtual hosts feed our node-local route.
+                            match c.kind {
+                                TypeKind::Cluster | TypeKind::Endpoint => {}
+                                TypeKind::Route | TypeKind::VirtualHost => {
+                                    locals_dirty = true;
+                                    continue;
+                                }
+                                TypeKind::Listener => continue,
+                            }
+                        } else if c.kind == TypeKind::Route && self.widened() {
+                            locals_dirty = true;
                             continue;
                         }
                         if c.kind == TypeKind::VirtualHost {
