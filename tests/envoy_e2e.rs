@@ -293,3 +293,57 @@ async fn envoy_on_demand_virtual_hosts() {
     assert_eq!(answering(&e, &c, "echo", 5).await, set(&["a"]));
     eprintln!("[vhds] bare host answered in {:?}", t.elapsed());
 }
+
+#[tokio::test]
+async fn envoy_inbound_listener_reaches_the_local_app() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("data"), &[]).await;
+    let c = reqwest::Client::new();
+    let app = Backend::start("local-app").await;
+    register(&c, &s, "echo", app.port, json!({})).await;
+    let inbound = common::free_port();
+    let md = [
+        "sidecar.polarismesh.cn/serviceName=echo".to_string(),
+        format!("polarismesh.cn/inboundPort={inbound}"),
+        format!("sidecar.polarismesh.cn/bindPorts={}", app.port),
+    ];
+    let md: Vec<&str> = md.iter().map(String::as_str).collect();
+    let e = Envoy::start_with(
+        dir.path(),
+        "sidecar~default/echo-0~127.0.0.1",
+        s.xds_port,
+        false,
+        &md,
+    )
+    .await;
+    // Traffic arriving on the inbound listener goes to the local application port.
+    let start = Instant::now();
+    loop {
+        let r = c.get(format!("http://127.0.0.1:{inbound}/")).send().await;
+        if let Ok(r) = r {
+            if r.status().is_success() {
+                assert_eq!(r.text().await.unwrap(), "local-app");
+                break;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "inbound listener never answered; log:\n{}",
+            std::fs::read_to_string(&e.log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, cfg) = get(
+        &c,
+        &s.url("/debug/xds/config?node=sidecar~default/echo-0~127.0.0.1"),
+    )
+    .await;
+    assert!(
+        cfg["resources"]["CDS"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["name"] == "INBOUND|default|echo"),
+        "{cfg}"
+    );
+}
