@@ -16,12 +16,12 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use envoy_types::pb::google::protobuf::value::Kind;
 use parking_lot::Mutex;
 use serde::Serialize;
-use tonic::{Status, Streaming};
+use tonic::Status;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::resources as r;
 use super::snapshot::{Cache, Encoded, NamespaceView, Res, Snapshot};
-use super::transport::{AdsService, Msg, Tx};
+use super::transport::{AdsService, Msg, Requests, Tx};
 use super::TypeKind;
 use crate::metrics::Metrics;
 
@@ -238,7 +238,7 @@ impl Ads {
     }
 
     /// Serves one SotW stream.
-    pub fn spawn_sotw(&self, inbound: Streaming<DiscoveryRequest>, tx: Tx) {
+    pub fn spawn_sotw(&self, inbound: Requests<DiscoveryRequest>, tx: Tx) {
         let st = StreamState::new(self, "sotw");
         tokio::spawn(st.run(
             inbound,
@@ -249,7 +249,7 @@ impl Ads {
     }
 
     /// Serves one delta stream.
-    pub fn spawn_delta(&self, inbound: Streaming<DeltaDiscoveryRequest>, tx: Tx) {
+    pub fn spawn_delta(&self, inbound: Requests<DeltaDiscoveryRequest>, tx: Tx) {
         let st = StreamState::new(self, "delta");
         tokio::spawn(st.run(
             inbound,
@@ -863,9 +863,9 @@ impl StreamState {
 
     /// The stream loop, shared by both protocols: answer requests, push snapshot changes, end on
     /// client close, error or server shutdown.
-    async fn run<Req: Send + 'static>(
+    async fn run<Req: prost::Message + Default + Send + 'static>(
         mut self,
-        mut inbound: Streaming<Req>,
+        mut inbound: Requests<Req>,
         tx: Tx,
         on_request: fn(&mut Self, Req) -> Result<Vec<Reply>, Status>,
         on_snapshot: fn(&mut Self) -> Vec<Reply>,

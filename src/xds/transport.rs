@@ -19,9 +19,9 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use http_body::Frame;
 use prost::Message;
+use std::marker::PhantomData;
 use tokio::sync::mpsc;
 use tonic::body::Body;
-use tonic::codec::{Codec, Streaming};
 use tonic::Status;
 
 use super::server::Ads;
@@ -33,6 +33,89 @@ const DELTA_PATH: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 /// Largest request we decode.
 const MAX_REQUEST: usize = 16 << 20;
+
+/// The request side of a stream: gRPC messages decoded from the HTTP/2 body.
+///
+/// Like tonic's `Streaming`, but the buffer is released after a large message (Envoy's first EDS
+/// request names every cluster) instead of keeping that capacity for the stream's lifetime.
+pub struct Requests<T> {
+    body: Body,
+    buf: BytesMut,
+    done: bool,
+    _msg: PhantomData<fn() -> T>,
+}
+
+/// Buffer capacity kept between messages.
+const KEEP_CAPACITY: usize = 4 << 10;
+
+impl<T: Message + Default> Requests<T> {
+    /// Reads `body`.
+    pub fn new(body: Body) -> Self {
+        Requests {
+            body,
+            buf: BytesMut::new(),
+            done: false,
+            _msg: PhantomData,
+        }
+    }
+
+    /// The next message; `None` when the client half-closed the stream.
+    pub async fn message(&mut self) -> Result<Option<T>, Status> {
+        loop {
+            if let Some(msg) = self.decode()? {
+                return Ok(Some(msg));
+            }
+            if self.done {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(Status::invalid_argument("stream ended inside a message"))
+                };
+            }
+            let frame = std::future::poll_fn(|cx| {
+                http_body::Body::poll_frame(Pin::new(&mut self.body), cx)
+            })
+            .await;
+            match frame {
+                None => self.done = true,
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+                Some(Err(status)) => return Err(status),
+            }
+        }
+    }
+
+    fn decode(&mut self) -> Result<Option<T>, Status> {
+        if self.buf.len() < 5 {
+            return Ok(None);
+        }
+        if self.buf[0] != 0 {
+            return Err(Status::unimplemented(
+                "compressed requests are not supported",
+            ));
+        }
+        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+        if len > MAX_REQUEST {
+            return Err(Status::resource_exhausted(format!(
+                "request of {len} bytes exceeds the {MAX_REQUEST} byte limit"
+            )));
+        }
+        if self.buf.len() < 5 + len {
+            self.buf.reserve(5 + len - self.buf.len());
+            return Ok(None);
+        }
+        let msg = T::decode(&self.buf[5..5 + len])
+            .map_err(|e| Status::invalid_argument(format!("undecodable request: {e}")))?;
+        let _ = self.buf.split_to(5 + len);
+        if self.buf.is_empty() && self.buf.capacity() > KEEP_CAPACITY {
+            self.buf = BytesMut::new();
+        }
+        Ok(Some(msg))
+    }
+}
 
 /// One response, ready for the wire: the gRPC frame header and envelope, then shared parts.
 #[derive(Debug)]
@@ -121,27 +204,11 @@ impl tower::Service<http::Request<Body>> for AdsService {
             let (tx, rx) = mpsc::channel::<Result<Msg, Status>>(2);
             match path.as_str() {
                 SOTW_PATH => {
-                    let mut codec =
-                        tonic_prost::ProstCodec::<DiscoveryResponse, DiscoveryRequest>::default();
-                    let inbound = Streaming::new_request(
-                        codec.decoder(),
-                        req.into_body(),
-                        None,
-                        Some(MAX_REQUEST),
-                    );
+                    let inbound = Requests::<DiscoveryRequest>::new(req.into_body());
                     ads.spawn_sotw(inbound, tx);
                 }
                 DELTA_PATH => {
-                    let mut codec = tonic_prost::ProstCodec::<
-                        DeltaDiscoveryResponse,
-                        DeltaDiscoveryRequest,
-                    >::default();
-                    let inbound = Streaming::new_request(
-                        codec.decoder(),
-                        req.into_body(),
-                        None,
-                        Some(MAX_REQUEST),
-                    );
+                    let inbound = Requests::<DeltaDiscoveryRequest>::new(req.into_body());
                     ads.spawn_delta(inbound, tx);
                 }
                 _ => return Ok(Status::unimplemented(format!("{path} is not served")).into_http()),
