@@ -202,8 +202,8 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
         full[1].as_secs_f64() * 1e3,
         world_bytes as f64 / (1 << 20) as f64
     );
-    println!("| mode  | clients | sync all s | push p50 ms | push p99 ms | push max ms | KiB/client (server RSS) | bytes/change/client |");
-    println!("|-------|---------|------------|-------------|-------------|-------------|-------------------------|---------------------|");
+    println!("| mode  | clients | sync all s | push p50 ms | push p99 ms | push max ms | KiB/client (server RSS, after changes) | bytes/change/client |");
+    println!("|-------|---------|------------|-------------|-------------|-------------|---------------------------------------|---------------------|");
     let mut next_ep = a.endpoints;
     for mode in &a.mode {
         let rss_before = rss_kib();
@@ -237,9 +237,6 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
             .strip_prefix("READY ")
             .context("expected READY")?
             .parse()?;
-        // Let the server settle before reading its memory.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let rss_after = rss_kib();
         if std::env::var_os("POLARIS_BENCH_RSS_TRACE").is_some() {
             let state: usize = nodes
                 .list()
@@ -283,11 +280,14 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
             }
             bytes += metrics.xds_bytes.get() - b0;
         }
+        // Server memory with every client connected, after the initial sync and the changes.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let rss_after = rss_kib();
         drop(stdin);
         let _ = child.wait().await;
         lat.sort_by(|x, y| x.partial_cmp(y).unwrap_or(std::cmp::Ordering::Equal));
         println!(
-            "| {:<5} | {:>7} | {:>10.2} | {:>11.2} | {:>11.2} | {:>11.2} | {:>23.1} | {:>19.0} |",
+            "| {:<5} | {:>7} | {:>10.2} | {:>11.2} | {:>11.2} | {:>11.2} | {:>37.1} | {:>19.0} |",
             if *mode == Mode::Delta {
                 "delta"
             } else {

@@ -36,12 +36,14 @@ const MAX_REQUEST: usize = 16 << 20;
 
 /// The request side of a stream: gRPC messages decoded from the HTTP/2 body.
 ///
-/// Like tonic's `Streaming`, but the buffer is released after a large message (Envoy's first EDS
-/// request names every cluster) instead of keeping that capacity for the stream's lifetime.
+/// Like tonic's `Streaming`, but a large buffer (Envoy's first delta EDS request names every cluster)
+/// is released once only small messages follow, instead of being kept for the stream's lifetime.
 pub struct Requests<T> {
     body: Body,
     buf: BytesMut,
     done: bool,
+    /// Small messages decoded since the last large one.
+    small_streak: u8,
     _msg: PhantomData<fn() -> T>,
 }
 
@@ -55,6 +57,7 @@ impl<T: Message + Default> Requests<T> {
             body,
             buf: BytesMut::new(),
             done: false,
+            small_streak: 0,
             _msg: PhantomData,
         }
     }
@@ -110,7 +113,14 @@ impl<T: Message + Default> Requests<T> {
         let msg = T::decode(&self.buf[5..5 + len])
             .map_err(|e| Status::invalid_argument(format!("undecodable request: {e}")))?;
         let _ = self.buf.split_to(5 + len);
-        if self.buf.is_empty() && self.buf.capacity() > KEEP_CAPACITY {
+        // A large buffer is released once large messages stop coming (delta: after the first
+        // subscriptions); SotW clients that repeat every name in each ACK keep theirs.
+        self.small_streak = if len > KEEP_CAPACITY {
+            0
+        } else {
+            self.small_streak.saturating_add(1)
+        };
+        if self.buf.is_empty() && self.buf.capacity() > KEEP_CAPACITY && self.small_streak >= 4 {
             self.buf = BytesMut::new();
         }
         Ok(Some(msg))
