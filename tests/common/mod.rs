@@ -26,41 +26,55 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts a server on `data_dir` with extra args and waits for `/healthz`.
+    /// Starts a server on `data_dir` with extra args and waits for `/healthz`. Free ports are picked
+    /// by binding and releasing; if another socket grabs one meanwhile, the server exits and this
+    /// starts it again on new ports.
     pub async fn start(data_dir: &Path, extra: &[&str]) -> Server {
-        let http_port = free_port();
-        let xds_port = free_port();
-        let log = data_dir.with_extension(format!("{http_port}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_polaris"))
-            .args(["server", "--data-dir"])
-            .arg(data_dir)
-            .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
-            .args(["--xds-addr", &format!("127.0.0.1:{xds_port}")])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawning polaris");
-        let s = Server {
-            child,
-            http: format!("http://127.0.0.1:{http_port}"),
-            http_port,
-            xds_port,
-            data_dir: data_dir.to_path_buf(),
-            log,
-        };
-        s.wait_ready().await;
-        s
+        for _ in 0..5 {
+            let http_port = free_port();
+            let xds_port = free_port();
+            let log = data_dir.with_extension(format!("{http_port}.log"));
+            let child = Command::new(env!("CARGO_BIN_EXE_polaris"))
+                .args(["server", "--data-dir"])
+                .arg(data_dir)
+                .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
+                .args(["--xds-addr", &format!("127.0.0.1:{xds_port}")])
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .expect("spawning polaris");
+            let mut s = Server {
+                child,
+                http: format!("http://127.0.0.1:{http_port}"),
+                http_port,
+                xds_port,
+                data_dir: data_dir.to_path_buf(),
+                log,
+            };
+            if s.wait_ready().await {
+                return s;
+            }
+        }
+        panic!("server did not start on free ports five times");
     }
 
-    async fn wait_ready(&self) {
+    /// Waits for `/healthz`; false if the process exited (a port was taken).
+    async fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(20);
         let c = reqwest::Client::new();
         while Instant::now() < deadline {
             if let Ok(r) = c.get(format!("{}/healthz", self.http)).send().await {
                 if r.status().is_success() {
-                    return;
+                    return true;
                 }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                eprintln!(
+                    "server exited ({status}), retrying on other ports; log:\n{}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+                return false;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
