@@ -5,7 +5,8 @@
 //! stream's lifetime (hundreds of KiB per proxy after the initial sync). Instead, each resource is
 //! encoded once, already framed as field 2 of a (Delta)DiscoveryResponse ([`Encoded::sotw`] /
 //! [`Encoded::delta`]); a response is a small per-client envelope (version, nonce, type, removals)
-//! followed by references to those shared bytes. Requests are decoded by tonic as usual.
+//! followed by references to those shared bytes. Requests are decoded by [`Requests`], which does
+//! not keep a large buffer for the stream's lifetime.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
