@@ -60,6 +60,38 @@ async fn converge(
     }
 }
 
+/// The `/debug/xds/nodes` entry of the node whose id contains `mode`.
+fn node_of<'a>(nodes: &'a serde_json::Value, mode: &str) -> &'a serde_json::Value {
+    nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"]["id"].as_str().is_some_and(|id| id.contains(mode)))
+        .expect("node connected")
+}
+
+/// Polls `/debug/xds/nodes` until the node's entry satisfies `ok` (5 s at most); returns the view.
+async fn wait_node(
+    c: &reqwest::Client,
+    s: &Server,
+    mode: &str,
+    what: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let (_, nodes) = get(c, &s.url("/debug/xds/nodes")).await;
+        if ok(node_of(&nodes, mode)) {
+            return nodes;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "waited for {what}: {nodes}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn scenario(sotw: bool) {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start(&dir.path().join("data"), &["--test-hooks"]).await;
@@ -143,26 +175,15 @@ async fn scenario(sotw: bool) {
     converge(&e, &c, "broken.default", &["fresh"], Duration::from_secs(5)).await;
     let (st, body) = put(&c, &s.url("/naming/v1/services"), json!([{"namespace": "default", "name": "broken", "metadata": {"polarismesh.cn/test-invalid-cluster": "true"}}])).await;
     assert_eq!(st, 200, "{body}");
-    let start = Instant::now();
-    loop {
-        let (_, nodes) = get(&c, &s.url("/debug/xds/nodes")).await;
-        let node = nodes["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["node"]["id"].as_str().is_some_and(|id| id.contains(mode)))
-            .cloned()
-            .unwrap();
-        if let Some(msg) = node["types"]["CDS"]["lastNack"].as_str() {
-            assert!(msg.to_lowercase().contains("duration"), "{msg}");
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "no NACK visible: {nodes}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let nodes = wait_node(&c, &s, mode, "a NACK", |n| {
+        n["types"]["CDS"]["lastNack"].is_string()
+    })
+    .await;
+    let msg = node_of(&nodes, mode)["types"]["CDS"]["lastNack"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(msg.to_lowercase().contains("duration"), "{msg}");
     assert!(
         e.stat("cluster_manager.cds.update_rejected")
             .await
@@ -182,27 +203,11 @@ async fn scenario(sotw: bool) {
     // last good cluster, so restoring exactly that content sends nothing).
     let (st, _) = put(&c, &s.url("/naming/v1/services"), json!([{"namespace": "default", "name": "broken", "metadata": {"polarismesh.cn/connectTimeoutMs": "3000"}}])).await;
     assert_eq!(st, 200);
-    let start = Instant::now();
-    loop {
-        let (_, nodes) = get(&c, &s.url("/debug/xds/nodes")).await;
-        let node = nodes["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["node"]["id"].as_str().is_some_and(|id| id.contains(mode)))
-            .cloned()
-            .unwrap();
-        if node["types"]["CDS"]["lastNack"].is_null()
-            && node["types"]["CDS"]["versionAcked"] == node["types"]["CDS"]["versionSent"]
-        {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "valid version not ACKed: {nodes}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_node(&c, &s, mode, "the valid version ACKed", |n| {
+        n["types"]["CDS"]["lastNack"].is_null()
+            && n["types"]["CDS"]["versionAcked"] == n["types"]["CDS"]["versionSent"]
+    })
+    .await;
     assert_eq!(e.stat("cluster_manager.warming_clusters").await, Some(0));
     for stat in [
         "cluster_manager.cds.init_fetch_timeout",
