@@ -283,6 +283,11 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
         // Server memory with every client connected, after the initial sync and the changes.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let rss_after = rss_kib();
+        if std::env::var_os("POLARIS_BENCH_HOLD").is_some() {
+            // For heap profilers: stop here, every client connected, until killed.
+            eprintln!("HOLD");
+            std::future::pending::<()>().await;
+        }
         drop(stdin);
         let _ = child.wait().await;
         lat.sort_by(|x, y| x.partial_cmp(y).unwrap_or(std::cmp::Ordering::Equal));

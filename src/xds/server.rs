@@ -271,24 +271,38 @@ async fn stopped(rx: &mut Option<tokio::sync::watch::Receiver<bool>>) {
     }
 }
 
-/// Previous `sent` entries of one response, to restore on NACK.
-type Undo = Vec<(Arc<str>, Option<u64>)>;
+/// What a client holds of one resource: nothing (`None`), the knowledge that it does not exist
+/// (`Some(ABSENT)`, delta only), or a version.
+type Held = Option<u64>;
+
+/// What the resources of one response were held as before it, to restore on NACK.
+type Undo = Vec<(Arc<str>, Held)>;
 
 /// Subscription and delivery state of one type on one stream.
+///
+/// What the client holds is not stored name by name: it is what its subscription implies at the
+/// stream's snapshot ([`StreamState::implied`]), except for the names in `overlay`. A stream in
+/// sync has an empty overlay, so a proxy's bookkeeping does not grow with the world. Whatever
+/// changes what the subscription implies (a new snapshot, new local resources, subscribing or
+/// unsubscribing) first pins the affected names into the overlay at what the client holds; the
+/// responses that follow update them, and [`StreamState::settle`] drops the entries that agree with
+/// the implied view again.
 #[derive(Debug, Default)]
 struct TypeState {
     /// The client has sent at least one request for this type.
     active: bool,
     /// Subscribed to everything.
     wildcard: bool,
-    /// Named subscriptions.
+    /// Named subscriptions (names of existing resources share the snapshot's allocation).
     names: HashSet<Arc<str>>,
     /// The client has named resources at least once (ends legacy wildcard).
     ever_named: bool,
-    /// What the client holds (delta) or was last sent (SotW): name → version, or [`ABSENT`].
-    sent: HashMap<Arc<str>, u64>,
-    /// XOR of `h(name, version)` over `sent`: the type's version for this client.
+    /// Where the client's holdings differ from the implied view.
+    overlay: HashMap<Arc<str>, Held>,
+    /// XOR of `h(name, version)` over the resources held: the type's version for this client.
     agg: u64,
+    /// Resources held.
+    count: usize,
     /// Nonce of the last response of this type.
     nonce: String,
     /// SotW: version_info of the last response.
@@ -297,46 +311,36 @@ struct TypeState {
     force: HashSet<Arc<str>>,
     /// SotW: answer the next request even if nothing changed (new subscription).
     force_all: bool,
-    /// Delta: per in-flight nonce, the previous `sent` entries to restore on NACK.
+    /// Delta: per in-flight nonce, what its resources were held as before, to restore on NACK.
     pending: Vec<(String, Undo)>,
+    /// Debug builds: the holdings as an explicit map, checked against the implied view.
+    #[cfg(debug_assertions)]
+    shadow: HashMap<Arc<str>, u64>,
 }
 
 fn entry_hash(name: &str, version: u64) -> u64 {
     xxh3_64(name.as_bytes()) ^ version.rotate_left(17)
 }
 
-impl TypeState {
-    fn set_sent(&mut self, name: Arc<str>, version: Option<u64>) -> Option<u64> {
-        let old = match version {
-            Some(v) => self.sent.insert(name.clone(), v),
-            None => self.sent.remove(&name),
-        };
-        if let Some(o) = old {
-            if o != ABSENT {
-                self.agg ^= entry_hash(&name, o);
-            }
-        }
-        if let Some(v) = version {
-            if v != ABSENT {
-                self.agg ^= entry_hash(&name, v);
-            }
-        }
-        old
-    }
+/// Whether `held` counts as holding a resource.
+fn holds(held: Held) -> Option<u64> {
+    held.filter(|v| *v != ABSENT)
+}
 
+impl TypeState {
     fn version_string(&self) -> String {
         format!("{:016x}", self.agg)
     }
 
     fn state_bytes(&self) -> usize {
-        let entry = std::mem::size_of::<(Arc<str>, u64)>() + 1;
+        let entry = std::mem::size_of::<(Arc<str>, Held)>() + 1;
         let name = std::mem::size_of::<Arc<str>>() + 1;
-        self.sent.capacity() * entry
+        self.overlay.capacity() * entry
             + (self.names.capacity() + self.force.capacity()) * name
             + self
                 .pending
                 .iter()
-                .map(|(n, u)| n.len() + u.capacity() * 32)
+                .map(|(n, u)| n.len() + u.capacity() * std::mem::size_of::<(Arc<str>, Held)>())
                 .sum::<usize>()
     }
 }
@@ -355,6 +359,8 @@ struct StreamState {
     metrics: Arc<Metrics>,
     nodes: Arc<Nodes>,
     status: Arc<NodeStatus>,
+    /// Delta protocol (else state of the world).
+    delta: bool,
     node: Option<NodeInfo>,
     types: HashMap<TypeKind, TypeState>,
     snap: Arc<Snapshot>,
@@ -384,6 +390,7 @@ impl StreamState {
             metrics: ads.metrics.clone(),
             nodes: ads.nodes.clone(),
             status: ads.nodes.register(protocol),
+            delta: protocol == "delta",
             node: None,
             types: HashMap::new(),
             snap: ads.cache.current(),
@@ -535,44 +542,34 @@ impl StreamState {
     }
 
     /// The resource `name` of `kind` as this node would get it.
-    fn lookup(&mut self, kind: TypeKind, name: &Arc<str>) -> Option<Res> {
+    fn lookup(&self, kind: TypeKind, name: &str) -> Option<Res> {
         if let Some(l) = self
             .locals
             .by_kind
             .get(&kind)
-            .and_then(|v| v.iter().find(|e| e.name == *name))
+            .and_then(|v| v.iter().find(|e| &*e.name == name))
         {
             return Some(l.clone());
         }
         let view = self.view();
         match kind {
-            TypeKind::Cluster | TypeKind::Endpoint => {
-                let in_view = |v: &NamespaceView| {
-                    if kind == TypeKind::Cluster {
-                        v.clusters.get(name).cloned()
-                    } else {
-                        v.endpoints.get(name).cloned()
-                    }
-                };
-                view.and_then(|v| in_view(v)).or_else(|| {
-                    // `OUTBOUND|<ns>|<svc>` of another namespace the node sees.
-                    let ns = name.split('|').nth(1)?;
-                    if !self.sees(ns) {
-                        return None;
-                    }
-                    self.snap.namespaces.get(ns).and_then(|v| in_view(v))
-                })
-            }
+            TypeKind::Cluster | TypeKind::Endpoint => self.shared_view(name).and_then(|v| {
+                if kind == TypeKind::Cluster {
+                    v.clusters.get(name).cloned()
+                } else {
+                    v.endpoints.get(name).cloned()
+                }
+            }),
             TypeKind::Route => view
                 .and_then(|v| v.route.clone())
-                .filter(|rt| rt.name == *name),
+                .filter(|rt| &*rt.name == name),
             TypeKind::VirtualHost => {
                 let (rc, host) = r::parse_vhds_name(name)?;
                 if rc != r::ON_DEMAND_ROUTE {
                     return None;
                 }
                 let vh = view.and_then(|v| v.hosts.get(host).and_then(|svc| v.vhosts.get(svc)));
-                Some(Encoded::vhds(name.clone(), vh))
+                Some(Encoded::vhds(Arc::from(name), vh))
             }
             TypeKind::Listener => {
                 // Proxyless gRPC: `<svc>.<ns>[:port]` of an existing service in the node's view.
@@ -583,17 +580,47 @@ impl StreamState {
                     .get(ns.as_str())
                     .is_some_and(|v| v.services.contains_key(svc.as_str()));
                 if !exists {
-                    self.locals.api.remove(name);
                     return None;
                 }
-                Some(
-                    self.locals
-                        .api
-                        .entry(name.clone())
-                        .or_insert_with(|| Encoded::new(name.clone(), &r::api_listener(name)))
-                        .clone(),
-                )
+                self.locals.api.get(name).cloned()
             }
+        }
+    }
+
+    /// The namespace view that serves cluster or load assignment `name` to this node: its own,
+    /// or that of another namespace it sees (`OUTBOUND|<ns>|<svc>`).
+    fn shared_view(&self, name: &str) -> Option<&Arc<NamespaceView>> {
+        let own = self.view();
+        if own.is_some_and(|v| v.clusters.contains_key(name) || v.endpoints.contains_key(name)) {
+            return own;
+        }
+        let ns = name.split('|').nth(1)?;
+        if !self.sees(ns) {
+            return None;
+        }
+        self.snap.namespaces.get(ns)
+    }
+
+    /// The name as an `Arc`, shared with the resource of that name when there is one.
+    fn intern(&self, kind: TypeKind, name: &str) -> Arc<str> {
+        match kind {
+            TypeKind::Cluster | TypeKind::Endpoint => {
+                if let Some(r) = self.lookup(kind, name) {
+                    return r.name.clone();
+                }
+            }
+            _ => {}
+        }
+        Arc::from(name)
+    }
+
+    /// Caches the API listener of a proxyless target the client subscribed to.
+    fn prepare_api_listener(&mut self, name: &Arc<str>) {
+        if r::parse_target(name).is_some() && !self.locals.api.contains_key(name) {
+            self.locals.api.insert(
+                name.clone(),
+                Encoded::new(name.clone(), &r::api_listener(name)),
+            );
         }
     }
 
@@ -605,8 +632,7 @@ impl StreamState {
                 TypeKind::Cluster => out.extend(v.clusters.values().cloned()),
                 TypeKind::Endpoint => out.extend(v.endpoints.values().cloned()),
                 TypeKind::Route => {
-                    let local = self.node.as_ref().is_some_and(|n| n.on_demand) || self.widened();
-                    if !local {
+                    if !self.local_route() {
                         out.extend(v.route.clone())
                     }
                 }
@@ -623,6 +649,179 @@ impl StreamState {
         out
     }
 
+    /// Whether the node gets a route of its own instead of its namespace's shared one.
+    fn local_route(&self) -> bool {
+        self.node.as_ref().is_some_and(|n| n.on_demand) || self.widened()
+    }
+
+    /// Whether a wildcard subscriber of `kind` gets `name` (agrees with [`Self::wildcard_set`]).
+    fn in_wildcard(&self, kind: TypeKind, name: &str) -> bool {
+        if self
+            .locals
+            .by_kind
+            .get(&kind)
+            .is_some_and(|v| v.iter().any(|e| &*e.name == name))
+        {
+            return true;
+        }
+        match kind {
+            TypeKind::Cluster => self
+                .shared_view(name)
+                .is_some_and(|v| v.clusters.contains_key(name)),
+            TypeKind::Endpoint => self
+                .shared_view(name)
+                .is_some_and(|v| v.endpoints.contains_key(name)),
+            TypeKind::Route => {
+                !self.local_route()
+                    && self
+                        .view()
+                        .and_then(|v| v.route.as_ref())
+                        .is_some_and(|rt| &*rt.name == name)
+            }
+            TypeKind::Listener | TypeKind::VirtualHost => false,
+        }
+    }
+
+    /// The names the client's subscription of `kind` covers that exist or are named.
+    fn wanted_names(&self, kind: TypeKind) -> Vec<Arc<str>> {
+        let Some(ts) = self.types.get(&kind).filter(|t| t.active) else {
+            return vec![];
+        };
+        let mut v: Vec<Arc<str>> = ts.names.iter().cloned().collect();
+        if ts.wildcard {
+            v.extend(self.wildcard_set(kind).into_iter().map(|e| e.name.clone()));
+        }
+        v
+    }
+
+    /// What the subscription implies the client holds of `name`: every existing resource it
+    /// covers at its current version; for a named one that does not exist, the knowledge of that
+    /// (delta); nothing else.
+    fn implied(&self, kind: TypeKind, name: &str) -> Held {
+        let ts = self.types.get(&kind).filter(|t| t.active)?;
+        let explicit = ts.names.contains(name);
+        if !(explicit || ts.wildcard && self.in_wildcard(kind, name)) {
+            return None;
+        }
+        match self.lookup(kind, name) {
+            Some(r) => Some(r.version),
+            None if explicit && self.delta => Some(ABSENT),
+            None => None,
+        }
+    }
+
+    /// What the client holds of `name`.
+    fn held(&self, kind: TypeKind, name: &str) -> Held {
+        match self.types.get(&kind).and_then(|t| t.overlay.get(name)) {
+            Some(h) => *h,
+            None => self.implied(kind, name),
+        }
+    }
+
+    /// Records in the overlay what the client holds of these names, before something changes
+    /// what its subscription implies for them.
+    fn pin(&mut self, kind: TypeKind, names: impl IntoIterator<Item = Arc<str>>) {
+        let Some(ts) = self.types.get(&kind) else {
+            return;
+        };
+        let add: Vec<(Arc<str>, Held)> = names
+            .into_iter()
+            .filter(|n| !ts.overlay.contains_key(n))
+            .map(|n| {
+                let h = self.implied(kind, &n);
+                (n, h)
+            })
+            .collect();
+        let ts = self.types.get_mut(&kind).expect("checked");
+        ts.overlay.extend(add);
+    }
+
+    /// Pins every name of every type (before the snapshot or the local resources change wholesale).
+    fn pin_all(&mut self) {
+        for k in TypeKind::ALL {
+            let names = self.wanted_names(k);
+            self.pin(k, names);
+        }
+    }
+
+    /// The client now holds `new` of `name`; returns what it held before.
+    fn set_held(&mut self, kind: TypeKind, name: Arc<str>, new: Held) -> Held {
+        let old = self.held(kind, &name);
+        let ts = self.types.get_mut(&kind).expect("active");
+        if let Some(v) = holds(old) {
+            ts.agg ^= entry_hash(&name, v);
+            ts.count -= 1;
+        }
+        if let Some(v) = holds(new) {
+            ts.agg ^= entry_hash(&name, v);
+            ts.count += 1;
+        }
+        #[cfg(debug_assertions)]
+        match new {
+            Some(v) => ts.shadow.insert(name.clone(), v),
+            None => ts.shadow.remove(&name),
+        };
+        ts.overlay.insert(name, new);
+        old
+    }
+
+    /// Drops the overlay entries that agree with the implied view again and gives back their
+    /// memory. Runs after every request and push, when no change is half applied.
+    fn settle(&mut self) {
+        for kind in TypeKind::ALL {
+            let Some(ts) = self.types.get(&kind) else {
+                continue;
+            };
+            let agree: Vec<Arc<str>> = ts
+                .overlay
+                .iter()
+                .filter(|(n, h)| **h == self.implied(kind, n))
+                .map(|(n, _)| n.clone())
+                .collect();
+            let ts = self.types.get_mut(&kind).expect("checked");
+            for n in agree {
+                ts.overlay.remove(&n);
+            }
+            if ts.overlay.capacity() > 2 * ts.overlay.len() + 4 {
+                ts.overlay.shrink_to_fit();
+            }
+            if ts.force.capacity() > 2 * ts.force.len() + 4 {
+                ts.force.shrink_to_fit();
+            }
+        }
+        #[cfg(debug_assertions)]
+        self.check_shadow();
+    }
+
+    /// Debug builds: the implied view plus overlay equals the explicit map, name by name.
+    #[cfg(debug_assertions)]
+    fn check_shadow(&self) {
+        for kind in TypeKind::ALL {
+            let Some(ts) = self.types.get(&kind) else {
+                continue;
+            };
+            let mut names: HashSet<Arc<str>> = ts.shadow.keys().cloned().collect();
+            names.extend(ts.overlay.keys().cloned());
+            names.extend(self.wanted_names(kind));
+            for n in &names {
+                let held = self.held(kind, n);
+                let expected = ts.shadow.get(n).copied();
+                assert_eq!(
+                    held,
+                    expected,
+                    "{} {n}: implied view and overlay disagree with the explicit bookkeeping",
+                    kind.short()
+                );
+            }
+            let agg = ts
+                .shadow
+                .iter()
+                .filter(|(_, v)| **v != ABSENT)
+                .fold(0, |a, (n, v)| a ^ entry_hash(n, *v));
+            assert_eq!(agg, ts.agg, "{} version drifted", kind.short());
+        }
+    }
+
     /// Names to evaluate for `kind`: all (`None`) or only these.
     fn diff(&mut self, kind: TypeKind, only: Option<&HashSet<Arc<str>>>) -> Out {
         let mut out = Out {
@@ -630,41 +829,28 @@ impl StreamState {
             resources: vec![],
             removed: vec![],
         };
-        let Some(ts) = self.types.get(&kind) else {
+        let Some(ts) = self.types.get(&kind).filter(|t| t.active) else {
             return out;
         };
-        if !ts.active {
-            return out;
-        }
         let wildcard = ts.wildcard;
         let names: Vec<Arc<str>> = match only {
             Some(set) => set.iter().cloned().collect(),
             None => {
-                let mut n: HashSet<Arc<str>> = ts.names.clone();
-                n.extend(ts.sent.keys().cloned());
-                if wildcard {
-                    n.extend(self.wildcard_set(kind).into_iter().map(|e| e.name.clone()));
-                }
+                let mut n: HashSet<Arc<str>> = ts.overlay.keys().cloned().collect();
+                n.extend(self.wanted_names(kind));
                 n.into_iter().collect()
             }
         };
-        let wildcard_names: Option<HashSet<Arc<str>>> = wildcard.then(|| {
-            self.wildcard_set(kind)
-                .into_iter()
-                .map(|e| e.name.clone())
-                .collect()
-        });
         for name in names {
             let ts = &self.types[&kind];
             let explicit = ts.names.contains(&name);
-            let by_wildcard = wildcard_names.as_ref().is_some_and(|w| w.contains(&name));
+            let by_wildcard = wildcard && self.in_wildcard(kind, &name);
             let desired = if explicit || by_wildcard {
                 self.lookup(kind, &name)
             } else {
                 None
             };
-            let ts = self.types.get_mut(&kind).expect("active");
-            let held = ts.sent.get(&name).copied();
+            let held = self.held(kind, &name);
             match desired {
                 Some(res) => {
                     if held != Some(res.version) || ts.force.contains(&name) {
@@ -688,18 +874,25 @@ impl StreamState {
     }
 
     /// Records what a response carries (delta: per nonce, so a NACK can roll it back).
-    fn record(&mut self, out: &Out, nonce: &str, delta: bool) {
-        let ts = self.types.get_mut(&out.kind).expect("active");
+    fn record(&mut self, out: &Out, nonce: &str) {
+        let delta = self.delta;
         let mut undo = Vec::new();
         for res in &out.resources {
-            let old = ts.set_sent(res.name.clone(), Some(res.version));
+            let old = self.set_held(out.kind, res.name.clone(), Some(res.version));
             undo.push((res.name.clone(), old));
-            ts.force.remove(&res.name);
         }
         for name in &out.removed {
-            let keep_absent = ts.names.contains(name);
-            let old = ts.set_sent(name.clone(), keep_absent.then_some(ABSENT));
+            let explicit = self.types[&out.kind].names.contains(name);
+            let old = self.set_held(
+                out.kind,
+                name.clone(),
+                (delta && explicit).then_some(ABSENT),
+            );
             undo.push((name.clone(), old));
+        }
+        let ts = self.types.get_mut(&out.kind).expect("active");
+        for res in &out.resources {
+            ts.force.remove(&res.name);
         }
         ts.nonce = nonce.to_string();
         if delta {
@@ -708,31 +901,32 @@ impl StreamState {
                 ts.pending.remove(0);
             }
         }
-        let mut st = self.status.types.lock();
-        let s = st.entry(out.kind).or_default();
-        s.version_sent = ts.version_string();
-        s.resources = ts.sent.values().filter(|v| **v != ABSENT).count();
-        s.responses += 1;
-        s.state_bytes = ts.state_bytes();
+        {
+            let mut st = self.status.types.lock();
+            let s = st.entry(out.kind).or_default();
+            s.version_sent = ts.version_string();
+            s.resources = ts.count;
+            s.responses += 1;
+            s.state_bytes = ts.state_bytes();
+        }
         self.metrics.xds_pushes.inc();
         // Warming: a changed cluster waits for a fresh load assignment, even an unchanged one.
         if out.kind == TypeKind::Cluster && !out.resources.is_empty() {
-            if let Some(eds) = self.types.get_mut(&TypeKind::Endpoint) {
-                for c in &out.resources {
-                    if eds.sent.contains_key(&c.name) {
-                        if delta {
-                            eds.set_sent(c.name.clone(), None);
-                            self.rewarm.insert(c.name.clone());
-                        } else {
-                            eds.force.insert(c.name.clone());
-                        }
-                    }
+            for c in &out.resources {
+                if self.held(TypeKind::Endpoint, &c.name).is_none() {
+                    continue;
+                }
+                if delta {
+                    self.set_held(TypeKind::Endpoint, c.name.clone(), None);
+                    self.rewarm.insert(c.name.clone());
+                } else if let Some(eds) = self.types.get_mut(&TypeKind::Endpoint) {
+                    eds.force.insert(c.name.clone());
                 }
             }
         }
     }
 
-    fn on_nack(&mut self, kind: TypeKind, nonce: &str, message: &str, delta: bool) {
+    fn on_nack(&mut self, kind: TypeKind, nonce: &str, message: &str) {
         let node = self.node.as_ref().map(|n| n.id.clone()).unwrap_or_default();
         tracing::warn!(node = %node, r#type = kind.short(), nonce, error = message, "client rejected config (NACK)");
         self.metrics.xds_nacks.inc();
@@ -742,7 +936,7 @@ impl StreamState {
             s.last_nack = Some(message.to_string());
             s.nacks += 1;
         }
-        if delta {
+        if self.delta {
             let Some(ts) = self.types.get_mut(&kind) else {
                 return;
             };
@@ -751,9 +945,14 @@ impl StreamState {
                 let undone: Vec<_> = ts.pending.drain(pos..).collect();
                 for (_, undo) in undone.into_iter().rev() {
                     for (name, old) in undo.into_iter().rev() {
-                        ts.set_sent(name, old);
+                        self.set_held(kind, name, old);
                     }
                 }
+                let ts = &self.types[&kind];
+                let mut st = self.status.types.lock();
+                let s = st.entry(kind).or_default();
+                s.version_sent = ts.version_string();
+                s.resources = ts.count;
             }
         }
     }
@@ -762,6 +961,9 @@ impl StreamState {
         if let Some(ts) = self.types.get_mut(&kind) {
             if let Some(pos) = ts.pending.iter().position(|(n, _)| n == nonce) {
                 ts.pending.drain(..=pos);
+                if ts.pending.is_empty() {
+                    ts.pending = Vec::new();
+                }
             }
         }
         let mut st = self.status.types.lock();
@@ -771,7 +973,7 @@ impl StreamState {
     }
 
     /// Moves to the latest snapshot; returns the names that changed per kind, or `None` per kind
-    /// when everything must be diffed.
+    /// when everything must be diffed. What the client held of them is pinned first.
     fn advance(&mut self) -> HashMap<TypeKind, Option<HashSet<Arc<str>>>> {
         let snap = self.cache.current();
         let mut out: HashMap<TypeKind, Option<HashSet<Arc<str>>>> = HashMap::new();
@@ -779,87 +981,85 @@ impl StreamState {
             return out;
         }
         let changes = self.cache.changes(self.generation, snap.generation);
-        self.snap = snap;
-        self.generation = self.snap.generation;
-        self.status
-            .generation
-            .store(self.generation, Ordering::Relaxed);
         let ns = self
             .node
             .as_ref()
             .map(|n| n.namespace.clone())
             .unwrap_or_default();
         let own = self.node.as_ref().and_then(|n| n.service.clone());
-        match changes {
-            None => {
-                self.rebuild_locals();
-                for k in TypeKind::ALL {
-                    out.insert(k, None);
-                }
-            }
-            Some(lists) => {
-                let mut locals_dirty = false;
-                for list in lists {
-                    for c in list.iter() {
-                        if c.kind == TypeKind::Listener {
-                            if own.as_deref() == Some(&*c.name) && *c.namespace == *ns {
-                                locals_dirty = true;
-                            }
-                            // Proxyless API listeners depend on the service existing.
-                            let lds = out
-                                .entry(TypeKind::Listener)
-                                .or_insert_with(|| Some(HashSet::new()));
-                            if let Some(set) = lds {
-                                for n in self.locals.api.keys() {
-                                    set.insert(n.clone());
-                                }
-                                if let Some(ts) = self.types.get(&TypeKind::Listener) {
-                                    set.extend(ts.names.iter().cloned());
-                                }
-                            }
-                            continue;
+        let mut full = changes.is_none();
+        for list in changes.iter().flatten() {
+            for c in list.iter() {
+                if c.kind == TypeKind::Listener {
+                    if own.as_deref() == Some(&*c.name) && *c.namespace == *ns {
+                        full = true;
+                    }
+                    // Proxyless API listeners depend on the service existing.
+                    let lds = out
+                        .entry(TypeKind::Listener)
+                        .or_insert_with(|| Some(HashSet::new()));
+                    if let Some(set) = lds {
+                        for n in self.locals.api.keys() {
+                            set.insert(n.clone());
                         }
-                        if *c.namespace != *ns {
-                            if !self.sees(&c.namespace) {
-                                continue;
-                            }
-                            // Another namespace this node sees: its clusters and endpoints are
-                            // ours too; its virtual hosts feed our node-local route.
-                            match c.kind {
-                                TypeKind::Cluster | TypeKind::Endpoint => {}
-                                TypeKind::Route | TypeKind::VirtualHost => {
-                                    locals_dirty = true;
-                                    continue;
-                                }
-                                TypeKind::Listener => continue,
-                            }
-                        } else if c.kind == TypeKind::Route && self.widened() {
-                            locals_dirty = true;
-                            continue;
-                        }
-                        if c.kind == TypeKind::VirtualHost {
-                            // Subscriptions name hosts, not services: look at all of them (few).
-                            out.insert(TypeKind::VirtualHost, None);
-                            continue;
-                        }
-                        if let Some(set) = out.entry(c.kind).or_insert_with(|| Some(HashSet::new()))
-                        {
-                            set.insert(c.name.clone());
+                        if let Some(ts) = self.types.get(&TypeKind::Listener) {
+                            set.extend(ts.names.iter().cloned());
                         }
                     }
+                    continue;
                 }
-                if locals_dirty {
-                    self.rebuild_locals();
-                    for k in TypeKind::ALL {
-                        out.insert(k, None);
+                if *c.namespace != *ns {
+                    if !self.sees(&c.namespace) {
+                        continue;
+                    }
+                    // Another namespace this node sees: its clusters and endpoints are ours too;
+                    // its virtual hosts feed our node-local route.
+                    match c.kind {
+                        TypeKind::Cluster | TypeKind::Endpoint => {}
+                        TypeKind::Route | TypeKind::VirtualHost => {
+                            full = true;
+                            continue;
+                        }
+                        TypeKind::Listener => continue,
+                    }
+                } else if c.kind == TypeKind::Route && self.widened() {
+                    full = true;
+                    continue;
+                }
+                if c.kind == TypeKind::VirtualHost {
+                    // Subscriptions name hosts, not services: look at all of them (few).
+                    out.insert(TypeKind::VirtualHost, None);
+                    continue;
+                }
+                if let Some(set) = out.entry(c.kind).or_insert_with(|| Some(HashSet::new())) {
+                    set.insert(c.name.clone());
+                }
+            }
+        }
+        if full {
+            self.pin_all();
+            out = TypeKind::ALL.into_iter().map(|k| (k, None)).collect();
+        } else {
+            for (k, names) in &out {
+                match names {
+                    Some(set) => self.pin(*k, set.iter().cloned()),
+                    None => {
+                        let names = self.wanted_names(*k);
+                        self.pin(*k, names);
                     }
                 }
             }
         }
+        self.snap = snap;
+        self.generation = self.snap.generation;
+        self.status
+            .generation
+            .store(self.generation, Ordering::Relaxed);
+        if full {
+            self.rebuild_locals();
+        }
         out
     }
-
-    // ---- State of the world ----
 
     /// The stream loop, shared by both protocols: answer requests, push snapshot changes, end on
     /// client close, error or server shutdown.
@@ -890,6 +1090,7 @@ impl StreamState {
                     on_snapshot(&mut self)
                 }
             };
+            self.settle();
             let mut closed = false;
             for resp in outs {
                 self.metrics.xds_bytes.add(resp.len() as u64);
@@ -904,6 +1105,8 @@ impl StreamState {
         }
         self.nodes.remove(self.status.stream);
     }
+
+    // ---- State of the world ----
 
     /// SotW: responses for what changed in the latest snapshot.
     fn sotw_push(&mut self) -> Vec<Reply> {
@@ -924,11 +1127,14 @@ impl StreamState {
             tracing::debug!(type_url = %req.type_url, "ignoring request for an unserved type");
             return Ok(vec![]);
         };
+        if self.generation == 0 {
+            self.advance();
+        }
         let ts = self.types.entry(kind).or_default();
         if let Some(err) = &req.error_detail {
             if req.response_nonce == ts.nonce {
                 let msg = err.message.clone();
-                self.on_nack(kind, &req.response_nonce, &msg, false);
+                self.on_nack(kind, &req.response_nonce, &msg);
             }
             return Ok(vec![]);
         }
@@ -963,20 +1169,49 @@ impl StreamState {
             }
             return Ok(self.sotw_forced(kind, forced).into_iter().collect());
         }
-        let new_names: HashSet<Arc<str>> = names.iter().map(|n| Arc::from(n.as_str())).collect();
+        let new_names: HashSet<Arc<str>> = names
+            .iter()
+            .map(|n| self.intern(kind, n.as_str()))
+            .collect();
+        let ts = &self.types[&kind];
         let added: Vec<Arc<str>> = new_names.difference(&ts.names).cloned().collect();
-        let wildcard_added = wildcard && !ts.wildcard;
         let removed: Vec<Arc<str>> = ts.names.difference(&new_names).cloned().collect();
+        let wildcard_flip = wildcard != ts.wildcard;
+        let wildcard_added = wildcard && !ts.wildcard;
+        // What the client holds of everything whose coverage changes.
+        self.pin(kind, added.iter().chain(&removed).cloned());
+        if wildcard_flip {
+            let covered = self.wildcard_set(kind).into_iter().map(|e| e.name.clone());
+            self.pin(kind, covered.collect::<Vec<_>>());
+        }
+        if kind == TypeKind::Listener {
+            for n in &added {
+                self.prepare_api_listener(n);
+            }
+        }
+        let ts = self.types.get_mut(&kind).expect("active");
         ts.wildcard = wildcard;
         ts.names = new_names;
         // SotW EDS/RDS: forget resources no longer requested (there is no removal message).
         if !kind.wildcard_capable() {
-            for n in removed {
-                ts.set_sent(n, None);
+            for n in &removed {
+                self.set_held(kind, n.clone(), None);
+            }
+        }
+        if kind == TypeKind::Listener {
+            for n in &removed {
+                if !self.types[&kind]
+                    .overlay
+                    .get(n)
+                    .is_some_and(|h| h.is_some())
+                {
+                    self.locals.api.remove(n);
+                }
             }
         }
         // Newly requested names are answered at once, even if sent before; LDS/CDS (full set)
         // and the first request answer with everything.
+        let ts = self.types.get_mut(&kind).expect("active");
         if first || wildcard_added || (kind.wildcard_capable() && !added.is_empty()) {
             ts.force_all = true;
         } else {
@@ -986,21 +1221,12 @@ impl StreamState {
             let (nonce, version) = (req.response_nonce.clone(), req.version_info.clone());
             self.on_ack(kind, &nonce, &version);
         }
-        if self.generation == 0 {
-            self.advance();
-        }
         Ok(self.sotw_build(kind, true, None).into_iter().collect())
     }
 
     /// Everything of `kind` the client should hold now (sorted by name).
-    fn desired_set(&mut self, kind: TypeKind) -> Vec<Res> {
-        let Some(ts) = self.types.get(&kind) else {
-            return vec![];
-        };
-        let mut names: Vec<Arc<str>> = ts.names.iter().cloned().collect();
-        if ts.wildcard {
-            names.extend(self.wildcard_set(kind).into_iter().map(|e| e.name.clone()));
-        }
+    fn desired_set(&self, kind: TypeKind) -> Vec<Res> {
+        let mut names = self.wanted_names(kind);
         names.sort();
         names.dedup();
         names.iter().filter_map(|n| self.lookup(kind, n)).collect()
@@ -1021,23 +1247,25 @@ impl StreamState {
             return self.sotw_changed(kind, only);
         }
         let desired = self.desired_set(kind);
-        let ts = self.types.get_mut(&kind).expect("active");
-        let force_all = std::mem::take(&mut ts.force_all);
-        let full_set = kind.wildcard_capable();
-        let keep: HashSet<Arc<str>> = desired.iter().map(|r| r.name.clone()).collect();
+        let keep: HashSet<&str> = desired.iter().map(|r| &*r.name).collect();
+        let ts = &self.types[&kind];
+        // Held but no longer wanted: pinned in the overlay (the implied view holds only wanted).
         let removed: Vec<Arc<str>> = ts
-            .sent
-            .keys()
-            .filter(|n| !keep.contains(*n))
-            .cloned()
+            .overlay
+            .iter()
+            .filter(|(n, h)| h.is_some() && !keep.contains(&***n))
+            .map(|(n, _)| n.clone())
             .collect();
+        let full_set = kind.wildcard_capable();
+        let force_all = ts.force_all;
         let send: Vec<Res> = if full_set {
             // LDS/CDS carry the complete set whenever any of it changed (an empty set included).
             let unchanged = removed.is_empty()
                 && desired
                     .iter()
-                    .all(|r| ts.sent.get(&r.name) == Some(&r.version));
+                    .all(|r| self.held(kind, &r.name) == Some(r.version));
             if unchanged && !force_all && !ts.version_sent.is_empty() {
+                self.types.get_mut(&kind).expect("active").force_all = false;
                 return None;
             }
             desired
@@ -1046,15 +1274,16 @@ impl StreamState {
                 .into_iter()
                 .filter(|r| {
                     force_all
-                        || ts.sent.get(&r.name) != Some(&r.version)
+                        || self.held(kind, &r.name) != Some(r.version)
                         || (on_request && ts.force.contains(&r.name))
                 })
                 .collect()
         };
+        self.types.get_mut(&kind).expect("active").force_all = false;
         if send.is_empty() && !full_set {
             // EDS/RDS have no removal message: forget silently; nothing requested exists yet.
             for n in removed {
-                ts.set_sent(n, None);
+                self.set_held(kind, n, None);
             }
             return None;
         }
@@ -1069,7 +1298,7 @@ impl StreamState {
             resources,
             removed,
         };
-        self.record(&out, &nonce, false);
+        self.record(&out, &nonce);
         let ts = self.types.get_mut(&kind).expect("active");
         let version = ts.version_string();
         ts.version_sent = version.clone();
@@ -1098,8 +1327,9 @@ impl StreamState {
         let mut gone = Vec::new();
         for name in only {
             let ts = &self.types[&kind];
-            let subscribed = ts.wildcard || ts.names.contains(name);
-            let held = ts.sent.get(name).copied();
+            let subscribed =
+                ts.names.contains(name) || (ts.wildcard && self.in_wildcard(kind, name));
+            let held = self.held(kind, name);
             match subscribed.then(|| self.lookup(kind, name)).flatten() {
                 Some(r) if held != Some(r.version) => send.push(r),
                 Some(_) => {}
@@ -1108,9 +1338,8 @@ impl StreamState {
             }
         }
         if send.is_empty() {
-            let ts = self.types.get_mut(&kind).expect("active");
             for n in gone {
-                ts.set_sent(n, None);
+                self.set_held(kind, n, None);
             }
             return None;
         }
@@ -1151,80 +1380,94 @@ impl StreamState {
         if self.generation == 0 {
             self.advance();
         }
-        let covered: HashSet<Arc<str>> = if req.resource_names_unsubscribe.is_empty() {
-            HashSet::new()
-        } else {
-            self.wildcard_set(kind)
-                .into_iter()
-                .map(|e| e.name.clone())
-                .collect()
-        };
         let ts = self.types.entry(kind).or_default();
         let first = !ts.active;
         ts.active = true;
+        let mut full = false;
         if first {
             for (name, v) in &req.initial_resource_versions {
                 let v = u64::from_str_radix(v, 16).unwrap_or(u64::MAX);
-                ts.set_sent(
-                    Arc::from(name.as_str()),
-                    Some(if v == ABSENT { u64::MAX } else { v }),
-                );
+                let name = self.intern(kind, name);
+                self.set_held(kind, name, Some(if v == ABSENT { u64::MAX } else { v }));
             }
             if req.resource_names_subscribe.is_empty() && kind.wildcard_capable() {
-                ts.wildcard = true;
+                self.set_wildcard(kind, true);
+                full = true;
             }
         }
         let mut evaluate: HashSet<Arc<str>> = HashSet::new();
         for n in &req.resource_names_subscribe {
             if n == "*" {
-                if !ts.wildcard {
-                    ts.wildcard = true;
-                    evaluate.extend(ts.sent.keys().cloned());
+                if !self.types[&kind].wildcard {
+                    self.set_wildcard(kind, true);
+                    full = true;
                 }
                 continue;
             }
-            let name: Arc<str> = Arc::from(n.as_str());
+            let name = self.intern(kind, n);
+            self.pin(kind, [name.clone()]);
+            if kind == TypeKind::Listener {
+                self.prepare_api_listener(&name);
+            }
+            let ts = self.types.get_mut(&kind).expect("active");
             ts.ever_named = true;
             let fresh = ts.names.insert(name.clone());
             // A (re)subscribed name must be provided even if we think the client has it; on the
             // first request, initial_resource_versions says what it has.
             let claimed = first && req.initial_resource_versions.contains_key(n);
-            if !claimed && (fresh || ts.sent.get(&name) != Some(&ABSENT)) {
-                ts.set_sent(name.clone(), None);
+            if !claimed && (fresh || self.held(kind, &name) != Some(ABSENT)) {
+                self.set_held(kind, name.clone(), None);
             }
             evaluate.insert(name);
         }
-        let mut full = first && ts.wildcard;
         for n in &req.resource_names_unsubscribe {
             if n == "*" {
-                ts.wildcard = false;
+                if self.types[&kind].wildcard {
+                    self.set_wildcard(kind, false);
+                }
                 full = true;
                 continue;
             }
-            let name: Arc<str> = Arc::from(n.as_str());
+            let Some(name) = self.types[&kind].names.get(n.as_str()).cloned() else {
+                // Not named: under `*` the client no longer wants it, which must show as a removal.
+                if self.types[&kind].wildcard {
+                    let name = self.intern(kind, n);
+                    if self.in_wildcard(kind, &name) {
+                        self.set_held(kind, name.clone(), Some(u64::MAX));
+                        evaluate.insert(name);
+                    }
+                }
+                continue;
+            };
+            self.pin(kind, [name.clone()]);
+            let ts = self.types.get_mut(&kind).expect("active");
             ts.names.remove(&name);
-            if ts.wildcard {
+            let wildcard = ts.wildcard;
+            if kind == TypeKind::Listener {
+                self.locals.api.remove(&name);
+            }
+            if wildcard {
                 // Still covered by `*`: resend it; not covered: it must appear in removed_resources.
-                if covered.contains(&name) {
-                    ts.set_sent(name.clone(), None);
+                if self.in_wildcard(kind, &name) {
+                    self.set_held(kind, name.clone(), None);
                 } else {
-                    ts.set_sent(name.clone(), Some(u64::MAX));
+                    self.set_held(kind, name.clone(), Some(u64::MAX));
                 }
                 evaluate.insert(name);
             } else {
-                ts.set_sent(name, None);
+                self.set_held(kind, name, None);
             }
         }
         if let Some(err) = &req.error_detail {
             let msg = err.message.clone();
-            self.on_nack(kind, &req.response_nonce, &msg, true);
+            self.on_nack(kind, &req.response_nonce, &msg);
         } else if !req.response_nonce.is_empty() {
             let version = self.types[&kind].version_string();
             self.on_ack(kind, &req.response_nonce, &version);
         }
         if first && !full {
             // Initial named subscription: evaluate the named resources and what the client claims.
-            evaluate.extend(self.types[&kind].sent.keys().cloned());
+            evaluate.extend(self.types[&kind].overlay.keys().cloned());
         }
         if full {
             let mut out: Vec<Reply> = self.delta_build(kind, None).into_iter().collect();
@@ -1258,6 +1501,17 @@ impl StreamState {
         Ok(out)
     }
 
+    /// Turns the wildcard subscription of `kind` on or off, pinning what it covers first.
+    fn set_wildcard(&mut self, kind: TypeKind, on: bool) {
+        let covered: Vec<Arc<str>> = self
+            .wildcard_set(kind)
+            .into_iter()
+            .map(|e| e.name.clone())
+            .collect();
+        self.pin(kind, covered);
+        self.types.get_mut(&kind).expect("active").wildcard = on;
+    }
+
     /// Re-sends load assignments whose cluster a request-triggered response just updated.
     fn rewarm_now(&mut self) -> Option<Reply> {
         if self.rewarm.is_empty() {
@@ -1273,7 +1527,7 @@ impl StreamState {
             return None;
         }
         let nonce = self.next_nonce();
-        self.record(&out, &nonce, true);
+        self.record(&out, &nonce);
         let ts = &self.types[&kind];
         let env = DeltaDiscoveryResponse {
             system_version_info: ts.version_string(),
@@ -1285,7 +1539,6 @@ impl StreamState {
         Some(Msg::delta(&env, &out.resources))
     }
 }
-
 /// The resources a node with these settings would get from `cache` as a wildcard subscriber
 /// (what `/debug/xds/config` shows).
 pub fn resources_for(cache: &Arc<Cache>, node: &NodeInfo) -> Vec<(TypeKind, Res)> {
