@@ -2,6 +2,7 @@
 //! ADS server ([`server`]). Type URLs live here and nowhere else.
 
 pub mod debug;
+pub mod names;
 pub mod resources;
 pub mod server;
 pub mod snapshot;

@@ -111,6 +111,45 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// Runs each mode in a fresh server process, so that a mode's memory figure does not reuse what
+/// the previous mode freed; prints one table.
+async fn run_each_mode(a: XdsArgs) -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?;
+    for (i, mode) in a.mode.iter().enumerate() {
+        let out = tokio::process::Command::new(&exe)
+            .args(["bench", "xds", "--mode", mode_name(*mode)])
+            .args(["--services", &a.services.to_string()])
+            .args(["--endpoints", &a.endpoints.to_string()])
+            .args(["--clients", &a.clients.to_string()])
+            .args(["--changes", &a.changes.to_string()])
+            .args(["--debounce-ms", &a.debounce_ms.to_string()])
+            .stderr(Stdio::inherit())
+            .output()
+            .await?;
+        if !out.status.success() {
+            bail!(
+                "bench xds --mode {} failed: {}",
+                mode_name(*mode),
+                out.status
+            );
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        for line in text.lines() {
+            if i == 0 || line.starts_with(&format!("| {}", mode_name(*mode))) {
+                println!("{line}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn mode_name(m: Mode) -> &'static str {
+    match m {
+        Mode::Delta => "delta",
+        Mode::Sotw => "sotw",
+    }
+}
+
 fn instance(svc: usize, ep: usize) -> InstanceInput {
     InstanceInput {
         namespace: Some("default".into()),
@@ -129,6 +168,9 @@ fn instance(svc: usize, ep: usize) -> InstanceInput {
 
 /// Runs the server side and prints one table row per mode.
 pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
+    if a.mode.len() > 1 {
+        return run_each_mode(a).await;
+    }
     raise_fd_limit();
     let dir = std::env::temp_dir().join(format!("polaris-bench-xds-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -218,14 +260,7 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
                 &a.clients.to_string(),
             ])
             .args(["--clusters", &a.services.to_string()])
-            .args([
-                "--mode",
-                if *mode == Mode::Delta {
-                    "delta"
-                } else {
-                    "sotw"
-                },
-            ])
+            .args(["--mode", mode_name(*mode)])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
@@ -293,11 +328,7 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
         lat.sort_by(|x, y| x.partial_cmp(y).unwrap_or(std::cmp::Ordering::Equal));
         println!(
             "| {:<5} | {:>7} | {:>10.2} | {:>11.2} | {:>11.2} | {:>11.2} | {:>37.1} | {:>19.0} |",
-            if *mode == Mode::Delta {
-                "delta"
-            } else {
-                "sotw"
-            },
+            mode_name(*mode),
             a.clients,
             sync_s,
             pct(&lat, 0.5),

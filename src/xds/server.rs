@@ -19,6 +19,7 @@ use serde::Serialize;
 use tonic::Status;
 use xxhash_rust::xxh3::xxh3_64;
 
+use super::names::{NameSets, Names};
 use super::resources as r;
 use super::snapshot::{Cache, Encoded, NamespaceView, Res, Snapshot};
 use super::transport::{AdsService, Msg, Requests, Tx};
@@ -211,6 +212,7 @@ pub struct Ads {
     cache: Arc<Cache>,
     metrics: Arc<Metrics>,
     nodes: Arc<Nodes>,
+    sets: Arc<NameSets>,
     shutdown: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
@@ -221,6 +223,7 @@ impl Ads {
             cache,
             metrics,
             nodes,
+            sets: Arc::default(),
             shutdown: None,
         }
     }
@@ -294,7 +297,7 @@ struct TypeState {
     /// Subscribed to everything.
     wildcard: bool,
     /// Named subscriptions (names of existing resources share the snapshot's allocation).
-    names: HashSet<Arc<str>>,
+    names: Names,
     /// The client has named resources at least once (ends legacy wildcard).
     ever_named: bool,
     /// Where the client's holdings differ from the implied view.
@@ -336,7 +339,8 @@ impl TypeState {
         let entry = std::mem::size_of::<(Arc<str>, Held)>() + 1;
         let name = std::mem::size_of::<Arc<str>>() + 1;
         self.overlay.capacity() * entry
-            + (self.names.capacity() + self.force.capacity()) * name
+            + self.names.own_bytes()
+            + self.force.capacity() * name
             + self
                 .pending
                 .iter()
@@ -358,6 +362,7 @@ struct StreamState {
     cache: Arc<Cache>,
     metrics: Arc<Metrics>,
     nodes: Arc<Nodes>,
+    sets: Arc<NameSets>,
     status: Arc<NodeStatus>,
     /// Delta protocol (else state of the world).
     delta: bool,
@@ -389,6 +394,7 @@ impl StreamState {
             cache: ads.cache.clone(),
             metrics: ads.metrics.clone(),
             nodes: ads.nodes.clone(),
+            sets: ads.sets.clone(),
             status: ads.nodes.register(protocol),
             delta: protocol == "delta",
             node: None,
@@ -1169,13 +1175,21 @@ impl StreamState {
             }
             return Ok(self.sotw_forced(kind, forced).into_iter().collect());
         }
-        let new_names: HashSet<Arc<str>> = names
-            .iter()
-            .map(|n| self.intern(kind, n.as_str()))
-            .collect();
+        let new_names = self
+            .sets
+            .set(names.iter().map(|n| self.intern(kind, n)).collect());
         let ts = &self.types[&kind];
-        let added: Vec<Arc<str>> = new_names.difference(&ts.names).cloned().collect();
-        let removed: Vec<Arc<str>> = ts.names.difference(&new_names).cloned().collect();
+        let added: Vec<Arc<str>> = new_names
+            .iter()
+            .filter(|n| !ts.names.contains(n))
+            .cloned()
+            .collect();
+        let removed: Vec<Arc<str>> = ts
+            .names
+            .iter()
+            .filter(|n| !new_names.contains(n))
+            .cloned()
+            .collect();
         let wildcard_flip = wildcard != ts.wildcard;
         let wildcard_added = wildcard && !ts.wildcard;
         // What the client holds of everything whose coverage changes.
@@ -1396,67 +1410,76 @@ impl StreamState {
             }
         }
         let mut evaluate: HashSet<Arc<str>> = HashSet::new();
-        for n in &req.resource_names_subscribe {
-            if n == "*" {
-                if !self.types[&kind].wildcard {
-                    self.set_wildcard(kind, true);
-                    full = true;
-                }
-                continue;
-            }
-            let name = self.intern(kind, n);
-            self.pin(kind, [name.clone()]);
-            if kind == TypeKind::Listener {
-                self.prepare_api_listener(&name);
-            }
-            let ts = self.types.get_mut(&kind).expect("active");
-            ts.ever_named = true;
-            let fresh = ts.names.insert(name.clone());
-            // A (re)subscribed name must be provided even if we think the client has it; on the
-            // first request, initial_resource_versions says what it has.
-            let claimed = first && req.initial_resource_versions.contains_key(n);
-            if !claimed && (fresh || self.held(kind, &name) != Some(ABSENT)) {
-                self.set_held(kind, name.clone(), None);
-            }
-            evaluate.insert(name);
+        if req.resource_names_subscribe.iter().any(|n| n == "*") && !self.types[&kind].wildcard {
+            self.set_wildcard(kind, true);
+            full = true;
         }
-        for n in &req.resource_names_unsubscribe {
-            if n == "*" {
-                if self.types[&kind].wildcard {
-                    self.set_wildcard(kind, false);
-                }
-                full = true;
-                continue;
-            }
-            let Some(name) = self.types[&kind].names.get(n.as_str()).cloned() else {
-                // Not named: under `*` the client no longer wants it, which must show as a removal.
-                if self.types[&kind].wildcard {
-                    let name = self.intern(kind, n);
-                    if self.in_wildcard(kind, &name) {
-                        self.set_held(kind, name.clone(), Some(u64::MAX));
-                        evaluate.insert(name);
-                    }
-                }
-                continue;
-            };
-            self.pin(kind, [name.clone()]);
-            let ts = self.types.get_mut(&kind).expect("active");
-            ts.names.remove(&name);
-            let wildcard = ts.wildcard;
+        let subscribe: Vec<Arc<str>> = req
+            .resource_names_subscribe
+            .iter()
+            .filter(|n| *n != "*")
+            .map(|n| self.intern(kind, n))
+            .collect();
+        let unsubscribe: Vec<Arc<str>> = req
+            .resource_names_unsubscribe
+            .iter()
+            .filter(|n| *n != "*")
+            .map(|n| {
+                self.types[&kind]
+                    .names
+                    .get(n)
+                    .cloned()
+                    .unwrap_or_else(|| self.intern(kind, n))
+            })
+            .collect();
+        if !subscribe.is_empty() || !unsubscribe.is_empty() {
+            // What the client holds of every name whose coverage changes, then the new set.
+            self.pin(kind, subscribe.iter().chain(&unsubscribe).cloned());
             if kind == TypeKind::Listener {
-                self.locals.api.remove(&name);
+                for n in &subscribe {
+                    self.prepare_api_listener(n);
+                }
             }
-            if wildcard {
-                // Still covered by `*`: resend it; not covered: it must appear in removed_resources.
-                if self.in_wildcard(kind, &name) {
+            let ts = &self.types[&kind];
+            let fresh: Vec<bool> = subscribe.iter().map(|n| !ts.names.contains(n)).collect();
+            let was_named: Vec<bool> = unsubscribe.iter().map(|n| ts.names.contains(n)).collect();
+            let names = self.sets.with(&ts.names, &subscribe, &unsubscribe);
+            let ts = self.types.get_mut(&kind).expect("active");
+            ts.names = names;
+            ts.ever_named |= !subscribe.is_empty();
+            for (name, fresh) in subscribe.into_iter().zip(fresh) {
+                // A (re)subscribed name must be provided even if we think the client has it; on
+                // the first request, initial_resource_versions says what it has.
+                let claimed = first && req.initial_resource_versions.contains_key(&*name);
+                if !claimed && (fresh || self.held(kind, &name) != Some(ABSENT)) {
                     self.set_held(kind, name.clone(), None);
-                } else {
-                    self.set_held(kind, name.clone(), Some(u64::MAX));
                 }
                 evaluate.insert(name);
-            } else {
-                self.set_held(kind, name, None);
             }
+            let wildcard = self.types[&kind].wildcard;
+            for (name, was_named) in unsubscribe.into_iter().zip(was_named) {
+                if kind == TypeKind::Listener {
+                    self.locals.api.remove(&name);
+                }
+                if wildcard {
+                    // Still covered by `*`: resend it; not covered: it must appear in
+                    // removed_resources.
+                    if self.in_wildcard(kind, &name) {
+                        self.set_held(kind, name.clone(), None);
+                    } else {
+                        self.set_held(kind, name.clone(), Some(u64::MAX));
+                    }
+                    evaluate.insert(name);
+                } else if was_named {
+                    self.set_held(kind, name, None);
+                }
+            }
+        }
+        if req.resource_names_unsubscribe.iter().any(|n| n == "*") {
+            if self.types[&kind].wildcard {
+                self.set_wildcard(kind, false);
+            }
+            full = true;
         }
         if let Some(err) = &req.error_detail {
             let msg = err.message.clone();
