@@ -181,6 +181,14 @@ impl Metrics {
             "# HELP polaris_xds_streams Connected xDS streams.\n# TYPE polaris_xds_streams gauge\npolaris_xds_streams {}",
             g.xds_streams
         );
+        if let Some(h) = heap() {
+            let _ = writeln!(
+                out,
+                "# HELP polaris_heap_allocated_bytes Heap in use.\n# TYPE polaris_heap_allocated_bytes gauge\npolaris_heap_allocated_bytes {}\n\
+                 # HELP polaris_heap_resident_bytes Memory the allocator holds from the system.\n# TYPE polaris_heap_resident_bytes gauge\npolaris_heap_resident_bytes {}",
+                h.allocated, h.resident
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP polaris_store_commit_seconds Store commit latency.\n# TYPE polaris_store_commit_seconds histogram"
@@ -200,6 +208,27 @@ impl Metrics {
         }
         out
     }
+}
+
+/// Heap figures from the allocator.
+#[derive(Debug, Clone, Copy)]
+pub struct Heap {
+    /// Bytes in live allocations.
+    pub allocated: u64,
+    /// Bytes of physical memory the allocator holds (in use, cached, metadata).
+    pub resident: u64,
+}
+
+/// The allocator's current figures, when jemalloc is the global allocator (the `polaris` binary).
+pub fn heap() -> Option<Heap> {
+    tikv_jemalloc_ctl::epoch::advance().ok()?;
+    let allocated = tikv_jemalloc_ctl::stats::allocated::read().ok()? as u64;
+    let resident = tikv_jemalloc_ctl::stats::resident::read().ok()? as u64;
+    // Without the global allocator only jemalloc's own bootstrap shows.
+    (allocated > 1 << 20).then_some(Heap {
+        allocated,
+        resident,
+    })
 }
 
 #[cfg(test)]

@@ -89,13 +89,7 @@ pub async fn run(
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let grpc = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(ads.into_service())
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(xds),
-            stopped(stop_rx.clone()),
-        );
+    let grpc = crate::xds::transport::serve(xds, ads.into_service(), stop_rx.clone());
     let rest = axum::serve(http, app).with_graceful_shutdown(stopped(stop_rx));
     let (g, h) = tokio::join!(grpc, rest);
     g.context("xDS server")?;

@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -96,6 +96,11 @@ fn rss_kib() -> u64 {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// Live heap bytes (0 when the allocator cannot tell).
+fn heap_bytes() -> u64 {
+    crate::metrics::heap().map_or(0, |h| h.allocated)
 }
 
 fn raise_fd_limit() {
@@ -225,11 +230,12 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let ads = Ads::new(cache.clone(), metrics.clone(), nodes.clone());
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(ads.into_service())
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(crate::xds::transport::serve(
+        listener,
+        ads.into_service(),
+        stop_rx,
+    ));
     println!(
         "xds benchmark: {} services x {} endpoints = {} instances, {} clients (each its own connection, in a second process), {} single-endpoint changes per mode, debounce {} ms",
         a.services,
@@ -244,11 +250,23 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
         full[1].as_secs_f64() * 1e3,
         world_bytes as f64 / (1 << 20) as f64
     );
-    println!("| mode  | clients | sync all s | push p50 ms | push p99 ms | push max ms | KiB/client (server RSS, after changes) | bytes/change/client |");
-    println!("|-------|---------|------------|-------------|-------------|-------------|---------------------------------------|---------------------|");
+    println!("Memory per client is the server's growth with every client connected, after the initial sync and the changes: live heap, heap at its peak (during the sync), and RSS.");
+    println!("| mode  | clients | sync all s | push p50 ms | push p99 ms | push max ms | heap KiB/client | peak heap KiB/client | RSS KiB/client | bytes/change/client |");
+    println!("|-------|---------|------------|-------------|-------------|-------------|-----------------|----------------------|----------------|---------------------|");
     let mut next_ep = a.endpoints;
     for mode in &a.mode {
         let rss_before = rss_kib();
+        let heap_before = heap_bytes();
+        let peak = Arc::new(AtomicU64::new(heap_before));
+        let sampler = {
+            let peak = peak.clone();
+            tokio::spawn(async move {
+                loop {
+                    peak.fetch_max(heap_bytes(), Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        };
         let exe = std::env::current_exe()?;
         let mut child = tokio::process::Command::new(exe)
             .args([
@@ -318,6 +336,11 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
         // Server memory with every client connected, after the initial sync and the changes.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let rss_after = rss_kib();
+        let heap_after = heap_bytes();
+        sampler.abort();
+        let per_client = |after: u64, before: u64| {
+            after.saturating_sub(before) as f64 / 1024.0 / a.clients as f64
+        };
         if std::env::var_os("POLARIS_BENCH_HOLD").is_some() {
             // For heap profilers: stop here, every client connected, until killed.
             eprintln!("HOLD");
@@ -327,14 +350,16 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
         let _ = child.wait().await;
         lat.sort_by(|x, y| x.partial_cmp(y).unwrap_or(std::cmp::Ordering::Equal));
         println!(
-            "| {:<5} | {:>7} | {:>10.2} | {:>11.2} | {:>11.2} | {:>11.2} | {:>37.1} | {:>19.0} |",
+            "| {:<5} | {:>7} | {:>10.2} | {:>11.2} | {:>11.2} | {:>11.2} | {:>15.1} | {:>20.1} | {:>14.1} | {:>19.0} |",
             mode_name(*mode),
             a.clients,
             sync_s,
             pct(&lat, 0.5),
             pct(&lat, 0.99),
             pct(&lat, 1.0),
-            rss_after.saturating_sub(rss_before) as f64 / a.clients as f64,
+            per_client(heap_after, heap_before),
+            per_client(peak.load(Ordering::Relaxed), heap_before),
+            per_client(rss_after, rss_before) * 1024.0,
             bytes as f64 / (a.changes * a.clients) as f64
         );
         // Wait for the streams to close before the next mode.

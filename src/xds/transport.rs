@@ -37,28 +37,60 @@ const MAX_REQUEST: usize = 16 << 20;
 
 /// The request side of a stream: gRPC messages decoded from the HTTP/2 body.
 ///
-/// Like tonic's `Streaming`, but a large buffer (Envoy's first delta EDS request names every cluster)
-/// is released once only small messages follow, instead of being kept for the stream's lifetime.
+/// Like tonic's `Streaming`, but without a reassembly buffer: the body's chunks (slices of the
+/// connection's read buffer) are kept as they come and a message is decoded straight from them.
+/// Nothing stays allocated between messages, however large the last one was (Envoy's EDS requests
+/// name every cluster: tens of KiB per request).
 pub struct Requests<T> {
     body: Body,
-    buf: BytesMut,
+    chunks: VecDeque<Bytes>,
+    /// Bytes in `chunks`.
+    buffered: usize,
     done: bool,
-    /// Small messages decoded since the last large one.
-    small_streak: u8,
     _msg: PhantomData<fn() -> T>,
 }
 
-/// Buffer capacity kept between messages.
-const KEEP_CAPACITY: usize = 4 << 10;
+/// The first `remaining` bytes of a chunk list, consumed as they are read.
+struct Chunks<'a> {
+    chunks: &'a mut VecDeque<Bytes>,
+    remaining: usize,
+}
+
+impl bytes::Buf for Chunks<'_> {
+    fn remaining(&self) -> usize {
+        self.remaining
+    }
+
+    fn chunk(&self) -> &[u8] {
+        match self.chunks.front() {
+            Some(c) => &c[..c.len().min(self.remaining)],
+            None => &[],
+        }
+    }
+
+    fn advance(&mut self, mut n: usize) {
+        assert!(n <= self.remaining, "advance past the message");
+        self.remaining -= n;
+        while n > 0 {
+            let front = self.chunks.front_mut().expect("buffered bytes");
+            if n < front.len() {
+                bytes::Buf::advance(front, n);
+                return;
+            }
+            n -= front.len();
+            self.chunks.pop_front();
+        }
+    }
+}
 
 impl<T: Message + Default> Requests<T> {
     /// Reads `body`.
     pub fn new(body: Body) -> Self {
         Requests {
             body,
-            buf: BytesMut::new(),
+            chunks: VecDeque::new(),
+            buffered: 0,
             done: false,
-            small_streak: 0,
             _msg: PhantomData,
         }
     }
@@ -70,7 +102,7 @@ impl<T: Message + Default> Requests<T> {
                 return Ok(Some(msg));
             }
             if self.done {
-                return if self.buf.is_empty() {
+                return if self.buffered == 0 {
                     Ok(None)
                 } else {
                     Err(Status::invalid_argument("stream ended inside a message"))
@@ -84,7 +116,10 @@ impl<T: Message + Default> Requests<T> {
                 None => self.done = true,
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
-                        self.buf.extend_from_slice(&data);
+                        if !data.is_empty() {
+                            self.buffered += data.len();
+                            self.chunks.push_back(data);
+                        }
                     }
                 }
                 Some(Err(status)) => return Err(status),
@@ -93,36 +128,44 @@ impl<T: Message + Default> Requests<T> {
     }
 
     fn decode(&mut self) -> Result<Option<T>, Status> {
-        if self.buf.len() < 5 {
+        if self.buffered < 5 {
             return Ok(None);
         }
-        if self.buf[0] != 0 {
+        let mut head = [0u8; 5];
+        let mut at = 0;
+        for c in &self.chunks {
+            let n = c.len().min(5 - at);
+            head[at..at + n].copy_from_slice(&c[..n]);
+            at += n;
+            if at == 5 {
+                break;
+            }
+        }
+        if head[0] != 0 {
             return Err(Status::unimplemented(
                 "compressed requests are not supported",
             ));
         }
-        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
         if len > MAX_REQUEST {
             return Err(Status::resource_exhausted(format!(
                 "request of {len} bytes exceeds the {MAX_REQUEST} byte limit"
             )));
         }
-        if self.buf.len() < 5 + len {
-            self.buf.reserve(5 + len - self.buf.len());
+        if self.buffered < 5 + len {
             return Ok(None);
         }
-        let msg = T::decode(&self.buf[5..5 + len])
-            .map_err(|e| Status::invalid_argument(format!("undecodable request: {e}")))?;
-        let _ = self.buf.split_to(5 + len);
-        // A large buffer is released once large messages stop coming (delta: after the first
-        // subscriptions); SotW clients that repeat every name in each ACK keep theirs.
-        self.small_streak = if len > KEEP_CAPACITY {
-            0
-        } else {
-            self.small_streak.saturating_add(1)
+        let mut buf = Chunks {
+            chunks: &mut self.chunks,
+            remaining: 5 + len,
         };
-        if self.buf.is_empty() && self.buf.capacity() > KEEP_CAPACITY && self.small_streak >= 4 {
-            self.buf = BytesMut::new();
+        bytes::Buf::advance(&mut buf, 5);
+        let msg = T::decode(&mut buf)
+            .map_err(|e| Status::invalid_argument(format!("undecodable request: {e}")))?;
+        debug_assert_eq!(buf.remaining, 0);
+        self.buffered -= 5 + len;
+        if self.chunks.is_empty() && self.chunks.capacity() > 8 {
+            self.chunks = VecDeque::new();
         }
         Ok(Some(msg))
     }
@@ -328,5 +371,148 @@ impl http_body::Body for ResponseBody {
                 Poll::Ready(Some(Ok(Frame::trailers(trailers(&Status::ok(""))))))
             }
         }
+    }
+}
+
+/// Data the server buffers per stream ahead of what the socket takes. HTTP/2 lets a client open
+/// windows of hundreds of MiB; without a bound, a client that reads slowly during its initial
+/// sync would have the whole world queued for it in the server's memory.
+pub const SEND_BUFFER: usize = 32 << 10;
+/// HTTP/2 PING interval on idle connections (detects dead peers behind NATs and proxies).
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Serves ADS over HTTP/2 (prior knowledge, as gRPC clients speak it) on `listener` until `stop`
+/// turns true; then asks every connection to go away and waits for them to close.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    service: AdsService,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2
+        .timer(TokioTimer::new())
+        .keep_alive_interval(KEEPALIVE);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            biased;
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "xDS accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let svc = service.clone();
+        let hyper_svc =
+            hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let mut svc = svc.clone();
+                tower::Service::call(&mut svc, req.map(Body::new))
+            });
+        let conn = http2.serve_connection(TokioIo::new(tcp), hyper_svc);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(peer = %peer, error = %e, "xDS connection ended");
+            }
+        });
+    }
+    graceful.shutdown().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::core::v3::Node;
+
+    fn framed(msg: &DiscoveryRequest) -> Vec<u8> {
+        let body = msg.encode_to_vec();
+        let mut out = vec![0];
+        out.extend((body.len() as u32).to_be_bytes());
+        out.extend(body);
+        out
+    }
+
+    fn body_of(chunks: Vec<Vec<u8>>) -> Body {
+        let frames = chunks
+            .into_iter()
+            .map(|c| Ok::<_, Status>(Frame::data(Bytes::from(c))));
+        Body::new(http_body_util::StreamBody::new(futures::stream::iter(
+            frames,
+        )))
+    }
+
+    fn request(i: usize, names: usize) -> DiscoveryRequest {
+        DiscoveryRequest {
+            node: Some(Node {
+                id: format!("node-{i}"),
+                ..Default::default()
+            }),
+            resource_names: (0..names)
+                .map(|n| format!("OUTBOUND|default|svc-{n}"))
+                .collect(),
+            response_nonce: format!("{i:x}"),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn messages_are_decoded_across_any_chunk_boundaries() {
+        let msgs: Vec<DiscoveryRequest> = (0..5).map(|i| request(i, i * 300)).collect();
+        let wire: Vec<u8> = msgs.iter().flat_map(framed).collect();
+        for size in [1, 2, 5, 7, 64, 1000, 16384, wire.len()] {
+            let chunks: Vec<Vec<u8>> = wire.chunks(size).map(<[u8]>::to_vec).collect();
+            let mut reqs = Requests::<DiscoveryRequest>::new(body_of(chunks));
+            for m in &msgs {
+                assert_eq!(
+                    reqs.message().await.unwrap().as_ref(),
+                    Some(m),
+                    "chunk size {size}"
+                );
+            }
+            assert_eq!(reqs.message().await.unwrap(), None);
+            assert!(reqs.chunks.is_empty() && reqs.buffered == 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn truncated_compressed_and_oversized_messages_are_errors() {
+        let mut wire = framed(&request(1, 10));
+        wire.truncate(wire.len() - 1);
+        let mut reqs = Requests::<DiscoveryRequest>::new(body_of(vec![wire]));
+        let e = reqs.message().await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+
+        let mut wire = framed(&request(1, 1));
+        wire[0] = 1;
+        let mut reqs = Requests::<DiscoveryRequest>::new(body_of(vec![wire]));
+        assert_eq!(
+            reqs.message().await.unwrap_err().code(),
+            tonic::Code::Unimplemented
+        );
+
+        let mut wire = vec![0];
+        wire.extend(((MAX_REQUEST + 1) as u32).to_be_bytes());
+        let mut reqs = Requests::<DiscoveryRequest>::new(body_of(vec![wire]));
+        assert_eq!(
+            reqs.message().await.unwrap_err().code(),
+            tonic::Code::ResourceExhausted
+        );
+
+        let mut wire = vec![0];
+        wire.extend(3u32.to_be_bytes());
+        wire.extend([0xff, 0xff, 0xff]);
+        let mut reqs = Requests::<DiscoveryRequest>::new(body_of(vec![wire]));
+        assert_eq!(
+            reqs.message().await.unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
     }
 }
