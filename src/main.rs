@@ -74,6 +74,7 @@ fn init_tracing(level: &str, format: LogFormat) {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    polaris_mesh::metrics::purge_in_background();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

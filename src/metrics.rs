@@ -219,6 +219,14 @@ pub struct Heap {
     pub resident: u64,
 }
 
+/// Lets jemalloc return freed pages to the system from its own threads, so memory freed after a
+/// burst goes back even while the process is idle.
+pub fn purge_in_background() {
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        tracing::debug!(error = %e, "jemalloc background purging unavailable");
+    }
+}
+
 /// The allocator's current figures, when jemalloc is the global allocator (the `polaris` binary).
 pub fn heap() -> Option<Heap> {
     tikv_jemalloc_ctl::epoch::advance().ok()?;

@@ -250,11 +250,13 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
         full[1].as_secs_f64() * 1e3,
         world_bytes as f64 / (1 << 20) as f64
     );
-    println!("Memory per client is the server's growth with every client connected, after the initial sync and the changes: live heap, heap at its peak (during the sync), and RSS.");
-    println!("| mode  | clients | sync all s | push p50 ms | push p99 ms | push max ms | heap KiB/client | peak heap KiB/client | RSS KiB/client | bytes/change/client |");
-    println!("|-------|---------|------------|-------------|-------------|-------------|-----------------|----------------------|----------------|---------------------|");
+    println!("Memory per client is the server's growth with every client connected, after the initial sync and the changes: live heap, heap at its peak (during the sync), RSS, and RSS 12 s later (jemalloc returns freed pages after about 10 s).");
+    println!("| mode  | clients | sync all s | push p50 ms | push p99 ms | push max ms | heap KiB/client | peak heap KiB/client | RSS KiB/client | RSS KiB/client 12 s later | bytes/change/client |");
+    println!("|-------|---------|------------|-------------|-------------|-------------|-----------------|----------------------|----------------|---------------------------|---------------------|");
     let mut next_ep = a.endpoints;
     for mode in &a.mode {
+        // Baselines once the allocator has returned what loading the registry freed.
+        tokio::time::sleep(Duration::from_secs(12)).await;
         let rss_before = rss_kib();
         let heap_before = heap_bytes();
         let peak = Arc::new(AtomicU64::new(heap_before));
@@ -337,6 +339,9 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let rss_after = rss_kib();
         let heap_after = heap_bytes();
+        // What stays once the allocator has returned the burst's freed pages.
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        let rss_idle = rss_kib();
         sampler.abort();
         let per_client = |after: u64, before: u64| {
             after.saturating_sub(before) as f64 / 1024.0 / a.clients as f64
@@ -350,7 +355,7 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
         let _ = child.wait().await;
         lat.sort_by(|x, y| x.partial_cmp(y).unwrap_or(std::cmp::Ordering::Equal));
         println!(
-            "| {:<5} | {:>7} | {:>10.2} | {:>11.2} | {:>11.2} | {:>11.2} | {:>15.1} | {:>20.1} | {:>14.1} | {:>19.0} |",
+            "| {:<5} | {:>7} | {:>10.2} | {:>11.2} | {:>11.2} | {:>11.2} | {:>15.1} | {:>20.1} | {:>14.1} | {:>25.1} | {:>19.0} |",
             mode_name(*mode),
             a.clients,
             sync_s,
@@ -360,6 +365,7 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
             per_client(heap_after, heap_before),
             per_client(peak.load(Ordering::Relaxed), heap_before),
             per_client(rss_after, rss_before) * 1024.0,
+            per_client(rss_idle, rss_before) * 1024.0,
             bytes as f64 / (a.changes * a.clients) as f64
         );
         // Wait for the streams to close before the next mode.

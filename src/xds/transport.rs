@@ -171,52 +171,63 @@ impl<T: Message + Default> Requests<T> {
     }
 }
 
-/// One response, ready for the wire: the gRPC frame header and envelope, then shared parts.
+/// One response, ready for the wire: the gRPC frame header and envelope, then the resources' shared
+/// pre-framed bytes (8 bytes per resource until it is sent).
 #[derive(Debug)]
 pub struct Msg {
-    parts: Vec<Bytes>,
+    head: Bytes,
+    resources: Vec<Res>,
+    delta: bool,
 }
 
 impl Msg {
-    fn frame(envelope: Vec<u8>, shared: impl Iterator<Item = Bytes>) -> Msg {
-        let shared: Vec<Bytes> = shared.collect();
-        let len = envelope.len() + shared.iter().map(Bytes::len).sum::<usize>();
+    fn frame(envelope: Vec<u8>, resources: &[Res], delta: bool) -> Msg {
+        let part = |r: &Res| if delta { r.delta.len() } else { r.sotw.len() };
+        let len = envelope.len() + resources.iter().map(part).sum::<usize>();
         let mut head = BytesMut::with_capacity(5 + envelope.len());
         head.put_u8(0);
         head.put_u32(len as u32);
         head.put_slice(&envelope);
-        let mut parts = Vec::with_capacity(1 + shared.len());
-        parts.push(head.freeze());
-        parts.extend(shared);
-        Msg { parts }
+        Msg {
+            head: head.freeze(),
+            resources: resources.to_vec(),
+            delta,
+        }
     }
 
     /// A SotW response: `resp` must not carry resources; `resources` follow as shared bytes.
     pub fn sotw(resp: &DiscoveryResponse, resources: &[Res]) -> Msg {
         debug_assert!(resp.resources.is_empty());
-        Msg::frame(
-            resp.encode_to_vec(),
-            resources.iter().map(|r| r.sotw.clone()),
-        )
+        Msg::frame(resp.encode_to_vec(), resources, false)
     }
 
     /// A delta response: `resp` must not carry resources; `resources` follow as shared bytes.
     pub fn delta(resp: &DeltaDiscoveryResponse, resources: &[Res]) -> Msg {
         debug_assert!(resp.resources.is_empty());
-        Msg::frame(
-            resp.encode_to_vec(),
-            resources.iter().map(|r| r.delta.clone()),
-        )
+        Msg::frame(resp.encode_to_vec(), resources, true)
     }
 
     /// Bytes on the wire (without HTTP/2 framing).
     pub fn len(&self) -> usize {
-        self.parts.iter().map(Bytes::len).sum()
+        self.head.len()
+            + self
+                .resources
+                .iter()
+                .map(|r| self.part(r).len())
+                .sum::<usize>()
     }
 
     /// Whether the message is empty (never: it has a header).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    fn part<'a>(&self, r: &'a Res) -> &'a Bytes {
+        if self.delta {
+            &r.delta
+        } else {
+            &r.sotw
+        }
     }
 }
 
@@ -280,7 +291,8 @@ impl tower::Service<http::Request<Body>> for AdsService {
 /// Streams the parts of each message, then the gRPC status as trailers.
 struct ResponseBody {
     rx: mpsc::Receiver<Result<Msg, Status>>,
-    pending: VecDeque<Bytes>,
+    /// The message being sent and its next part: 0 is the head, `i` the resource `i - 1`.
+    current: Option<(Msg, usize)>,
     done: bool,
 }
 
@@ -288,7 +300,7 @@ impl ResponseBody {
     fn new(rx: mpsc::Receiver<Result<Msg, Status>>) -> Self {
         ResponseBody {
             rx,
-            pending: VecDeque::new(),
+            current: None,
             done: false,
         }
     }
@@ -300,34 +312,40 @@ const LARGE_PART: usize = 8 << 10;
 const CHUNK: usize = 16 << 10;
 
 impl ResponseBody {
+    /// The next part of the current message.
+    fn peek(&self) -> Option<&Bytes> {
+        let (msg, i) = self.current.as_ref()?;
+        match i {
+            0 => Some(&msg.head),
+            i => msg.resources.get(i - 1).map(|r| msg.part(r)),
+        }
+    }
+
+    fn take(&mut self) -> Option<Bytes> {
+        let part = self.peek()?.clone();
+        let (msg, i) = self.current.as_mut().expect("peeked");
+        *i += 1;
+        if *i > msg.resources.len() {
+            self.current = None;
+        }
+        Some(part)
+    }
+
     /// The next DATA chunk. Small resources are coalesced so a response of a thousand resources
     /// becomes a few dozen frames: HTTP/2 keeps a slot per queued frame and never shrinks its
     /// queue, so handing it one frame per resource would pin that memory per connection.
     fn next_chunk(&mut self) -> Option<Bytes> {
-        let first = self.pending.pop_front()?;
-        if first.len() >= LARGE_PART || self.pending.front().is_none_or(|n| n.len() >= LARGE_PART) {
-            self.shrink();
+        let first = self.take()?;
+        if first.len() >= LARGE_PART || self.peek().is_none_or(|n| n.len() >= LARGE_PART) {
             return Some(first);
         }
         let mut chunk = BytesMut::with_capacity(CHUNK + LARGE_PART);
         chunk.put_slice(&first);
-        while chunk.len() < CHUNK {
-            match self.pending.front() {
-                Some(n) if n.len() < LARGE_PART => {
-                    let n = self.pending.pop_front().expect("peeked");
-                    chunk.put_slice(&n);
-                }
-                _ => break,
-            }
+        while chunk.len() < CHUNK && self.peek().is_some_and(|n| n.len() < LARGE_PART) {
+            let n = self.take().expect("peeked");
+            chunk.put_slice(&n);
         }
-        self.shrink();
         Some(chunk.freeze())
-    }
-
-    fn shrink(&mut self) {
-        if self.pending.is_empty() && self.pending.capacity() > 64 {
-            self.pending = VecDeque::new();
-        }
     }
 }
 
@@ -356,7 +374,7 @@ impl http_body::Body for ResponseBody {
         match self.rx.poll_recv(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Some(Ok(msg))) => {
-                self.pending.extend(msg.parts);
+                self.current = Some((msg, 0));
                 match self.next_chunk() {
                     Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
                     None => Poll::Pending,
@@ -392,7 +410,8 @@ pub async fn serve(
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2
         .timer(TokioTimer::new())
-        .keep_alive_interval(KEEPALIVE);
+        .keep_alive_interval(KEEPALIVE)
+        .max_send_buf_size(SEND_BUFFER);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let (tcp, peer) = tokio::select! {
