@@ -24,6 +24,61 @@ pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteCon
 /// VirtualHost type URL (VHDS, delta only).
 pub const VIRTUAL_HOST_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.VirtualHost";
 
+/// A value per resource type, present or not: a map keyed by [`TypeKind`] without hashing.
+#[derive(Debug, Clone, Default)]
+pub struct PerKind<T>([Option<T>; 5]);
+
+impl<T> PerKind<T> {
+    /// The value of `k`.
+    pub fn get(&self, k: &TypeKind) -> Option<&T> {
+        self.0[k.index()].as_ref()
+    }
+
+    /// The value of `k`, mutably.
+    pub fn get_mut(&mut self, k: &TypeKind) -> Option<&mut T> {
+        self.0[k.index()].as_mut()
+    }
+
+    /// The value of `k`, created if absent.
+    pub fn get_or_default(&mut self, k: TypeKind) -> &mut T
+    where
+        T: Default,
+    {
+        self.0[k.index()].get_or_insert_with(T::default)
+    }
+
+    /// The value of `k`, created by `f` if absent.
+    pub fn get_or_insert_with(&mut self, k: TypeKind, f: impl FnOnce() -> T) -> &mut T {
+        self.0[k.index()].get_or_insert_with(f)
+    }
+
+    /// Sets the value of `k`.
+    pub fn set(&mut self, k: TypeKind, v: T) {
+        self.0[k.index()] = Some(v);
+    }
+
+    /// Present values with their kinds, in push order.
+    pub fn iter(&self) -> impl Iterator<Item = (TypeKind, &T)> {
+        TypeKind::ALL
+            .into_iter()
+            .zip(&self.0)
+            .filter_map(|(k, v)| v.as_ref().map(|v| (k, v)))
+    }
+
+    /// Present values, in push order.
+    pub fn values(&self) -> impl Iterator<Item = &T> {
+        self.0.iter().flatten()
+    }
+}
+
+impl<T> std::ops::Index<&TypeKind> for PerKind<T> {
+    type Output = T;
+
+    fn index(&self, k: &TypeKind) -> &T {
+        self.get(k).expect("type present")
+    }
+}
+
 /// The resource types we serve, in the order ADS pushes them (CDS before EDS, LDS before RDS).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub enum TypeKind {
@@ -62,7 +117,15 @@ impl TypeKind {
 
     /// The kind of a type URL.
     pub fn from_url(url: &str) -> Option<TypeKind> {
-        TypeKind::ALL.into_iter().find(|k| k.url() == url)
+        // The type URLs differ in length: compare that before the shared prefix.
+        TypeKind::ALL
+            .into_iter()
+            .find(|k| k.url().len() == url.len() && k.url() == url)
+    }
+
+    /// Position in [`TypeKind::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
     }
 
     /// Whether an empty first subscription means "everything" (legacy wildcard).

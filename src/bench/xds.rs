@@ -87,6 +87,21 @@ fn now_ns() -> u128 {
         .as_nanos()
 }
 
+/// CPU time this process has used (user + system), in milliseconds.
+fn cpu_ms() -> f64 {
+    let ticks = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name (which may contain spaces): utime is the 12th, stime the 13th.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    // USER_HZ is 100 on Linux.
+    ticks as f64 * 10.0
+}
+
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -250,9 +265,9 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
         full[1].as_secs_f64() * 1e3,
         world_bytes as f64 / (1 << 20) as f64
     );
-    println!("Memory per client is the server's growth with every client connected, after the initial sync and the changes: live heap, heap at its peak (during the sync), RSS, and RSS 12 s later (jemalloc returns freed pages after about 10 s).");
-    println!("| mode  | clients | sync all s | push p50 ms | push p99 ms | push max ms | heap KiB/client | peak heap KiB/client | RSS KiB/client | RSS KiB/client 12 s later | bytes/change/client |");
-    println!("|-------|---------|------------|-------------|-------------|-------------|-----------------|----------------------|----------------|---------------------------|---------------------|");
+    println!("Push latency runs from just before the durable registry write to the moment every client holds the change; write ms is the median durable write (fsync included) and build ms the median incremental translation of one change. Memory per client is the server's growth with every client connected, after the initial sync and the changes: live heap, heap at its peak (during the sync), RSS, and RSS 12 s later (jemalloc returns freed pages after about 10 s).");
+    println!("| mode  | clients | sync all s | push p50 ms | push p99 ms | push max ms | write ms | build ms | server CPU ms/change | heap KiB/client | peak heap KiB/client | RSS KiB/client | RSS KiB/client 12 s later | bytes/change/client |");
+    println!("|-------|---------|------------|-------------|-------------|-------------|----------|----------|----------------------|-----------------|----------------------|----------------|---------------------------|---------------------|");
     let mut next_ep = a.endpoints;
     for mode in &a.mode {
         // Baselines once the allocator has returned what loading the registry freed.
@@ -311,6 +326,9 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
         }
         let mut lat: Vec<f64> = Vec::new();
         let mut bytes = 0u64;
+        let mut builds: Vec<f64> = Vec::new();
+        let mut writes: Vec<f64> = Vec::new();
+        let cpu0 = cpu_ms();
         for k in 0..a.changes {
             let svc = (k * 7919) % a.services;
             let cluster = format!("OUTBOUND|default|svc-{svc}");
@@ -327,6 +345,7 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
             let inst = instance(svc, next_ep).validate(&now)?;
             next_ep += 1;
             reg.submit(Command::RegisterInstances(vec![inst])).await?;
+            writes.push(now_ns().saturating_sub(t0) as f64 / 1e6);
             let done = lines.next_line().await?.context("client process ended")?;
             let times = done.strip_prefix("DONE ").context("expected DONE")?;
             for t in times.split_whitespace() {
@@ -334,7 +353,9 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
                 lat.push(t.saturating_sub(t0) as f64 / 1e6);
             }
             bytes += metrics.xds_bytes.get() - b0;
+            builds.push(cache.build_stats().incremental.as_secs_f64() * 1e3);
         }
+        let cpu_per_change = (cpu_ms() - cpu0) / a.changes as f64;
         // Server memory with every client connected, after the initial sync and the changes.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let rss_after = rss_kib();
@@ -355,13 +376,22 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
         let _ = child.wait().await;
         lat.sort_by(|x, y| x.partial_cmp(y).unwrap_or(std::cmp::Ordering::Equal));
         println!(
-            "| {:<5} | {:>7} | {:>10.2} | {:>11.2} | {:>11.2} | {:>11.2} | {:>15.1} | {:>20.1} | {:>14.1} | {:>25.1} | {:>19.0} |",
+            "| {:<5} | {:>7} | {:>10.2} | {:>11.2} | {:>11.2} | {:>11.2} | {:>8.2} | {:>8.2} | {:>20.1} | {:>15.1} | {:>20.1} | {:>14.1} | {:>25.1} | {:>19.0} |",
             mode_name(*mode),
             a.clients,
             sync_s,
             pct(&lat, 0.5),
             pct(&lat, 0.99),
             pct(&lat, 1.0),
+            {
+                writes.sort_by(|x, y| x.partial_cmp(y).unwrap_or(std::cmp::Ordering::Equal));
+                pct(&writes, 0.5)
+            },
+            {
+                builds.sort_by(|x, y| x.partial_cmp(y).unwrap_or(std::cmp::Ordering::Equal));
+                pct(&builds, 0.5)
+            },
+            cpu_per_change,
             per_client(heap_after, heap_before),
             per_client(peak.load(Ordering::Relaxed), heap_before),
             per_client(rss_after, rss_before) * 1024.0,

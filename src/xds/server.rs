@@ -23,7 +23,7 @@ use super::names::{NameSets, Names};
 use super::resources as r;
 use super::snapshot::{Cache, Encoded, NamespaceView, Res, Snapshot};
 use super::transport::{AdsService, Msg, Requests, Tx};
-use super::TypeKind;
+use super::{PerKind, TypeKind};
 use crate::metrics::Metrics;
 
 /// "The client was told this resource does not exist."
@@ -128,14 +128,28 @@ impl NodeInfo {
     }
 }
 
+fn hex_version<S: serde::Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.collect_str(&format_args!("{v:016x}")),
+        None => s.serialize_str(""),
+    }
+}
+
+/// Nonces and versions we send are hex numbers; anything else never matches one of ours.
+fn parse_hex(s: &str) -> Option<u64> {
+    u64::from_str_radix(s, 16).ok()
+}
+
 /// Per-type status shown by `/debug/xds/nodes`.
 #[derive(Debug, Clone, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TypeStatus {
     /// Version of the last response sent.
-    pub version_sent: String,
+    #[serde(serialize_with = "hex_version")]
+    pub version_sent: Option<u64>,
     /// Version the client last ACKed.
-    pub version_acked: String,
+    #[serde(serialize_with = "hex_version")]
+    pub version_acked: Option<u64>,
     /// Resources the client holds (per our bookkeeping).
     pub resources: usize,
     /// Last NACK message, if the last response was rejected.
@@ -158,7 +172,7 @@ pub struct NodeStatus {
     /// Node settings (set on the first request).
     pub node: Mutex<Option<NodeInfo>>,
     /// Per type.
-    pub types: Mutex<HashMap<TypeKind, TypeStatus>>,
+    pub types: Mutex<PerKind<TypeStatus>>,
     /// Snapshot generation last applied.
     pub generation: AtomicU64,
 }
@@ -194,7 +208,7 @@ impl Nodes {
             stream: id,
             protocol,
             node: Mutex::new(None),
-            types: Mutex::new(HashMap::new()),
+            types: Mutex::new(PerKind::default()),
             generation: AtomicU64::new(0),
         });
         self.streams.lock().insert(id, s.clone());
@@ -306,8 +320,8 @@ struct TypeState {
     agg: u64,
     /// Resources held.
     count: usize,
-    /// Nonce of the last response of this type.
-    nonce: String,
+    /// Nonce of the last response of this type (0: none yet).
+    nonce: u64,
     /// SotW: version_info of the last response.
     version_sent: String,
     /// SotW: names to include in the next response even if unchanged (cluster warming).
@@ -315,7 +329,7 @@ struct TypeState {
     /// SotW: answer the next request even if nothing changed (new subscription).
     force_all: bool,
     /// Delta: per in-flight nonce, what its resources were held as before, to restore on NACK.
-    pending: Vec<(String, Undo)>,
+    pending: Vec<(u64, Undo)>,
     /// Debug builds: the holdings as an explicit map, checked against the implied view.
     #[cfg(debug_assertions)]
     shadow: HashMap<Arc<str>, u64>,
@@ -344,7 +358,7 @@ impl TypeState {
             + self
                 .pending
                 .iter()
-                .map(|(n, u)| n.len() + u.capacity() * std::mem::size_of::<(Arc<str>, Held)>())
+                .map(|(_, u)| 8 + u.capacity() * std::mem::size_of::<(Arc<str>, Held)>())
                 .sum::<usize>()
     }
 }
@@ -367,7 +381,7 @@ struct StreamState {
     /// Delta protocol (else state of the world).
     delta: bool,
     node: Option<NodeInfo>,
-    types: HashMap<TypeKind, TypeState>,
+    types: PerKind<TypeState>,
     snap: Arc<Snapshot>,
     /// Generation whose changes this stream has applied.
     generation: u64,
@@ -398,7 +412,7 @@ impl StreamState {
             status: ads.nodes.register(protocol),
             delta: protocol == "delta",
             node: None,
-            types: HashMap::new(),
+            types: PerKind::default(),
             snap: ads.cache.current(),
             generation: 0,
             nonce: 0,
@@ -407,9 +421,9 @@ impl StreamState {
         }
     }
 
-    fn next_nonce(&mut self) -> String {
+    fn next_nonce(&mut self) -> u64 {
         self.nonce += 1;
-        format!("{:x}", self.nonce)
+        self.nonce
     }
 
     /// Checks the node on each request: the first sets it, later ones may omit it but not change it.
@@ -880,7 +894,7 @@ impl StreamState {
     }
 
     /// Records what a response carries (delta: per nonce, so a NACK can roll it back).
-    fn record(&mut self, out: &Out, nonce: &str) {
+    fn record(&mut self, out: &Out, nonce: u64) {
         let delta = self.delta;
         let mut undo = Vec::new();
         for res in &out.resources {
@@ -900,17 +914,17 @@ impl StreamState {
         for res in &out.resources {
             ts.force.remove(&res.name);
         }
-        ts.nonce = nonce.to_string();
+        ts.nonce = nonce;
         if delta {
-            ts.pending.push((nonce.to_string(), undo));
+            ts.pending.push((nonce, undo));
             if ts.pending.len() > 16 {
                 ts.pending.remove(0);
             }
         }
         {
             let mut st = self.status.types.lock();
-            let s = st.entry(out.kind).or_default();
-            s.version_sent = ts.version_string();
+            let s = st.get_or_default(out.kind);
+            s.version_sent = Some(ts.agg);
             s.resources = ts.count;
             s.responses += 1;
             s.state_bytes = ts.state_bytes();
@@ -933,12 +947,13 @@ impl StreamState {
     }
 
     fn on_nack(&mut self, kind: TypeKind, nonce: &str, message: &str) {
+        let nonce_num = parse_hex(nonce);
         let node = self.node.as_ref().map(|n| n.id.clone()).unwrap_or_default();
         tracing::warn!(node = %node, r#type = kind.short(), nonce, error = message, "client rejected config (NACK)");
         self.metrics.xds_nacks.inc();
         {
             let mut st = self.status.types.lock();
-            let s = st.entry(kind).or_default();
+            let s = st.get_or_default(kind);
             s.last_nack = Some(message.to_string());
             s.nacks += 1;
         }
@@ -947,7 +962,7 @@ impl StreamState {
                 return;
             };
             // Roll back this response and everything sent after it: the client holds none of it.
-            if let Some(pos) = ts.pending.iter().position(|(n, _)| n == nonce) {
+            if let Some(pos) = ts.pending.iter().position(|(n, _)| Some(*n) == nonce_num) {
                 let undone: Vec<_> = ts.pending.drain(pos..).collect();
                 for (_, undo) in undone.into_iter().rev() {
                     for (name, old) in undo.into_iter().rev() {
@@ -956,16 +971,17 @@ impl StreamState {
                 }
                 let ts = &self.types[&kind];
                 let mut st = self.status.types.lock();
-                let s = st.entry(kind).or_default();
-                s.version_sent = ts.version_string();
+                let s = st.get_or_default(kind);
+                s.version_sent = Some(ts.agg);
                 s.resources = ts.count;
             }
         }
     }
 
-    fn on_ack(&mut self, kind: TypeKind, nonce: &str, version: &str) {
+    fn on_ack(&mut self, kind: TypeKind, nonce: &str, version: u64) {
+        let nonce = parse_hex(nonce);
         if let Some(ts) = self.types.get_mut(&kind) {
-            if let Some(pos) = ts.pending.iter().position(|(n, _)| n == nonce) {
+            if let Some(pos) = ts.pending.iter().position(|(n, _)| Some(*n) == nonce) {
                 ts.pending.drain(..=pos);
                 if ts.pending.is_empty() {
                     ts.pending = Vec::new();
@@ -973,16 +989,16 @@ impl StreamState {
             }
         }
         let mut st = self.status.types.lock();
-        let s = st.entry(kind).or_default();
-        s.version_acked = version.to_string();
+        let s = st.get_or_default(kind);
+        s.version_acked = Some(version);
         s.last_nack = None;
     }
 
     /// Moves to the latest snapshot; returns the names that changed per kind, or `None` per kind
     /// when everything must be diffed. What the client held of them is pinned first.
-    fn advance(&mut self) -> HashMap<TypeKind, Option<HashSet<Arc<str>>>> {
+    fn advance(&mut self) -> PerKind<Option<HashSet<Arc<str>>>> {
         let snap = self.cache.current();
-        let mut out: HashMap<TypeKind, Option<HashSet<Arc<str>>>> = HashMap::new();
+        let mut out: PerKind<Option<HashSet<Arc<str>>>> = PerKind::default();
         if snap.generation == self.generation {
             return out;
         }
@@ -1001,9 +1017,7 @@ impl StreamState {
                         full = true;
                     }
                     // Proxyless API listeners depend on the service existing.
-                    let lds = out
-                        .entry(TypeKind::Listener)
-                        .or_insert_with(|| Some(HashSet::new()));
+                    let lds = out.get_or_insert_with(TypeKind::Listener, || Some(HashSet::new()));
                     if let Some(set) = lds {
                         for n in self.locals.api.keys() {
                             set.insert(n.clone());
@@ -1034,24 +1048,26 @@ impl StreamState {
                 }
                 if c.kind == TypeKind::VirtualHost {
                     // Subscriptions name hosts, not services: look at all of them (few).
-                    out.insert(TypeKind::VirtualHost, None);
+                    out.set(TypeKind::VirtualHost, None);
                     continue;
                 }
-                if let Some(set) = out.entry(c.kind).or_insert_with(|| Some(HashSet::new())) {
+                if let Some(set) = out.get_or_insert_with(c.kind, || Some(HashSet::new())) {
                     set.insert(c.name.clone());
                 }
             }
         }
         if full {
             self.pin_all();
-            out = TypeKind::ALL.into_iter().map(|k| (k, None)).collect();
+            for k in TypeKind::ALL {
+                out.set(k, None);
+            }
         } else {
-            for (k, names) in &out {
+            for (k, names) in out.iter() {
                 match names {
-                    Some(set) => self.pin(*k, set.iter().cloned()),
+                    Some(set) => self.pin(k, set.iter().cloned()),
                     None => {
-                        let names = self.wanted_names(*k);
-                        self.pin(*k, names);
+                        let names = self.wanted_names(k);
+                        self.pin(k, names);
                     }
                 }
             }
@@ -1136,15 +1152,15 @@ impl StreamState {
         if self.generation == 0 {
             self.advance();
         }
-        let ts = self.types.entry(kind).or_default();
+        let ts = self.types.get_or_default(kind);
         if let Some(err) = &req.error_detail {
-            if req.response_nonce == ts.nonce {
+            if parse_hex(&req.response_nonce) == Some(ts.nonce) {
                 let msg = err.message.clone();
                 self.on_nack(kind, &req.response_nonce, &msg);
             }
             return Ok(vec![]);
         }
-        if !req.response_nonce.is_empty() && req.response_nonce != ts.nonce {
+        if !req.response_nonce.is_empty() && parse_hex(&req.response_nonce) != Some(ts.nonce) {
             // Stale: a newer response is on its way; this request is superseded.
             return Ok(vec![]);
         }
@@ -1168,7 +1184,8 @@ impl StreamState {
         if same {
             let forced: Vec<Arc<str>> = ts.force.drain().collect();
             if !req.response_nonce.is_empty() {
-                self.on_ack(kind, &req.response_nonce, &req.version_info);
+                let version = parse_hex(&req.version_info).unwrap_or_default();
+                self.on_ack(kind, &req.response_nonce, version);
             }
             if forced.is_empty() {
                 return Ok(vec![]);
@@ -1232,8 +1249,8 @@ impl StreamState {
             ts.force.extend(added);
         }
         if !req.response_nonce.is_empty() {
-            let (nonce, version) = (req.response_nonce.clone(), req.version_info.clone());
-            self.on_ack(kind, &nonce, &version);
+            let version = parse_hex(&req.version_info).unwrap_or_default();
+            self.on_ack(kind, &req.response_nonce, version);
         }
         Ok(self.sotw_build(kind, true, None).into_iter().collect())
     }
@@ -1312,14 +1329,14 @@ impl StreamState {
             resources,
             removed,
         };
-        self.record(&out, &nonce);
+        self.record(&out, nonce);
         let ts = self.types.get_mut(&kind).expect("active");
         let version = ts.version_string();
         ts.version_sent = version.clone();
         let env = DiscoveryResponse {
             version_info: version,
             type_url: kind.url().to_string(),
-            nonce,
+            nonce: format!("{nonce:x}"),
             ..Default::default()
         };
         Msg::sotw(&env, &out.resources)
@@ -1394,7 +1411,7 @@ impl StreamState {
         if self.generation == 0 {
             self.advance();
         }
-        let ts = self.types.entry(kind).or_default();
+        let ts = self.types.get_or_default(kind);
         let first = !ts.active;
         ts.active = true;
         let mut full = false;
@@ -1485,8 +1502,8 @@ impl StreamState {
             let msg = err.message.clone();
             self.on_nack(kind, &req.response_nonce, &msg);
         } else if !req.response_nonce.is_empty() {
-            let version = self.types[&kind].version_string();
-            self.on_ack(kind, &req.response_nonce, &version);
+            let version = self.types[&kind].agg;
+            self.on_ack(kind, &req.response_nonce, version);
         }
         if first && !full {
             // Initial named subscription: evaluate the named resources and what the client claims.
@@ -1502,14 +1519,14 @@ impl StreamState {
                 // Envoy's VHDS subscription starts empty and holds the listener's initialization
                 // until a first (empty) response arrives.
                 let nonce = self.next_nonce();
-                self.types.get_mut(&kind).expect("active").nonce = nonce.clone();
+                self.types.get_mut(&kind).expect("active").nonce = nonce;
                 let env = DeltaDiscoveryResponse {
                     system_version_info: self.types[&kind].version_string(),
                     type_url: kind.url().to_string(),
                     // Envoy ignores removals of names it never had, but an update with no change
                     // at all does not reach the subscription (and would not end its init).
                     removed_resources: vec![format!("{}/", r::ON_DEMAND_ROUTE)],
-                    nonce,
+                    nonce: format!("{nonce:x}"),
                     ..Default::default()
                 };
                 return Ok(vec![Msg::delta(&env, &[])]);
@@ -1550,13 +1567,13 @@ impl StreamState {
             return None;
         }
         let nonce = self.next_nonce();
-        self.record(&out, &nonce);
+        self.record(&out, nonce);
         let ts = &self.types[&kind];
         let env = DeltaDiscoveryResponse {
             system_version_info: ts.version_string(),
             type_url: kind.url().to_string(),
             removed_resources: out.removed.iter().map(|n| n.to_string()).collect(),
-            nonce,
+            nonce: format!("{nonce:x}"),
             ..Default::default()
         };
         Some(Msg::delta(&env, &out.resources))

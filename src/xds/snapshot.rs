@@ -150,18 +150,21 @@ pub struct ServiceView {
 }
 
 /// Resources of one namespace, shared by every node in it.
+///
+/// Each map is shared between generations and copied only when a change touches it: an endpoint
+/// change copies the load assignment map (pointers), not the services, routes or hosts.
 #[derive(Debug, Clone, Default)]
 pub struct NamespaceView {
     /// Services (and aliases) by name.
-    pub services: BTreeMap<Arc<str>, ServiceView>,
+    pub services: Arc<BTreeMap<Arc<str>, ServiceView>>,
     /// Outbound clusters by name.
-    pub clusters: BTreeMap<Arc<str>, Res>,
+    pub clusters: Arc<BTreeMap<Arc<str>, Res>>,
     /// Load assignments by cluster name.
-    pub endpoints: BTreeMap<Arc<str>, Res>,
+    pub endpoints: Arc<BTreeMap<Arc<str>, Res>>,
     /// Virtual hosts by service name (kept decoded to rebuild the route cheaply, and for VHDS).
-    pub vhosts: BTreeMap<Arc<str>, VirtualHost>,
+    pub vhosts: Arc<BTreeMap<Arc<str>, VirtualHost>>,
     /// Host (domain) → service name, for VHDS lookups.
-    pub hosts: HashMap<String, Arc<str>>,
+    pub hosts: Arc<HashMap<String, Arc<str>>>,
     /// The outbound route configuration.
     pub route: Option<Res>,
 }
@@ -351,8 +354,14 @@ impl Builder {
             }
             let mut view = (**cur).clone();
             for (kind, removed) in [
-                (TypeKind::Cluster, view.clusters.remove(&cname).is_some()),
-                (TypeKind::Endpoint, view.endpoints.remove(&cname).is_some()),
+                (
+                    TypeKind::Cluster,
+                    Arc::make_mut(&mut view.clusters).remove(&cname).is_some(),
+                ),
+                (
+                    TypeKind::Endpoint,
+                    Arc::make_mut(&mut view.endpoints).remove(&cname).is_some(),
+                ),
             ] {
                 if removed {
                     changes.push(Changed {
@@ -522,11 +531,19 @@ impl Builder {
             let cname: Arc<str> = Arc::from(r::outbound_name(ns, name).as_str());
             match input {
                 None => {
-                    view.services.remove(name.as_str());
-                    if let Some(old) = view.vhosts.remove(name.as_str()) {
+                    if view.services.contains_key(name.as_str()) {
+                        Arc::make_mut(&mut view.services).remove(name.as_str());
+                    }
+                    if let Some(old) = view
+                        .vhosts
+                        .contains_key(name.as_str())
+                        .then(|| Arc::make_mut(&mut view.vhosts).remove(name.as_str()))
+                        .flatten()
+                    {
                         route_dirty = true;
+                        let hosts = Arc::make_mut(&mut view.hosts);
                         for d in &old.domains {
-                            view.hosts.remove(d);
+                            hosts.remove(d);
                         }
                         changes.push(Changed {
                             namespace: ns_arc.clone(),
@@ -559,15 +576,16 @@ impl Builder {
                         None => r::service_virtual_host(&svc, &ports),
                     };
                     if view.vhosts.get(name.as_str()) != Some(&vhost) {
+                        let hosts = Arc::make_mut(&mut view.hosts);
                         if let Some(old) = view.vhosts.get(name.as_str()) {
                             for d in &old.domains {
-                                view.hosts.remove(d);
+                                hosts.remove(d);
                             }
                         }
                         for d in &vhost.domains {
-                            view.hosts.insert(d.clone(), name_arc.clone());
+                            hosts.insert(d.clone(), name_arc.clone());
                         }
-                        view.vhosts.insert(name_arc.clone(), vhost);
+                        Arc::make_mut(&mut view.vhosts).insert(name_arc.clone(), vhost);
                         route_dirty = true;
                         changes.push(Changed {
                             namespace: ns_arc.clone(),
@@ -575,14 +593,18 @@ impl Builder {
                             name: name_arc.clone(),
                         });
                     }
-                    let prev = view.services.insert(
-                        name_arc.clone(),
-                        ServiceView {
-                            service: svc.clone(),
-                            ports,
-                        },
-                    );
-                    if prev.as_ref().is_none_or(|p| p.service != svc) {
+                    let prev = view.services.get(name.as_str());
+                    let service_changed = prev.is_none_or(|p| p.service != svc);
+                    if service_changed || prev.is_some_and(|p| p.ports != ports) {
+                        Arc::make_mut(&mut view.services).insert(
+                            name_arc.clone(),
+                            ServiceView {
+                                service: svc.clone(),
+                                ports,
+                            },
+                        );
+                    }
+                    if service_changed {
                         changes.push(Changed {
                             namespace: ns_arc.clone(),
                             kind: TypeKind::Listener,
@@ -601,7 +623,7 @@ impl Builder {
                         .get(&cname)
                         .is_none_or(|c| c.version != cluster.version)
                     {
-                        view.clusters.insert(cname.clone(), cluster);
+                        Arc::make_mut(&mut view.clusters).insert(cname.clone(), cluster);
                         changes.push(Changed {
                             namespace: ns_arc.clone(),
                             kind: TypeKind::Cluster,
@@ -615,7 +637,7 @@ impl Builder {
                         .is_none_or(|c| c.version != version)
                     {
                         let cla = r::load_assignment(cname.to_string(), instances.iter().copied());
-                        view.endpoints.insert(
+                        Arc::make_mut(&mut view.endpoints).insert(
                             cname.clone(),
                             Encoded::with_version(cname.clone(), &cla, version),
                         );
