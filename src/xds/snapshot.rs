@@ -379,6 +379,7 @@ impl Builder {
         if changes.is_empty() {
             return;
         }
+        self.check(&changes);
         self.generation += 1;
         cache.publish(
             Snapshot {
@@ -431,6 +432,22 @@ impl Builder {
         s.incremental_resources = changes.len();
     }
 
+    /// Debug builds (every test) check each namespace a generation touches before publishing it.
+    fn check(&self, changes: &[Changed]) {
+        if !cfg!(debug_assertions) {
+            return;
+        }
+        let touched: std::collections::BTreeSet<&str> =
+            changes.iter().map(|c| &*c.namespace).collect();
+        for ns in touched {
+            if let Some(view) = self.namespaces.get(ns) {
+                if let Err(e) = crate::xds::consistent(ns, view) {
+                    panic!("inconsistent snapshot for namespace {ns}: {e:?}");
+                }
+            }
+        }
+    }
+
     fn apply_inner(
         &mut self,
         reg: &Registry,
@@ -464,6 +481,7 @@ impl Builder {
                 .fetch_max(revision, std::sync::atomic::Ordering::AcqRel);
             return;
         }
+        self.check(changes);
         self.generation += 1;
         cache.publish(
             Snapshot {
