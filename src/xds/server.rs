@@ -140,6 +140,30 @@ fn parse_hex(s: &str) -> Option<u64> {
     u64::from_str_radix(s, 16).ok()
 }
 
+/// Whether a SotW request names exactly the subscribed set. Clients repeat their names in the same
+/// order in every ACK, usually sorted: that case is one pass without allocating.
+fn same_names(req: &[&String], subscribed: &Names) -> bool {
+    if req.len() == subscribed.len()
+        && req
+            .iter()
+            .zip(subscribed.iter())
+            .all(|(a, b)| a.as_str() == &**b)
+    {
+        return true;
+    }
+    if req.len() < subscribed.len() {
+        return false;
+    }
+    let mut sorted: Vec<&str> = req.iter().map(|n| n.as_str()).collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    sorted.len() == subscribed.len()
+        && sorted
+            .iter()
+            .zip(subscribed.iter())
+            .all(|(a, b)| *a == &**b)
+}
+
 /// Per-type status shown by `/debug/xds/nodes`.
 #[derive(Debug, Clone, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -1101,7 +1125,7 @@ impl StreamState {
                 req = inbound.message() => match req {
                     Ok(Some(req)) => match on_request(&mut self, req) {
                         Ok(outs) => outs,
-                        Err(status) => { let _ = tx.send(Err(status)).await; break; }
+                        Err(status) => { let _ = tx.send(Err(Box::new(status))).await; break; }
                     },
                     Ok(None) => break,
                     Err(e) => { tracing::debug!(error = %e, "stream ended"); break; }
@@ -1177,10 +1201,7 @@ impl StreamState {
             ts.ever_named = true;
         }
         // The common case, an ACK repeating the same names: no allocation, no rebuild.
-        let same = !first
-            && wildcard == ts.wildcard
-            && names.len() == ts.names.len()
-            && names.iter().all(|n| ts.names.contains(n.as_str()));
+        let same = !first && wildcard == ts.wildcard && same_names(&names, &ts.names);
         if same {
             let forced: Vec<Arc<str>> = ts.force.drain().collect();
             if !req.response_nonce.is_empty() {
@@ -1597,4 +1618,27 @@ pub fn resources_for(cache: &Arc<Cache>, node: &NodeInfo) -> Vec<(TypeKind, Res)
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_names_compares_sets_whatever_the_order() {
+        let sets = NameSets::default();
+        let sub = sets.set(["a", "b", "c"].map(Arc::from).to_vec());
+        let s = |v: &[&str]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let check = |v: Vec<String>| same_names(&v.iter().collect::<Vec<_>>(), &sub);
+        assert!(check(s(&["a", "b", "c"])));
+        assert!(check(s(&["c", "a", "b"])));
+        assert!(check(s(&["c", "a", "b", "a"])));
+        assert!(
+            !check(s(&["a", "a", "b"])),
+            "a duplicate hides a missing name"
+        );
+        assert!(!check(s(&["a", "b"])));
+        assert!(!check(s(&["a", "b", "c", "d"])));
+        assert!(!check(s(&["a", "b", "x"])));
+    }
 }
