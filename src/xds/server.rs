@@ -280,8 +280,9 @@ impl Ads {
 
     /// Serves one SotW stream.
     pub fn spawn_sotw(&self, inbound: Requests<DiscoveryRequest>, tx: Tx) {
+        // The state lives in its own allocation: the task's future stays small.
         let st = StreamState::new(self, "sotw");
-        tokio::spawn(st.run(
+        tokio::spawn(Box::new(st).run(
             inbound,
             tx,
             StreamState::sotw_request,
@@ -292,7 +293,7 @@ impl Ads {
     /// Serves one delta stream.
     pub fn spawn_delta(&self, inbound: Requests<DeltaDiscoveryRequest>, tx: Tx) {
         let st = StreamState::new(self, "delta");
-        tokio::spawn(st.run(
+        tokio::spawn(Box::new(st).run(
             inbound,
             tx,
             StreamState::delta_request,
@@ -1110,7 +1111,7 @@ impl StreamState {
     /// The stream loop, shared by both protocols: answer requests, push snapshot changes, end on
     /// client close, error or server shutdown.
     async fn run<Req: prost::Message + Default + Send + 'static>(
-        mut self,
+        mut self: Box<Self>,
         mut inbound: Requests<Req>,
         tx: Tx,
         on_request: fn(&mut Self, Req) -> Result<Vec<Reply>, Status>,
@@ -1123,7 +1124,7 @@ impl StreamState {
                 biased;
                 _ = stopped(&mut shutdown) => break,
                 req = inbound.message() => match req {
-                    Ok(Some(req)) => match on_request(&mut self, req) {
+                    Ok(Some(req)) => match on_request(&mut *self, req) {
                         Ok(outs) => outs,
                         Err(status) => { let _ = tx.send(Err(Box::new(status))).await; break; }
                     },
@@ -1133,7 +1134,7 @@ impl StreamState {
                 ch = snaps.changed() => {
                     if ch.is_err() { break; }
                     if self.node.is_none() { continue; }
-                    on_snapshot(&mut self)
+                    on_snapshot(&mut *self)
                 }
             };
             self.settle();
