@@ -1124,7 +1124,7 @@ impl StreamState {
                 biased;
                 _ = stopped(&mut shutdown) => break,
                 req = inbound.message() => match req {
-                    Ok(Some(req)) => match on_request(&mut *self, req) {
+                    Ok(Some(req)) => match on_request(&mut self, req) {
                         Ok(outs) => outs,
                         Err(status) => { let _ = tx.send(Err(Box::new(status))).await; break; }
                     },
@@ -1134,7 +1134,7 @@ impl StreamState {
                 ch = snaps.changed() => {
                     if ch.is_err() { break; }
                     if self.node.is_none() { continue; }
-                    on_snapshot(&mut *self)
+                    on_snapshot(&mut self)
                 }
             };
             self.settle();
