@@ -49,15 +49,6 @@ impl Names {
         self.slice().iter()
     }
 
-    /// Whether both are the same shared set (or both empty).
-    pub fn same(&self, other: &Names) -> bool {
-        match (&self.0, &other.0) {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-            (None, None) => true,
-            _ => false,
-        }
-    }
-
     /// Bytes this holder pays on its own (the set itself is shared).
     pub fn own_bytes(&self) -> usize {
         std::mem::size_of::<Self>()
@@ -149,22 +140,35 @@ impl NameSets {
         }
         Names(Some(set))
     }
-
-    /// Distinct sets alive.
-    pub fn live(&self) -> usize {
-        self.inner
-            .lock()
-            .sets
-            .values()
-            .flatten()
-            .filter(|w| w.strong_count() > 0)
-            .count()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Names {
+        /// Whether both are the same shared set (or both empty).
+        fn same(&self, other: &Names) -> bool {
+            match (&self.0, &other.0) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            }
+        }
+    }
+
+    impl NameSets {
+        /// Distinct sets alive.
+        fn live(&self) -> usize {
+            self.inner
+                .lock()
+                .sets
+                .values()
+                .flatten()
+                .filter(|w| w.strong_count() > 0)
+                .count()
+        }
+    }
 
     fn v(names: &[&str]) -> Vec<Arc<str>> {
         names.iter().map(|n| Arc::from(*n)).collect()

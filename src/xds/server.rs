@@ -347,8 +347,6 @@ struct TypeState {
     count: usize,
     /// Nonce of the last response of this type (0: none yet).
     nonce: u64,
-    /// SotW: version_info of the last response.
-    version_sent: String,
     /// SotW: names to include in the next response even if unchanged (cluster warming).
     force: HashSet<Arc<str>>,
     /// SotW: answer the next request even if nothing changed (new subscription).
@@ -391,7 +389,7 @@ impl TypeState {
 /// Node-local resources (listeners, inbound cluster and route, proxyless API listeners).
 #[derive(Debug, Default)]
 struct Locals {
-    by_kind: HashMap<TypeKind, Vec<Res>>,
+    by_kind: PerKind<Vec<Res>>,
     /// API listeners built on request, by name.
     api: HashMap<Arc<str>, Res>,
 }
@@ -514,7 +512,7 @@ impl StreamState {
         let Some(node) = self.node.clone() else {
             return;
         };
-        let mut by_kind: HashMap<TypeKind, Vec<Res>> = HashMap::new();
+        let mut by_kind: PerKind<Vec<Res>> = PerKind::default();
         if self.widened() && !node.on_demand {
             // Own services answer every name; other namespaces' only their qualified names, so the
             // bare `svc` of two namespaces never collides.
@@ -532,23 +530,20 @@ impl StreamState {
             }
             let rc = r::route_configuration(r::OUTBOUND_ROUTE, vhosts);
             by_kind
-                .entry(TypeKind::Route)
-                .or_default()
+                .get_or_default(TypeKind::Route)
                 .push(Encoded::new(Arc::from(rc.name.as_str()), &rc));
         }
         let outbound = if node.on_demand {
             let rc = r::on_demand_route();
             by_kind
-                .entry(TypeKind::Route)
-                .or_default()
+                .get_or_default(TypeKind::Route)
                 .push(Encoded::new(Arc::from(rc.name.as_str()), &rc));
             r::on_demand_outbound_listener("0.0.0.0", node.outbound_port)
         } else {
             r::outbound_listener("0.0.0.0", node.outbound_port)
         };
         by_kind
-            .entry(TypeKind::Listener)
-            .or_default()
+            .get_or_default(TypeKind::Listener)
             .push(Encoded::new(Arc::from(outbound.name.as_str()), &outbound));
         let own = node.service.as_ref().and_then(|svc| {
             self.view()
@@ -564,23 +559,19 @@ impl StreamState {
             };
             let c = r::inbound_cluster(&svc);
             by_kind
-                .entry(TypeKind::Cluster)
-                .or_default()
+                .get_or_default(TypeKind::Cluster)
                 .push(Encoded::new(Arc::from(c.name.as_str()), &c));
             let cla = r::inbound_load_assignment(&svc, &ports);
             by_kind
-                .entry(TypeKind::Endpoint)
-                .or_default()
+                .get_or_default(TypeKind::Endpoint)
                 .push(Encoded::new(Arc::from(cla.cluster_name.as_str()), &cla));
             let l = r::inbound_listener(&svc.namespace, &svc.name, node.inbound_port);
             by_kind
-                .entry(TypeKind::Listener)
-                .or_default()
+                .get_or_default(TypeKind::Listener)
                 .push(Encoded::new(Arc::from(l.name.as_str()), &l));
             let rc = r::inbound_route(&svc.namespace, &svc.name);
             by_kind
-                .entry(TypeKind::Route)
-                .or_default()
+                .get_or_default(TypeKind::Route)
                 .push(Encoded::new(Arc::from(rc.name.as_str()), &rc));
         }
         self.locals.by_kind = by_kind;
@@ -1317,7 +1308,7 @@ impl StreamState {
                 && desired
                     .iter()
                     .all(|r| self.held(kind, &r.name) == Some(r.version));
-            if unchanged && !force_all && !ts.version_sent.is_empty() {
+            if unchanged && !force_all && ts.nonce != 0 {
                 self.types.get_mut(&kind).expect("active").force_all = false;
                 return None;
             }
@@ -1352,11 +1343,8 @@ impl StreamState {
             removed,
         };
         self.record(&out, nonce);
-        let ts = self.types.get_mut(&kind).expect("active");
-        let version = ts.version_string();
-        ts.version_sent = version.clone();
         let env = DiscoveryResponse {
-            version_info: version,
+            version_info: self.types[&kind].version_string(),
             type_url: kind.url().to_string(),
             nonce: format!("{nonce:x}"),
             ..Default::default()
