@@ -26,7 +26,15 @@ pub struct FramedRead<T> {
     inner: InnerFramedRead<T, LengthDelimitedCodec>,
 
     decoder: FrameDecoder,
+
+    /// A frame larger than the read buffer's initial capacity grew the buffer: it is replaced by
+    /// a buffer of that capacity once it is empty, so a long-lived connection does not keep the
+    /// largest frame it ever received allocated.
+    grown: bool,
 }
+
+/// tokio-util's initial read buffer capacity.
+const READ_BUFFER_CAPACITY: usize = 8 * 1024;
 
 #[derive(Debug)]
 struct FrameDecoder {
@@ -61,11 +69,21 @@ enum Continuable {
 impl<T> FramedRead<T> {
     pub fn new(inner: InnerFramedRead<T, LengthDelimitedCodec>) -> FramedRead<T> {
         let decoder = FrameDecoder::new(inner.decoder().max_frame_length());
-        FramedRead { inner, decoder }
+        FramedRead {
+            inner,
+            decoder,
+            grown: false,
+        }
     }
 
     pub fn get_ref(&self) -> &T {
         self.inner.get_ref()
+    }
+
+    /// The read buffer's capacity.
+    #[cfg(test)]
+    pub(crate) fn read_buffer_capacity(&self) -> usize {
+        self.inner.read_buffer().capacity()
     }
 
     pub fn get_mut(&mut self) -> &mut T {
@@ -428,6 +446,13 @@ where
             };
 
             tracing::trace!(read.bytes = bytes.len());
+            if bytes.len() > READ_BUFFER_CAPACITY {
+                self.grown = true;
+            }
+            if self.grown && self.inner.read_buffer().is_empty() {
+                *self.inner.read_buffer_mut() = BytesMut::with_capacity(READ_BUFFER_CAPACITY);
+                self.grown = false;
+            }
             if let Some(frame) = self.decoder.decode(bytes)? {
                 tracing::debug!(?frame, "received");
                 return Poll::Ready(Some(Ok(frame)));

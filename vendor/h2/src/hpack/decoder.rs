@@ -158,7 +158,8 @@ impl Decoder {
             max_size_update: None,
             last_max_update: size,
             table: Table::new(size),
-            buffer: BytesMut::with_capacity(4096),
+            // Huffman-coded strings reserve what they need; most connections decode a handful.
+            buffer: BytesMut::new(),
         }
     }
 
