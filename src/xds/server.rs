@@ -1132,7 +1132,7 @@ impl StreamState {
             let mut closed = false;
             for resp in outs {
                 self.metrics.xds_bytes.add(resp.len() as u64);
-                if tx.send(Ok(resp)).await.is_err() {
+                if tx.send(Ok(Box::new(resp))).await.is_err() {
                     closed = true;
                     break;
                 }

@@ -231,8 +231,9 @@ impl Msg {
     }
 }
 
-/// Sender of a stream's responses.
-pub type Tx = mpsc::Sender<Result<Msg, Box<Status>>>;
+/// Sender of a stream's responses. A message is boxed: the channel allocates its slots in blocks
+/// of 32 per stream, so the slot size is paid 32 times by every connected proxy.
+pub type Tx = mpsc::Sender<Result<Box<Msg>, Box<Status>>>;
 
 /// The ADS service for tonic's router.
 #[derive(Clone)]
@@ -266,7 +267,7 @@ impl tower::Service<http::Request<Body>> for AdsService {
         let ads = self.ads.clone();
         Box::pin(async move {
             let path = req.uri().path().to_string();
-            let (tx, rx) = mpsc::channel::<Result<Msg, Box<Status>>>(2);
+            let (tx, rx) = mpsc::channel::<Result<Box<Msg>, Box<Status>>>(2);
             match path.as_str() {
                 SOTW_PATH => {
                     let inbound = Requests::<DiscoveryRequest>::new(req.into_body());
@@ -290,14 +291,14 @@ impl tower::Service<http::Request<Body>> for AdsService {
 
 /// Streams the parts of each message, then the gRPC status as trailers.
 struct ResponseBody {
-    rx: mpsc::Receiver<Result<Msg, Box<Status>>>,
+    rx: mpsc::Receiver<Result<Box<Msg>, Box<Status>>>,
     /// The message being sent and its next part: 0 is the head, `i` the resource `i - 1`.
-    current: Option<(Msg, usize)>,
+    current: Option<(Box<Msg>, usize)>,
     done: bool,
 }
 
 impl ResponseBody {
-    fn new(rx: mpsc::Receiver<Result<Msg, Box<Status>>>) -> Self {
+    fn new(rx: mpsc::Receiver<Result<Box<Msg>, Box<Status>>>) -> Self {
         ResponseBody {
             rx,
             current: None,
