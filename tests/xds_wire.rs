@@ -647,7 +647,31 @@ async fn b22_a_client_that_does_not_read_does_not_block_others() {
     // The server still answers promptly.
     let (st, _) = common::get(&c, &s.url("/healthz")).await;
     assert_eq!(st, 200);
+    // A stream whose state machine is parked behind flow control still leaves the admin view when
+    // its client goes away.
+    assert_eq!(connected(&c, &s).await, vec!["live", "stalled"]);
     drop(stalled);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while connected(&c, &s).await != vec!["live"] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stalled stream is still listed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Node ids of the connected streams, sorted.
+async fn connected(c: &reqwest::Client, s: &Server) -> Vec<String> {
+    let (_, nodes) = common::get(c, &s.url("/debug/xds/nodes")).await;
+    let mut ids: Vec<String> = nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["node"]["id"].as_str().map(str::to_string))
+        .collect();
+    ids.sort();
+    ids
 }
 
 fn on_demand_node(id: &str) -> Node {

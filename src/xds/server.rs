@@ -22,7 +22,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::names::{NameSets, Names};
 use super::resources as r;
 use super::snapshot::{Cache, Encoded, NamespaceView, Res, Snapshot};
-use super::transport::{AdsService, Msg, Requests, Tx};
+use super::transport::{AdsService, Driver, Msg, Requests, Tx};
 use super::{PerKind, TypeKind};
 use crate::metrics::Metrics;
 
@@ -278,27 +278,27 @@ impl Ads {
         AdsService::new(self)
     }
 
-    /// Serves one SotW stream.
-    pub fn spawn_sotw(&self, inbound: Requests<DiscoveryRequest>, tx: Tx) {
-        // The state lives in its own allocation: the task's future stays small.
+    /// The state machine of one SotW stream, driven by the stream's response body.
+    pub fn sotw_stream(&self, inbound: Requests<DiscoveryRequest>, tx: Tx) -> Driver {
+        // The state lives in its own allocation: the future stays small.
         let st = StreamState::new(self, "sotw");
-        tokio::spawn(Box::new(st).run(
+        Box::pin(Box::new(st).run(
             inbound,
             tx,
             StreamState::sotw_request,
             StreamState::sotw_push,
-        ));
+        ))
     }
 
-    /// Serves one delta stream.
-    pub fn spawn_delta(&self, inbound: Requests<DeltaDiscoveryRequest>, tx: Tx) {
+    /// The state machine of one delta stream, driven by the stream's response body.
+    pub fn delta_stream(&self, inbound: Requests<DeltaDiscoveryRequest>, tx: Tx) -> Driver {
         let st = StreamState::new(self, "delta");
-        tokio::spawn(Box::new(st).run(
+        Box::pin(Box::new(st).run(
             inbound,
             tx,
             StreamState::delta_request,
             StreamState::delta_push,
-        ));
+        ))
     }
 }
 
@@ -422,6 +422,13 @@ struct Out {
     kind: TypeKind,
     resources: Vec<Res>,
     removed: Vec<Arc<str>>,
+}
+
+/// A stream leaves the admin view however it ends, including when its connection drops it mid-way.
+impl Drop for StreamState {
+    fn drop(&mut self) {
+        self.nodes.remove(self.status.stream);
+    }
 }
 
 impl StreamState {
@@ -1141,7 +1148,6 @@ impl StreamState {
                 break;
             }
         }
-        self.nodes.remove(self.status.stream);
     }
 
     // ---- State of the world ----

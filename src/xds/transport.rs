@@ -235,6 +235,10 @@ impl Msg {
 /// of 32 per stream, so the slot size is paid 32 times by every connected proxy.
 pub type Tx = mpsc::Sender<Result<Box<Msg>, Box<Status>>>;
 
+/// A stream's state machine: reads requests, queues responses on its [`Tx`]. Its response body
+/// polls it, so a stream costs no task of its own and a push wakes one task less.
+pub type Driver = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
 /// The ADS service for tonic's router.
 #[derive(Clone)]
 pub struct AdsService {
@@ -268,18 +272,18 @@ impl tower::Service<http::Request<Body>> for AdsService {
         Box::pin(async move {
             let path = req.uri().path().to_string();
             let (tx, rx) = mpsc::channel::<Result<Box<Msg>, Box<Status>>>(2);
-            match path.as_str() {
+            let driver = match path.as_str() {
                 SOTW_PATH => {
                     let inbound = Requests::<DiscoveryRequest>::new(req.into_body());
-                    ads.spawn_sotw(inbound, tx);
+                    ads.sotw_stream(inbound, tx)
                 }
                 DELTA_PATH => {
                     let inbound = Requests::<DeltaDiscoveryRequest>::new(req.into_body());
-                    ads.spawn_delta(inbound, tx);
+                    ads.delta_stream(inbound, tx)
                 }
                 _ => return Ok(Status::unimplemented(format!("{path} is not served")).into_http()),
-            }
-            let mut resp = http::Response::new(Body::new(ResponseBody::new(rx)));
+            };
+            let mut resp = http::Response::new(Body::new(ResponseBody::new(rx, driver)));
             resp.headers_mut().insert(
                 http::header::CONTENT_TYPE,
                 http::HeaderValue::from_static("application/grpc"),
@@ -289,8 +293,16 @@ impl tower::Service<http::Request<Body>> for AdsService {
     }
 }
 
-/// Streams the parts of each message, then the gRPC status as trailers.
+/// Drives the stream's state machine and streams the parts of each message it queues, then the
+/// gRPC status as trailers.
+///
+/// hyper polls a body only while the stream has send capacity, so a client that reads slowly
+/// stops its own state machine: snapshots it misses meanwhile coalesce in the `watch`, and its
+/// requests wait in HTTP/2 flow control. Dropping the body (the connection is gone) drops the
+/// state machine, which unregisters the stream.
 struct ResponseBody {
+    /// `None` once the state machine has finished (it then has dropped its sender).
+    driver: Option<Driver>,
     rx: mpsc::Receiver<Result<Box<Msg>, Box<Status>>>,
     /// The message being sent and its next part: 0 is the head, `i` the resource `i - 1`.
     current: Option<(Box<Msg>, usize)>,
@@ -298,8 +310,9 @@ struct ResponseBody {
 }
 
 impl ResponseBody {
-    fn new(rx: mpsc::Receiver<Result<Box<Msg>, Box<Status>>>) -> Self {
+    fn new(rx: mpsc::Receiver<Result<Box<Msg>, Box<Status>>>, driver: Driver) -> Self {
         ResponseBody {
+            driver: Some(driver),
             rx,
             current: None,
             done: false,
@@ -372,23 +385,31 @@ impl http_body::Body for ResponseBody {
         if self.done {
             return Poll::Ready(None);
         }
-        match self.rx.poll_recv(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Some(Ok(msg))) => {
-                self.current = Some((msg, 0));
-                match self.next_chunk() {
-                    Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
-                    None => Poll::Pending,
+        loop {
+            if let Some(driver) = self.driver.as_mut() {
+                if driver.as_mut().poll(cx).is_ready() {
+                    self.driver = None;
                 }
             }
-            Poll::Ready(Some(Err(status))) => {
-                self.done = true;
-                Poll::Ready(Some(Ok(Frame::trailers(trailers(&status)))))
-            }
-            Poll::Ready(None) => {
-                self.done = true;
-                Poll::Ready(Some(Ok(Frame::trailers(trailers(&Status::ok(""))))))
-            }
+            return match self.rx.poll_recv(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Some(Ok(msg))) => {
+                    self.current = Some((msg, 0));
+                    match self.next_chunk() {
+                        Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+                        // A message always has a head; keep driving if it had none.
+                        None => continue,
+                    }
+                }
+                Poll::Ready(Some(Err(status))) => {
+                    self.done = true;
+                    Poll::Ready(Some(Ok(Frame::trailers(trailers(&status)))))
+                }
+                Poll::Ready(None) => {
+                    self.done = true;
+                    Poll::Ready(Some(Ok(Frame::trailers(trailers(&Status::ok(""))))))
+                }
+            };
         }
     }
 }
