@@ -596,13 +596,7 @@ impl StreamState {
         }
         let view = self.view();
         match kind {
-            TypeKind::Cluster | TypeKind::Endpoint => self.shared_view(name).and_then(|v| {
-                if kind == TypeKind::Cluster {
-                    v.clusters.get(name).cloned()
-                } else {
-                    v.endpoints.get(name).cloned()
-                }
-            }),
+            TypeKind::Cluster | TypeKind::Endpoint => self.shared_res(kind, name).cloned(),
             TypeKind::Route => view
                 .and_then(|v| v.route.clone())
                 .filter(|rt| &*rt.name == name),
@@ -630,18 +624,26 @@ impl StreamState {
         }
     }
 
-    /// The namespace view that serves cluster or load assignment `name` to this node: its own,
-    /// or that of another namespace it sees (`OUTBOUND|<ns>|<svc>`).
-    fn shared_view(&self, name: &str) -> Option<&Arc<NamespaceView>> {
+    /// The shared cluster or load assignment `name` this node gets: from its own namespace's view,
+    /// or from that of another namespace it sees (`OUTBOUND|<ns>|<svc>`). One map search when the
+    /// name is the node's own (the initial sync of a thousand names per proxy runs through here).
+    fn shared_res(&self, kind: TypeKind, name: &str) -> Option<&Res> {
+        fn get<'a>(v: &'a NamespaceView, kind: TypeKind, name: &str) -> Option<&'a Res> {
+            match kind {
+                TypeKind::Cluster => v.clusters.get(name),
+                _ => v.endpoints.get(name),
+            }
+        }
         let own = self.view();
-        if own.is_some_and(|v| v.clusters.contains_key(name) || v.endpoints.contains_key(name)) {
-            return own;
+        if let Some(r) = own.and_then(|v| get(v, kind, name)) {
+            return Some(r);
         }
         let ns = name.split('|').nth(1)?;
-        if !self.sees(ns) {
+        let own_ns = self.node.as_ref().is_some_and(|n| n.namespace == ns);
+        if own_ns || !self.sees(ns) {
             return None;
         }
-        self.snap.namespaces.get(ns)
+        get(self.snap.namespaces.get(ns)?, kind, name)
     }
 
     /// The name as an `Arc`, shared with the resource of that name when there is one.
@@ -708,12 +710,7 @@ impl StreamState {
             return true;
         }
         match kind {
-            TypeKind::Cluster => self
-                .shared_view(name)
-                .is_some_and(|v| v.clusters.contains_key(name)),
-            TypeKind::Endpoint => self
-                .shared_view(name)
-                .is_some_and(|v| v.endpoints.contains_key(name)),
+            TypeKind::Cluster | TypeKind::Endpoint => self.shared_res(kind, name).is_some(),
             TypeKind::Route => {
                 !self.local_route()
                     && self
