@@ -26,14 +26,12 @@ pub struct FramedRead<T> {
     inner: InnerFramedRead<T, LengthDelimitedCodec>,
 
     decoder: FrameDecoder,
-
-    /// A frame larger than the read buffer's initial capacity grew the buffer: it is replaced by
-    /// a buffer of that capacity once it is empty, so a long-lived connection does not keep the
-    /// largest frame it ever received allocated.
-    grown: bool,
 }
 
-/// tokio-util's initial read buffer capacity.
+/// Read buffer allocated when there may be something to read (tokio-util's initial capacity). It
+/// is released whenever the socket has nothing more and every frame read has been decoded, so an
+/// idle connection holds no read buffer, and one does not keep the largest frame it ever
+/// received allocated.
 const READ_BUFFER_CAPACITY: usize = 8 * 1024;
 
 #[derive(Debug)]
@@ -69,11 +67,7 @@ enum Continuable {
 impl<T> FramedRead<T> {
     pub fn new(inner: InnerFramedRead<T, LengthDelimitedCodec>) -> FramedRead<T> {
         let decoder = FrameDecoder::new(inner.decoder().max_frame_length());
-        FramedRead {
-            inner,
-            decoder,
-            grown: false,
-        }
+        FramedRead { inner, decoder }
     }
 
     pub fn get_ref(&self) -> &T {
@@ -439,20 +433,25 @@ where
         let _e = span.enter();
         loop {
             tracing::trace!("poll");
-            let bytes = match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
-                Some(Ok(bytes)) => bytes,
-                Some(Err(e)) => return Poll::Ready(Some(Err(map_err(e)))),
-                None => return Poll::Ready(None),
+            if self.inner.read_buffer().capacity() == 0 {
+                // Released (or exactly filled by the last frame): tokio-util would reserve a
+                // single byte and read that little at a time.
+                self.inner.read_buffer_mut().reserve(READ_BUFFER_CAPACITY);
+            }
+            let bytes = match Pin::new(&mut self.inner).poll_next(cx) {
+                Poll::Pending => {
+                    // Nothing buffered (so no partial frame either): release the buffer.
+                    if self.inner.read_buffer().is_empty() {
+                        *self.inner.read_buffer_mut() = BytesMut::new();
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(Some(Ok(bytes))) => bytes,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(map_err(e)))),
+                Poll::Ready(None) => return Poll::Ready(None),
             };
 
             tracing::trace!(read.bytes = bytes.len());
-            if bytes.len() > READ_BUFFER_CAPACITY {
-                self.grown = true;
-            }
-            if self.grown && self.inner.read_buffer().is_empty() {
-                *self.inner.read_buffer_mut() = BytesMut::with_capacity(READ_BUFFER_CAPACITY);
-                self.grown = false;
-            }
             if let Some(frame) = self.decoder.decode(bytes)? {
                 tracing::debug!(?frame, "received");
                 return Poll::Ready(Some(Ok(frame)));

@@ -252,11 +252,11 @@ mod tests {
         }
     }
 
-    /// The read buffer is replaced once drained after large frames. That it frees memory is
-    /// measured (`polaris bench xds`); this checks that frames still decode across replacements,
-    /// including while earlier frames of a message are still held.
+    /// The read buffer is released whenever the socket has nothing more and every frame read has
+    /// been decoded, and allocated again before the next read. This checks that frames decode
+    /// across releases, including while earlier frames of a message are still held.
     #[tokio::test]
-    async fn frames_decode_across_read_buffer_replacements() {
+    async fn frames_decode_across_read_buffer_releases() {
         let (io, mut peer) = tokio::io::duplex(4096);
         let mut codec: Codec<_, Bytes> = Codec::new(io);
         let mut wire = Vec::new();
@@ -288,6 +288,29 @@ mod tests {
         }
         drop(held);
         let _peer = writer.await.unwrap().unwrap();
-        assert!(codec.inner.read_buffer_capacity() <= 8 * 1024);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_holds_no_read_buffer() {
+        let (io, mut peer) = tokio::io::duplex(1 << 20);
+        let mut codec: Codec<_, Bytes> = Codec::new(io);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        for round in 0..3u8 {
+            let mut wire = head(8, 6, 0);
+            wire.extend([round; 8]);
+            wire.extend(head(16384, 0, 1));
+            wire.extend(vec![round; 16384]);
+            peer.write_all(&wire).await.unwrap();
+            match poll_fn(|cx| Pin::new(&mut codec).poll_next(cx)).await {
+                Some(Ok(Frame::Ping(p))) => assert_eq!(p.payload(), &[round; 8]),
+                other => panic!("round {round}: unexpected {other:?}"),
+            }
+            match poll_fn(|cx| Pin::new(&mut codec).poll_next(cx)).await {
+                Some(Ok(Frame::Data(d))) => assert_eq!(d.payload().len(), 16384),
+                other => panic!("round {round}: unexpected {other:?}"),
+            }
+            assert!(Pin::new(&mut codec).poll_next(&mut cx).is_pending());
+            assert_eq!(codec.inner.read_buffer_capacity(), 0, "round {round}");
+        }
     }
 }
