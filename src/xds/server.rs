@@ -1,9 +1,10 @@
 //! The ADS server: state-of-the-world and delta streams over one per-stream state machine.
 //!
-//! Each stream is one task that owns its state (subscriptions per type, what the client holds,
-//! nonces) and reads only published snapshots. It wakes on a client request or a new snapshot;
-//! a slow client blocks only its own task, and the snapshots it missed coalesce to the latest
-//! (the `watch` channel keeps one value). Responses go out in ADS order: CDS, EDS, LDS, RDS.
+//! Each stream is one state machine that owns its state (subscriptions per type, what the client
+//! holds, nonces) and reads only published snapshots; its response body drives it
+//! (`transport::ResponseBody`). It wakes on a client request or a new snapshot; a slow client parks
+//! only its own state machine, and the snapshots it missed coalesce to the latest (the `watch`
+//! channel keeps one value). Responses go out in ADS order: CDS, EDS, LDS, RDS.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};

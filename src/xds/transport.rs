@@ -385,31 +385,26 @@ impl http_body::Body for ResponseBody {
         if self.done {
             return Poll::Ready(None);
         }
-        loop {
-            if let Some(driver) = self.driver.as_mut() {
-                if driver.as_mut().poll(cx).is_ready() {
-                    self.driver = None;
-                }
+        if let Some(driver) = self.driver.as_mut() {
+            if driver.as_mut().poll(cx).is_ready() {
+                self.driver = None;
             }
-            return match self.rx.poll_recv(cx) {
-                Poll::Pending => Poll::Pending,
-                Poll::Ready(Some(Ok(msg))) => {
-                    self.current = Some((msg, 0));
-                    match self.next_chunk() {
-                        Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
-                        // A message always has a head; keep driving if it had none.
-                        None => continue,
-                    }
-                }
-                Poll::Ready(Some(Err(status))) => {
-                    self.done = true;
-                    Poll::Ready(Some(Ok(Frame::trailers(trailers(&status)))))
-                }
-                Poll::Ready(None) => {
-                    self.done = true;
-                    Poll::Ready(Some(Ok(Frame::trailers(trailers(&Status::ok(""))))))
-                }
-            };
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(msg))) => {
+                self.current = Some((msg, 0));
+                let head = self.next_chunk().expect("a message has a head");
+                Poll::Ready(Some(Ok(Frame::data(head))))
+            }
+            Poll::Ready(Some(Err(status))) => {
+                self.done = true;
+                Poll::Ready(Some(Ok(Frame::trailers(trailers(&status)))))
+            }
+            Poll::Ready(None) => {
+                self.done = true;
+                Poll::Ready(Some(Ok(Frame::trailers(trailers(&Status::ok(""))))))
+            }
         }
     }
 }
