@@ -61,6 +61,10 @@ pub struct XdsArgs {
     /// Debounce of the snapshot builder in milliseconds.
     #[arg(long, default_value_t = 5)]
     debounce_ms: u64,
+    /// Register each changed endpoint on a port the service already uses (by default each change
+    /// brings a new port, as VMs and random ports do).
+    #[arg(long)]
+    same_port: bool,
 }
 
 /// Hidden client-side process arguments.
@@ -143,6 +147,7 @@ async fn run_each_mode(a: XdsArgs) -> anyhow::Result<()> {
             .args(["--clients", &a.clients.to_string()])
             .args(["--changes", &a.changes.to_string()])
             .args(["--debounce-ms", &a.debounce_ms.to_string()])
+            .args(a.same_port.then_some("--same-port"))
             .stderr(Stdio::inherit())
             .output()
             .await?;
@@ -252,12 +257,13 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
         stop_rx,
     ));
     println!(
-        "xds benchmark: {} services x {} endpoints = {} instances, {} clients (each its own connection, in a second process), {} single-endpoint changes per mode, debounce {} ms",
+        "xds benchmark: {} services x {} endpoints = {} instances, {} clients (each its own connection, in a second process), {} single-endpoint changes per mode ({}), debounce {} ms",
         a.services,
         a.endpoints,
         a.services * a.endpoints,
         a.clients,
         a.changes,
+        if a.same_port { "each on a port its service already uses" } else { "each on a new port" },
         a.debounce_ms
     );
     println!(
@@ -342,7 +348,16 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
             }
             let b0 = metrics.xds_bytes.get();
             let t0 = now_ns();
-            let inst = instance(svc, next_ep).validate(&now)?;
+            let mut inst = instance(svc, next_ep).validate(&now)?;
+            if !a.same_port {
+                inst.port = 9000 + k as u16;
+                inst.id = crate::model::instance_id(
+                    &inst.namespace,
+                    &inst.service,
+                    &inst.host,
+                    inst.port,
+                );
+            }
             next_ep += 1;
             reg.submit(Command::RegisterInstances(vec![inst])).await?;
             writes.push(now_ns().saturating_sub(t0) as f64 / 1e6);
