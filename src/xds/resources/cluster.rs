@@ -1,0 +1,130 @@
+//! Clusters: one outbound EDS cluster per service, and the inbound cluster of a sidecar's own
+//! service.
+
+use envoy_types::pb::envoy::config::cluster::v3::cluster::{
+    ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy,
+};
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::{
+    explicit_http_config::ProtocolConfig, ExplicitHttpConfig, UpstreamProtocolOptions,
+};
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
+use envoy_types::pb::google::protobuf::Duration;
+use envoy_types::util::pack_any;
+
+use super::{
+    ads, duration_ms, inbound_name, outbound_name, CONNECT_TIMEOUT_KEY, HTTP_OPTIONS_EXT,
+    LB_POLICY_KEY, TEST_INVALID_KEY,
+};
+use crate::model::Service;
+
+/// Whether a service speaks HTTP/2 upstream (gRPC, h2, h2c).
+pub fn is_h2(protocol: &str) -> bool {
+    matches!(
+        protocol.to_ascii_lowercase().as_str(),
+        "grpc" | "h2" | "h2c" | "http2"
+    )
+}
+
+/// The load-balancing policy named by the service's metadata (default round robin, which honours
+/// endpoint weights).
+pub fn lb_policy(svc: &Service) -> LbPolicy {
+    match svc
+        .metadata
+        .get(LB_POLICY_KEY)
+        .map(|s| s.to_ascii_uppercase())
+    {
+        Some(p) if p == "LEAST_REQUEST" => LbPolicy::LeastRequest,
+        Some(p) if p == "RANDOM" => LbPolicy::Random,
+        Some(p) if p == "RING_HASH" => LbPolicy::RingHash,
+        Some(p) if p == "MAGLEV" => LbPolicy::Maglev,
+        _ => LbPolicy::RoundRobin,
+    }
+}
+
+fn eds_cluster(name: String, svc: &Service) -> Cluster {
+    let timeout_ms = svc
+        .metadata
+        .get(CONNECT_TIMEOUT_KEY)
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|v| (1..=600_000).contains(v))
+        .unwrap_or(5000);
+    let mut c = Cluster {
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+        eds_cluster_config: Some(EdsClusterConfig {
+            eds_config: Some(ads()),
+            service_name: name.clone(),
+        }),
+        name,
+        connect_timeout: Some(duration_ms(timeout_ms)),
+        lb_policy: lb_policy(svc) as i32,
+        ..Default::default()
+    };
+    if is_h2(&svc.protocol) {
+        let opts = HttpProtocolOptions {
+            upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
+                ExplicitHttpConfig {
+                    protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(Default::default())),
+                },
+            )),
+            ..Default::default()
+        };
+        c.typed_extension_protocol_options
+            .insert(HTTP_OPTIONS_EXT.to_string(), pack_any(opts));
+    }
+    c
+}
+
+/// The outbound EDS cluster of a service.
+pub fn outbound_cluster(svc: &Service) -> Cluster {
+    eds_cluster(outbound_name(&svc.namespace, &svc.name), svc)
+}
+
+/// [`outbound_cluster`], made invalid on purpose when test hooks are on and the service asks for it.
+pub fn outbound_cluster_with_hooks(svc: &Service, test_hooks: bool) -> Cluster {
+    let mut c = outbound_cluster(svc);
+    if test_hooks
+        && svc
+            .metadata
+            .get(TEST_INVALID_KEY)
+            .is_some_and(|v| v == "true")
+    {
+        c.connect_timeout = Some(Duration {
+            seconds: -1,
+            nanos: 0,
+        });
+    }
+    c
+}
+
+/// The inbound cluster of the node's own service (its endpoints are the local app ports).
+pub fn inbound_cluster(svc: &Service) -> Cluster {
+    eds_cluster(inbound_name(&svc.namespace, &svc.name), svc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_shape() {
+        let mut svc = Service::bare("default", "echo", "t");
+        let c = outbound_cluster(&svc);
+        assert_eq!(c.name, "OUTBOUND|default|echo");
+        assert_eq!(c.eds_cluster_config.as_ref().unwrap().service_name, c.name);
+        assert_eq!(c.lb_policy, LbPolicy::RoundRobin as i32);
+        assert_eq!(c.connect_timeout.unwrap().seconds, 5);
+        assert!(c.typed_extension_protocol_options.is_empty());
+        svc.protocol = "gRPC".into();
+        svc.metadata
+            .insert(LB_POLICY_KEY.into(), "least_request".into());
+        svc.metadata
+            .insert(CONNECT_TIMEOUT_KEY.into(), "250".into());
+        let c = outbound_cluster(&svc);
+        assert!(c
+            .typed_extension_protocol_options
+            .contains_key(HTTP_OPTIONS_EXT));
+        assert_eq!(c.lb_policy, LbPolicy::LeastRequest as i32);
+        assert_eq!(c.connect_timeout.unwrap().nanos, 250_000_000);
+    }
+}
