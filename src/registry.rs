@@ -1,7 +1,7 @@
 //! The registry: an in-memory index over the [`Store`], the single writer, heartbeat health checks
 //! and the change feed.
 //!
-//! Writes go through one writer thread: each request is one [`Command`], validated against the
+//! Writes go through one writer task: each request is one [`Command`], validated against the
 //! current state and applied as a whole or not at all. The writer drains every queued command and
 //! commits them in one store transaction (group commit), so a burst of concurrent registrations costs
 //! one fsync, not one per request; a command is acknowledged only after its transaction is durable.
@@ -112,11 +112,6 @@ impl State {
                 .get(&(service.clone(), host.clone(), *port))
                 .cloned(),
         }
-    }
-
-    /// Number of instances.
-    pub fn instance_count(&self) -> usize {
-        self.instance_index.len()
     }
 
     fn insert_instance(&mut self, inst: Arc<Instance>) {
@@ -288,7 +283,7 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Loads the state from `store`, creates the system namespaces, starts the writer thread and the
+    /// Loads the state from `store`, creates the system namespaces, starts the writer task and the
     /// heartbeat checker. Instances with heartbeat checks get a fresh 3×TTL grace period.
     pub async fn open(
         store: Arc<dyn Store>,
@@ -1170,7 +1165,7 @@ mod tests {
         assert!(healthy(&reg, &id));
         // Past 3×TTL plus one check interval: unhealthy.
         tokio::time::sleep(Duration::from_millis(700)).await;
-        // Let the spawned transition commit on the writer thread.
+        // Let the spawned transition commit through the writer task.
         for _ in 0..100 {
             if !healthy(&reg, &id) {
                 break;

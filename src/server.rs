@@ -79,7 +79,7 @@ pub async fn run(
         metrics,
         xds_streams: Arc::new(move || streams.len() as u64),
     };
-    let app = api::router(state, debug::routes(cache, nodes));
+    let app = api::router(state, debug::routes(cache, nodes, registry.clone()));
     tracing::info!(http = %bound.http, xds = %bound.xds, data_dir = %cfg.data_dir.display(), "polaris server started");
     on_bound(bound);
     tokio::spawn(async move {

@@ -18,17 +18,22 @@ use serde_json::{json, Value};
 use super::server::{resources_for, Nodes};
 use super::snapshot::{Cache, Res};
 use super::TypeKind;
-use crate::api::AppState;
+use crate::registry::Registry;
 
-/// Routes of the debug views.
-pub fn routes(cache: Arc<Cache>, nodes: Arc<Nodes>) -> Router<AppState> {
+/// Routes of the debug views; they need no state of the router they are merged into.
+pub fn routes<S: Clone + Send + Sync + 'static>(
+    cache: Arc<Cache>,
+    nodes: Arc<Nodes>,
+    registry: Registry,
+) -> Router<S> {
     let n2 = nodes.clone();
     let c2 = cache.clone();
     Router::new()
         .route(
             "/debug/xds/nodes",
-            get(move |st: axum::extract::State<AppState>| {
-                nodes_view(nodes.clone(), c2.clone(), *st.registry.revision().borrow())
+            get(move || {
+                let revision = *registry.revision().borrow();
+                nodes_view(nodes.clone(), c2.clone(), revision)
             }),
         )
         .route(

@@ -96,7 +96,7 @@ impl Server {
 
     /// SIGTERM and wait; returns the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        unsafe_free_sigterm(self.child.id());
+        sigterm(self.child.id());
         self.child.wait().unwrap()
     }
 }
@@ -108,7 +108,8 @@ impl Drop for Server {
     }
 }
 
-fn unsafe_free_sigterm(pid: u32) {
+/// SIGTERM through kill(1): no libc dependency for one signal.
+fn sigterm(pid: u32) {
     Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status()
