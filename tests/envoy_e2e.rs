@@ -352,3 +352,131 @@ async fn envoy_inbound_listener_reaches_the_local_app() {
         "{cfg}"
     );
 }
+
+/// A service registered by hostname becomes a STRICT_DNS cluster that Envoy resolves itself; it
+/// goes back to EDS when the last hostname goes, and neither switch fails a request.
+async fn hostname_scenario(sotw: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("data"), &[]).await;
+    let c = reqwest::Client::new();
+    let (a, b, o1, o2) = (
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("o1").await,
+        Backend::start("o2").await,
+    );
+    let mode = if sotw { "sotw" } else { "delta" };
+    let reg_host = |host: &'static str, svc: &'static str, port: u16| {
+        let (c, url) = (c.clone(), s.url("/naming/v1/instances"));
+        async move {
+            let (st, body) = post(
+                &c,
+                &url,
+                json!([{"namespace": "default", "service": svc, "host": host, "port": port}]),
+            )
+            .await;
+            assert_eq!(st, 200, "{body}");
+        }
+    };
+    reg_host("localhost", "echo", a.port).await;
+    register(&c, &s, "other", o1.port, json!({})).await;
+    let node = format!("sidecar~default/dns-{mode}~127.0.0.1");
+    let e = Envoy::start(dir.path(), &node, s.xds_port, sotw).await;
+    converge(&e, &c, "echo.default", &["a"], Duration::from_secs(10)).await;
+    converge(&e, &c, "other.default", &["o1"], Duration::from_secs(5)).await;
+
+    // The debug view says what became of the instance.
+    let (_, cfg) = get(
+        &c,
+        &s.url(&format!("/debug/xds/config?node={node}&service=echo")),
+    )
+    .await;
+    let t = &cfg["translation"][0];
+    assert_eq!(t["discovery"], "STRICT_DNS", "{cfg}");
+    assert_eq!(
+        t["instances"][0]["state"], "STRICT_DNS endpoint (hostname resolved by Envoy)",
+        "{cfg}"
+    );
+
+    // Steady traffic to the service while it switches between DNS and EDS.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, bad) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let traffic = {
+        let (stop, ok, bad, c) = (stop.clone(), ok.clone(), bad.clone(), c.clone());
+        let url = format!("http://127.0.0.1:{}/", e.outbound_port);
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let r = c.get(&url).header("host", "echo.default").send().await;
+                match r {
+                    Ok(r) if r.status().is_success() => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => bad.fetch_add(1, Ordering::Relaxed),
+                };
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    // An IP instance joins the DNS cluster.
+    register(&c, &s, "echo", b.port, json!({})).await;
+    converge(&e, &c, "echo.default", &["a", "b"], Duration::from_secs(10)).await;
+    // Endpoint updates of other services keep flowing meanwhile.
+    register(&c, &s, "other", o2.port, json!({})).await;
+    converge(
+        &e,
+        &c,
+        "other.default",
+        &["o1", "o2"],
+        Duration::from_secs(5),
+    )
+    .await;
+    // The last hostname goes: back to EDS.
+    let (st, _) = post(
+        &c,
+        &s.url("/naming/v1/instances/delete"),
+        json!([{"namespace": "default", "service": "echo", "host": "localhost", "port": a.port}]),
+    )
+    .await;
+    assert_eq!(st, 200);
+    converge(&e, &c, "echo.default", &["b"], Duration::from_secs(10)).await;
+    let (_, cfg) = get(
+        &c,
+        &s.url(&format!("/debug/xds/config?node={node}&service=echo")),
+    )
+    .await;
+    assert_eq!(cfg["translation"][0]["discovery"], "EDS", "{cfg}");
+    // And to DNS once more.
+    reg_host("localhost", "echo", a.port).await;
+    converge(&e, &c, "echo.default", &["a", "b"], Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    traffic.await.unwrap();
+    assert!(ok.load(Ordering::Relaxed) > 20);
+    assert_eq!(
+        bad.load(Ordering::Relaxed),
+        0,
+        "failed requests while the service switched between DNS and EDS"
+    );
+    for stat in [
+        "cluster_manager.cds.update_rejected",
+        "listener_manager.lds.update_rejected",
+        "cluster.OUTBOUND|default|other.update_rejected",
+        "cluster.OUTBOUND|default|echo.update_rejected",
+    ] {
+        assert_eq!(e.stat(stat).await.unwrap_or(0), 0, "{stat}");
+    }
+    assert_eq!(e.stat("cluster_manager.warming_clusters").await, Some(0));
+    let log = std::fs::read_to_string(&e.log).unwrap_or_default();
+    assert!(
+        !log.contains("deprecated"),
+        "Envoy warned about deprecated configuration:\n{log}"
+    );
+}
+
+#[tokio::test]
+async fn envoy_delta_routes_to_hostname_instances() {
+    hostname_scenario(false).await;
+}
+
+#[tokio::test]
+async fn envoy_sotw_routes_to_hostname_instances() {
+    hostname_scenario(true).await;
+}

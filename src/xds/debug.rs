@@ -15,9 +15,11 @@ use prost::Message;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::resources as r;
 use super::server::{resources_for, Nodes};
 use super::snapshot::{Cache, Res};
 use super::TypeKind;
+use crate::model::ServiceKey;
 use crate::registry::Registry;
 
 /// Routes of the debug views; they need no state of the router they are merged into.
@@ -28,6 +30,7 @@ pub fn routes<S: Clone + Send + Sync + 'static>(
 ) -> Router<S> {
     let n2 = nodes.clone();
     let c2 = cache.clone();
+    let r2 = registry.clone();
     Router::new()
         .route(
             "/debug/xds/nodes",
@@ -38,7 +41,9 @@ pub fn routes<S: Clone + Send + Sync + 'static>(
         )
         .route(
             "/debug/xds/config",
-            get(move |q: Query<ConfigQuery>| config_view(cache.clone(), n2.clone(), q.0)),
+            get(move |q: Query<ConfigQuery>| {
+                config_view(cache.clone(), n2.clone(), r2.clone(), q.0)
+            }),
         )
 }
 
@@ -79,6 +84,8 @@ async fn nodes_view(nodes: Arc<Nodes>, cache: Arc<Cache>, registry_revision: u64
 #[derive(Debug, Deserialize)]
 struct ConfigQuery {
     node: Option<String>,
+    /// Only this service in the translation view.
+    service: Option<String>,
 }
 
 fn decoded(kind: TypeKind, r: &Res) -> String {
@@ -93,7 +100,56 @@ fn decoded(kind: TypeKind, r: &Res) -> String {
     .unwrap_or_else(|e| format!("undecodable: {e}"))
 }
 
-async fn config_view(cache: Arc<Cache>, nodes: Arc<Nodes>, q: ConfigQuery) -> Response {
+/// How each service of the node's namespace is translated, instance by instance: which discovery
+/// its cluster uses and what became of each instance (an endpoint, or why it was left out).
+fn translation_view(
+    cache: &Cache,
+    registry: &Registry,
+    namespace: &str,
+    only: Option<&str>,
+) -> Vec<Value> {
+    let snap = cache.current();
+    let Some(view) = snap.namespaces.get(namespace) else {
+        return vec![];
+    };
+    let reg = registry.read();
+    view.services
+        .iter()
+        .filter(|(name, _)| only.is_none_or(|o| o == &***name))
+        .map(|(name, sv)| {
+            let instances: Vec<Value> = reg
+                .services
+                .get(&ServiceKey::new(namespace, &**name))
+                .map(|e| {
+                    e.instances
+                        .values()
+                        .map(|i| {
+                            json!({
+                                "id": i.id,
+                                "host": i.host,
+                                "port": i.port,
+                                "state": r::translation_state(i, sv.discovery),
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            json!({
+                "service": &**name,
+                "aliasFor": sv.service.alias_for,
+                "discovery": sv.discovery,
+                "instances": instances,
+            })
+        })
+        .collect()
+}
+
+async fn config_view(
+    cache: Arc<Cache>,
+    nodes: Arc<Nodes>,
+    registry: Registry,
+    q: ConfigQuery,
+) -> Response {
     let Some(id) = q.node.filter(|n| !n.is_empty()) else {
         return (
             StatusCode::BAD_REQUEST,
@@ -126,6 +182,12 @@ async fn config_view(cache: Arc<Cache>, nodes: Arc<Nodes>, q: ConfigQuery) -> Re
             }));
         }
     }
-    Json(json!({"node": info, "generation": cache.current().generation, "resources": by_type}))
-        .into_response()
+    let translation = translation_view(&cache, &registry, &info.namespace, q.service.as_deref());
+    Json(json!({
+        "node": info,
+        "generation": cache.current().generation,
+        "resources": by_type,
+        "translation": translation,
+    }))
+    .into_response()
 }

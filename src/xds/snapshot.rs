@@ -25,8 +25,7 @@ use super::TypeKind;
 use crate::model::{Instance, Service, ServiceKey};
 use crate::registry::{ChangeKey, Registry};
 
-/// Bumped when the translation changes, so versions from an older build are not trusted.
-const TRANSLATOR_SALT: &[u8] = b"polaris-mesh/xds/1";
+use super::resources::TRANSLATOR_SALT;
 
 /// One encoded resource.
 #[derive(Debug)]
@@ -147,6 +146,8 @@ pub struct ServiceView {
     pub service: Arc<Service>,
     /// Ports its virtual host answers on.
     pub ports: Vec<u16>,
+    /// How its endpoints reach Envoy (EDS, or DNS when some are hostnames).
+    pub discovery: r::Discovery,
 }
 
 /// Resources of one namespace, shared by every node in it.
@@ -295,30 +296,13 @@ pub struct Builder {
     retiring: Vec<(Arc<str>, Arc<str>, Arc<str>)>,
 }
 
-fn eds_version(name: &str, instances: &[&Instance]) -> u64 {
+/// A content version from canonical parts (for resources whose encoding is not canonical).
+fn content_version(parts: &[&[u8]]) -> u64 {
     let mut h = Xxh3::new();
     h.update(TRANSLATOR_SALT);
-    h.update(name.as_bytes());
-    for i in instances.iter().filter(|i| r::routable(i)) {
-        for part in [
-            i.id.as_str(),
-            i.host.as_str(),
-            i.location.region.as_str(),
-            i.location.zone.as_str(),
-            i.location.campus.as_str(),
-        ] {
-            h.update(part.as_bytes());
-            h.update(&[0]);
-        }
-        h.update(&i.port.to_le_bytes());
-        h.update(&i.weight.to_le_bytes());
-        h.update(&[u8::from(i.healthy)]);
-        for (k, v) in &i.metadata {
-            h.update(k.as_bytes());
-            h.update(&[1]);
-            h.update(v.as_bytes());
-            h.update(&[2]);
-        }
+    for p in parts {
+        h.update(&(p.len() as u64).to_le_bytes());
+        h.update(p);
     }
     h.digest()
 }
@@ -580,6 +564,10 @@ impl Builder {
                 Some((svc, insts)) => {
                     let instances: Vec<&Instance> = insts.iter().map(|i| i.as_ref()).collect();
                     let ports = r::service_ports(&svc, instances.iter().copied());
+                    let discovery = match svc.alias_for {
+                        Some(_) => r::Discovery::Eds,
+                        None => r::discovery(instances.iter().copied()),
+                    };
                     let vhost = match &svc.alias_for {
                         // An alias answers its own names and routes to its target's cluster.
                         Some(t) => r::virtual_host(
@@ -609,12 +597,15 @@ impl Builder {
                     }
                     let prev = view.services.get(name.as_str());
                     let service_changed = prev.is_none_or(|p| p.service != svc);
-                    if service_changed || prev.is_some_and(|p| p.ports != ports) {
+                    if service_changed
+                        || prev.is_some_and(|p| p.ports != ports || p.discovery != discovery)
+                    {
                         Arc::make_mut(&mut view.services).insert(
                             name_arc.clone(),
                             ServiceView {
                                 service: svc.clone(),
                                 ports,
+                                discovery,
                             },
                         );
                     }
@@ -628,10 +619,24 @@ impl Builder {
                     if svc.alias_for.is_some() {
                         continue;
                     }
-                    let cluster = Encoded::new(
-                        cname.clone(),
-                        &r::outbound_cluster_with_hooks(&svc, self.test_hooks),
-                    );
+                    let base = r::outbound_cluster_with_hooks(&svc, self.test_hooks);
+                    let cluster = match discovery {
+                        r::Discovery::Eds => Encoded::new(cname.clone(), &base),
+                        r::Discovery::StrictDns => {
+                            // The inline load assignment has maps (metadata) that encode in
+                            // random order: version the canonical parts.
+                            let dns = r::LoadAssignmentSpec::dns(&cname, instances.iter().copied());
+                            let version = content_version(&[
+                                &base.encode_to_vec(),
+                                &dns.version().to_le_bytes(),
+                            ]);
+                            Encoded::with_version(
+                                cname.clone(),
+                                &r::with_dns_endpoints(base, &dns),
+                                version,
+                            )
+                        }
+                    };
                     if view
                         .clusters
                         .get(&cname)
@@ -644,16 +649,16 @@ impl Builder {
                             name: cname.clone(),
                         });
                     }
-                    let version = eds_version(&cname, &instances);
+                    let eds = r::LoadAssignmentSpec::eds(&cname, instances.iter().copied());
+                    let version = eds.version();
                     if view
                         .endpoints
                         .get(&cname)
                         .is_none_or(|c| c.version != version)
                     {
-                        let cla = r::load_assignment(cname.to_string(), instances.iter().copied());
                         Arc::make_mut(&mut view.endpoints).insert(
                             cname.clone(),
-                            Encoded::with_version(cname.clone(), &cla, version),
+                            Encoded::with_version(cname.clone(), &eds.to_proto(), version),
                         );
                         changes.push(Changed {
                             namespace: ns_arc.clone(),
@@ -750,6 +755,7 @@ mod tests {
     use super::*;
     use crate::metrics::Metrics;
     use crate::model::InstanceInput;
+    use crate::model::InstanceSelector;
     use crate::registry::{self, Command};
     use crate::store::RedbStore;
 
@@ -763,6 +769,101 @@ mod tests {
         }
         .validate("t")
         .unwrap()
+    }
+
+    async fn registry(dir: &std::path::Path) -> Registry {
+        Registry::open(
+            Arc::new(RedbStore::open(dir).unwrap()),
+            registry::Config::default(),
+            Arc::new(Metrics::default()),
+        )
+        .await
+        .unwrap()
+    }
+
+    fn cluster_of(
+        snap: &Snapshot,
+        name: &str,
+    ) -> (
+        Arc<Encoded>,
+        envoy_types::pb::envoy::config::cluster::v3::Cluster,
+    ) {
+        let res = snap.namespaces["default"].clusters[name].clone();
+        let c =
+            envoy_types::pb::envoy::config::cluster::v3::Cluster::decode(res.any.value.as_slice())
+                .unwrap();
+        (res, c)
+    }
+
+    #[tokio::test]
+    async fn a_hostname_makes_the_cluster_strict_dns_and_its_removal_makes_it_eds_again() {
+        use envoy_types::pb::envoy::config::cluster::v3::cluster::{
+            ClusterDiscoveryType, DiscoveryType,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let reg = registry(dir.path()).await;
+        let mut named = inst("echo", "localhost");
+        named.metadata = [("a", "1"), ("b", "2"), ("c", "3"), ("d", "4")]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .into();
+        reg.submit(Command::RegisterInstances(vec![
+            inst("echo", "10.0.0.1"),
+            named.clone(),
+        ]))
+        .await
+        .unwrap();
+        let cache = Cache::default();
+        let mut b = Builder::new();
+        b.full(&reg, &cache);
+        let g1 = cache.current();
+        let (res, c) = cluster_of(&g1, "OUTBOUND|default|echo");
+        assert_eq!(
+            c.cluster_discovery_type,
+            Some(ClusterDiscoveryType::Type(DiscoveryType::StrictDns as i32))
+        );
+        assert!(c.eds_cluster_config.is_none());
+        let inline = c.load_assignment.unwrap();
+        assert_eq!(inline.endpoints[0].lb_endpoints.len(), 2);
+        assert_eq!(
+            g1.namespaces["default"].services["echo"].discovery,
+            r::Discovery::StrictDns
+        );
+        crate::xds::consistent("default", &g1.namespaces["default"]).unwrap();
+        // The version does not depend on how the metadata map happens to encode: another
+        // builder, another encoding, the same version.
+        for _ in 0..8 {
+            let other = Cache::default();
+            Builder::new().full(&reg, &other);
+            assert_eq!(
+                cluster_of(&other.current(), "OUTBOUND|default|echo")
+                    .0
+                    .version,
+                res.version
+            );
+        }
+        // The last hostname goes: EDS again, one cluster change.
+        reg.submit(Command::DeregisterInstances(vec![InstanceSelector::Id(
+            named.id.clone(),
+        )]))
+        .await
+        .unwrap();
+        let rev = *reg.revision().borrow();
+        b.apply(
+            &reg,
+            vec![ChangeKey::Instances(ServiceKey::new("default", "echo"))],
+            rev,
+            &cache,
+        );
+        let g2 = cache.current();
+        let (_, c) = cluster_of(&g2, "OUTBOUND|default|echo");
+        assert_eq!(
+            c.cluster_discovery_type,
+            Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32))
+        );
+        assert!(c.load_assignment.is_none());
+        let ch = cache.changes(g1.generation, g2.generation).unwrap();
+        assert!(ch[0].iter().any(|c| c.kind == TypeKind::Cluster));
+        crate::xds::consistent("default", &g2.namespaces["default"]).unwrap();
     }
 
     #[tokio::test]
@@ -840,7 +941,8 @@ mod tests {
         let i = inst("echo", "10.0.0.1");
         let mut j = i.clone();
         j.metadata.insert("a".into(), "1".into());
-        assert_ne!(eds_version("c", &[&i]), eds_version("c", &[&j]));
-        assert_eq!(eds_version("c", &[&j]), eds_version("c", &[&j.clone()]));
+        let v = |i: &Instance| r::LoadAssignmentSpec::eds("c", [i]).version();
+        assert_ne!(v(&i), v(&j));
+        assert_eq!(v(&j), v(&j.clone()));
     }
 }

@@ -2,7 +2,7 @@
 //! service.
 
 use envoy_types::pb::envoy::config::cluster::v3::cluster::{
-    ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy,
+    ClusterDiscoveryType, DiscoveryType, DnsLookupFamily, EdsClusterConfig, LbPolicy,
 };
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::{
@@ -12,6 +12,7 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions
 use envoy_types::pb::google::protobuf::Duration;
 use envoy_types::util::pack_any;
 
+use super::LoadAssignmentSpec;
 use super::{
     ads, duration_ms, inbound_name, outbound_name, CONNECT_TIMEOUT_KEY, HTTP_OPTIONS_EXT,
     LB_POLICY_KEY, TEST_INVALID_KEY,
@@ -94,6 +95,17 @@ pub fn outbound_cluster_with_hooks(svc: &Service, test_hooks: bool) -> Cluster {
             nanos: 0,
         });
     }
+    c
+}
+
+/// Turns an EDS cluster into a `STRICT_DNS` cluster whose load assignment is `endpoints`, inline:
+/// Envoy resolves hostnames itself (EDS carries only IP addresses). IPv4 is preferred, with IPv6
+/// as the fallback: `localhost` and dual-stack names reach servers that listen on IPv4 only.
+pub fn with_dns_endpoints(mut c: Cluster, endpoints: &LoadAssignmentSpec) -> Cluster {
+    c.cluster_discovery_type = Some(ClusterDiscoveryType::Type(DiscoveryType::StrictDns as i32));
+    c.eds_cluster_config = None;
+    c.dns_lookup_family = DnsLookupFamily::V4Preferred as i32;
+    c.load_assignment = Some(endpoints.to_proto());
     c
 }
 

@@ -55,6 +55,10 @@ pub const NODE_INBOUND_PORT_KEY: &str = "polarismesh.cn/inboundPort";
 /// Node metadata key: comma-separated local application ports.
 pub const NODE_BIND_PORTS_KEY: &str = "sidecar.polarismesh.cn/bindPorts";
 
+/// Part of every content version: bumped when the translation changes, so versions from an older
+/// build are not trusted.
+pub const TRANSLATOR_SALT: &[u8] = b"polaris-mesh/xds/2";
+
 pub(crate) const HCM_FILTER: &str = "envoy.filters.network.http_connection_manager";
 pub(crate) const ROUTER_FILTER: &str = "envoy.filters.http.router";
 pub(crate) const HTTP_OPTIONS_EXT: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
