@@ -480,3 +480,65 @@ async fn envoy_delta_routes_to_hostname_instances() {
 async fn envoy_sotw_routes_to_hostname_instances() {
     hostname_scenario(true).await;
 }
+
+/// An instance on a new port is an EDS push only: the route configuration is not sent again, and
+/// callers that put a port (any port) or capitals in `Host` still reach the service.
+#[tokio::test]
+async fn envoy_instance_on_a_new_port_pushes_eds_and_no_route() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("data"), &[]).await;
+    let c = reqwest::Client::new();
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    register(&c, &s, "echo", a.port, json!({})).await;
+    let e = Envoy::start(
+        dir.path(),
+        "sidecar~default/ports~127.0.0.1",
+        s.xds_port,
+        false,
+    )
+    .await;
+    converge(&e, &c, "echo.default", &["a"], Duration::from_secs(10)).await;
+    const RDS: &str = "http.OUTBOUND_HTTP.rds.polaris-outbound-router.update_success";
+    const EDS: &str = "cluster.OUTBOUND|default|echo.update_success";
+    let (rds0, eds0) = (e.stat(RDS).await.unwrap(), e.stat(EDS).await.unwrap());
+    // `b` listens on another port than `a`: a port the service did not have.
+    register(&c, &s, "echo", b.port, json!({})).await;
+    converge(&e, &c, "echo.default", &["a", "b"], Duration::from_secs(5)).await;
+    assert!(e.stat(EDS).await.unwrap() > eds0, "no EDS update");
+    assert_eq!(
+        e.stat(RDS).await.unwrap(),
+        rds0,
+        "the route was pushed again"
+    );
+    for host in [
+        "echo",
+        "echo:1234",
+        "echo.default:8080",
+        format!("echo.default:{}", a.port).as_str(),
+        "echo.default.svc:80",
+        "echo.default.svc.cluster.local:443",
+        "ECHO.Default",
+    ] {
+        assert_eq!(answering(&e, &c, host, 8).await, set(&["a", "b"]), "{host}");
+    }
+    // The last instance on a port leaves: EDS again, still no route.
+    let (st, _) = post(
+        &c,
+        &s.url("/naming/v1/instances/delete"),
+        json!([{"namespace": "default", "service": "echo", "host": "127.0.0.1", "port": a.port}]),
+    )
+    .await;
+    assert_eq!(st, 200);
+    converge(&e, &c, "echo.default", &["b"], Duration::from_secs(5)).await;
+    assert_eq!(
+        e.stat(RDS).await.unwrap(),
+        rds0,
+        "the route was pushed again"
+    );
+    assert_eq!(
+        e.stat("http.OUTBOUND_HTTP.rds.polaris-outbound-router.update_rejected")
+            .await
+            .unwrap_or(0),
+        0
+    );
+}

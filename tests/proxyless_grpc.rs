@@ -34,6 +34,17 @@ async fn backend(port: u16) -> tokio::process::Child {
 
 #[tokio::test]
 async fn grpc_xds_client_follows_endpoint_changes() {
+    scenario("echo-grpc.default").await;
+}
+
+/// The route configuration names no instance port; a target with one (the API listener is named
+/// after it, port included) still finds the service's virtual host (`echo-grpc.default:*`).
+#[tokio::test]
+async fn grpc_xds_client_with_a_port_in_its_target() {
+    scenario("echo-grpc.default:50051").await;
+}
+
+async fn scenario(target: &str) {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start(&dir.path().join("d"), &[]).await;
     let c = reqwest::Client::new();
@@ -57,7 +68,7 @@ async fn grpc_xds_client_follows_endpoint_changes() {
     });
     let mut client = tokio::process::Command::new(python_path())
         .arg(script("client.py"))
-        .args(["echo-grpc.default", "30"])
+        .args([target, "30"])
         .env("GRPC_XDS_BOOTSTRAP_CONFIG", bootstrap.to_string())
         .stdout(Stdio::piped())
         .kill_on_drop(true)

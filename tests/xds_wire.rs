@@ -547,6 +547,62 @@ async fn b11_delta_sends_only_changes_removals_and_accepts_phantom_unsubscribe()
     assert_eq!(names(&w.recv().await), vec![cname("a")]);
 }
 
+const RDS: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+
+/// B11: an instance that comes up on, or leaves, a new port changes its load assignment only; the
+/// route configuration (every virtual host of the namespace) is not sent again.
+#[tokio::test]
+async fn b11_an_instance_on_a_new_port_sends_eds_and_no_route_configuration() {
+    let (_d, s, c) = server_with(&["a", "b"]).await;
+    // Delta, subscribed like Envoy: CDS and LDS wildcard, EDS and RDS by name.
+    let mut d = Delta::open(&s).await;
+    d.sub(Some(node("d")), CDS, &[], &[]).await;
+    d.recv_ack().await;
+    d.sub(None, EDS, &[&cname("a"), &cname("b")], &[]).await;
+    d.recv_ack().await;
+    d.sub(None, LDS, &[], &[]).await;
+    d.recv_ack().await;
+    d.sub(None, RDS, &["polaris-outbound-router"], &[]).await;
+    assert_eq!(d.recv_ack().await.type_url, RDS);
+    // SotW, likewise.
+    let mut x = Sotw::open(&s).await;
+    x.send(Some(node("x")), CDS, &[], "", "").await;
+    x.recv_ack(&[]).await;
+    let eds = [cname("a"), cname("b")];
+    let eds: Vec<&str> = eds.iter().map(String::as_str).collect();
+    x.send(None, EDS, &eds, "", "").await;
+    x.recv_ack(&eds).await;
+    x.send(None, RDS, &["polaris-outbound-router"], "", "")
+        .await;
+    assert_eq!(x.recv_ack(&["polaris-outbound-router"]).await.type_url, RDS);
+    assert!(d.quiet().await.is_none() && x.quiet().await.is_none());
+    for (change, port) in [("up on a new port", 9700), ("down, the last on it", 9700)] {
+        if change.starts_with("up") {
+            reg(&c, &s, "a", port).await;
+        } else {
+            dereg(&c, &s, "a", port).await;
+        }
+        let r = d.recv_ack().await;
+        assert_eq!(
+            (r.type_url.as_str(), names(&r)),
+            (EDS, vec![cname("a")]),
+            "{change}"
+        );
+        let r = x.recv_ack(&eds).await;
+        assert_eq!(
+            (r.type_url.as_str(), cluster_names(&r)),
+            (EDS, vec![cname("a")]),
+            "{change}"
+        );
+        if let Some(r) = d.quiet().await {
+            panic!("{change}: delta got another response: {}", r.type_url);
+        }
+        if let Some(r) = x.quiet().await {
+            panic!("{change}: SotW got another response: {}", r.type_url);
+        }
+    }
+}
+
 #[tokio::test]
 async fn b12_delta_reconnect_honours_initial_resource_versions() {
     let (_d, s, c) = server_with(&["a", "b", "c"]).await;
@@ -744,6 +800,17 @@ async fn b18_vhds_answers_known_hosts_with_aliases_and_unknown_hosts_without_bod
         .find(|x| x.name == unknown)
         .expect("pushed on creation");
     assert!(u.resource.is_some());
+    // A host with a port, or in capitals, is the service's host.
+    let with_port = "polaris-on-demand-router/Echo.Default:8080";
+    d.sub(None, VHDS, &[with_port], &[]).await;
+    let r = d.recv_ack().await;
+    let p = r
+        .resources
+        .iter()
+        .find(|x| x.name == with_port)
+        .expect("answered");
+    assert_eq!(p.aliases, vec![with_port.to_string()]);
+    assert!(p.resource.is_some(), "a host with a port is known");
 }
 
 #[tokio::test]

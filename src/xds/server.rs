@@ -606,7 +606,11 @@ impl StreamState {
                 if rc != r::ON_DEMAND_ROUTE {
                     return None;
                 }
-                let vh = view.and_then(|v| v.hosts.get(host).and_then(|svc| v.vhosts.get(svc)));
+                let vh = view.and_then(|v| {
+                    v.hosts
+                        .get(&r::host_key(host))
+                        .and_then(|svc| v.vhosts.get(svc))
+                });
                 Some(Encoded::vhds(Arc::from(name), vh))
             }
             TypeKind::Listener => {

@@ -164,7 +164,7 @@ pub struct NamespaceView {
     pub endpoints: Arc<BTreeMap<Arc<str>, Res>>,
     /// Virtual hosts by service name (kept decoded to rebuild the route cheaply, and for VHDS).
     pub vhosts: Arc<BTreeMap<Arc<str>, VirtualHost>>,
-    /// Host (domain) → service name, for VHDS lookups.
+    /// Exact host (lowercase domain without port) → service name, for VHDS lookups.
     pub hosts: Arc<HashMap<String, Arc<str>>>,
     /// The outbound route configuration.
     pub route: Option<Res>,
@@ -532,17 +532,9 @@ impl Builder {
                     if view.services.contains_key(name.as_str()) {
                         Arc::make_mut(&mut view.services).remove(name.as_str());
                     }
-                    if let Some(old) = view
-                        .vhosts
-                        .contains_key(name.as_str())
-                        .then(|| Arc::make_mut(&mut view.vhosts).remove(name.as_str()))
-                        .flatten()
-                    {
+                    if view.vhosts.contains_key(name.as_str()) {
+                        Arc::make_mut(&mut view.vhosts).remove(name.as_str());
                         route_dirty = true;
-                        let hosts = Arc::make_mut(&mut view.hosts);
-                        for d in &old.domains {
-                            hosts.remove(d);
-                        }
                         changes.push(Changed {
                             namespace: ns_arc.clone(),
                             kind: TypeKind::VirtualHost,
@@ -568,25 +560,9 @@ impl Builder {
                         Some(_) => r::Discovery::Eds,
                         None => r::discovery(instances.iter().copied()),
                     };
-                    let vhost = match &svc.alias_for {
-                        // An alias answers its own names and routes to its target's cluster.
-                        Some(t) => r::virtual_host(
-                            r::outbound_name(ns, name),
-                            r::domains(ns, name, &ports),
-                            r::outbound_name(&t.namespace, &t.service),
-                        ),
-                        None => r::service_virtual_host(&svc, &ports),
-                    };
+                    // Depends on the service record only (not on instances or their ports).
+                    let vhost = r::service_virtual_host(&svc);
                     if view.vhosts.get(name.as_str()) != Some(&vhost) {
-                        let hosts = Arc::make_mut(&mut view.hosts);
-                        if let Some(old) = view.vhosts.get(name.as_str()) {
-                            for d in &old.domains {
-                                hosts.remove(d);
-                            }
-                        }
-                        for d in &vhost.domains {
-                            hosts.insert(d.clone(), name_arc.clone());
-                        }
                         Arc::make_mut(&mut view.vhosts).insert(name_arc.clone(), vhost);
                         route_dirty = true;
                         changes.push(Changed {
@@ -597,6 +573,8 @@ impl Builder {
                     }
                     let prev = view.services.get(name.as_str());
                     let service_changed = prev.is_none_or(|p| p.service != svc);
+                    // The service's own sidecars serve its ports (inbound cluster).
+                    let ports_changed = prev.is_some_and(|p| p.ports != ports);
                     if service_changed
                         || prev.is_some_and(|p| p.ports != ports || p.discovery != discovery)
                     {
@@ -609,7 +587,7 @@ impl Builder {
                             },
                         );
                     }
-                    if service_changed {
+                    if service_changed || ports_changed {
                         changes.push(Changed {
                             namespace: ns_arc.clone(),
                             kind: TypeKind::Listener,
@@ -670,6 +648,17 @@ impl Builder {
             }
         }
         if route_dirty {
+            // VHDS looks hosts up here; like the route configuration, the first virtual host
+            // (by service name) with a domain keeps it.
+            let hosts = Arc::make_mut(&mut view.hosts);
+            hosts.clear();
+            for (svc, vh) in view.vhosts.iter() {
+                for d in r::exact_domains(vh) {
+                    hosts
+                        .entry(d.to_ascii_lowercase())
+                        .or_insert_with(|| svc.clone());
+                }
+            }
             let rc =
                 r::route_configuration(r::OUTBOUND_ROUTE, view.vhosts.values().cloned().collect());
             let enc = Encoded::new(Arc::from(r::OUTBOUND_ROUTE), &rc);
@@ -864,6 +853,105 @@ mod tests {
         let ch = cache.changes(g1.generation, g2.generation).unwrap();
         assert!(ch[0].iter().any(|c| c.kind == TypeKind::Cluster));
         crate::xds::consistent("default", &g2.namespaces["default"]).unwrap();
+    }
+
+    /// The route configuration changes when services or aliases do, never when instances do (new
+    /// ports included).
+    #[tokio::test]
+    async fn instance_changes_never_touch_the_route_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = registry(dir.path()).await;
+        let on = |svc: &str, host: &str, port: u16| {
+            let mut i = inst(svc, host);
+            i.port = port;
+            i.id = crate::model::instance_id("default", svc, host, port);
+            i
+        };
+        reg.submit(Command::RegisterInstances(vec![
+            on("echo", "10.0.0.1", 80),
+            on("other", "10.0.0.9", 80),
+        ]))
+        .await
+        .unwrap();
+        let cache = Cache::default();
+        let mut b = Builder::new();
+        b.full(&reg, &cache);
+        let route = cache.current().namespaces["default"].route.clone().unwrap();
+        let echo = || vec![ChangeKey::Instances(ServiceKey::new("default", "echo"))];
+        let mut apply = |b: &mut Builder, keys: Vec<ChangeKey>| {
+            let rev = *reg.revision().borrow();
+            let g = cache.current().generation;
+            b.apply(&reg, keys, rev, &cache);
+            let now = cache.current();
+            let kinds: Vec<TypeKind> = cache
+                .changes(g, now.generation)
+                .unwrap()
+                .iter()
+                .flat_map(|c| c.iter().map(|c| c.kind))
+                .collect();
+            (now.namespaces["default"].route.clone().unwrap(), kinds)
+        };
+        let steps: Vec<(&str, Command)> = vec![
+            (
+                "same port",
+                Command::RegisterInstances(vec![on("echo", "10.0.0.2", 80)]),
+            ),
+            (
+                "new port",
+                Command::RegisterInstances(vec![on("echo", "10.0.0.3", 9999)]),
+            ),
+            (
+                "update",
+                Command::UpdateInstances(vec![(
+                    InstanceSelector::Id(on("echo", "10.0.0.3", 9999).id),
+                    InstanceInput {
+                        weight: Some(7),
+                        healthy: Some(false),
+                        ..Default::default()
+                    },
+                )]),
+            ),
+            (
+                "last on a port",
+                Command::DeregisterInstances(vec![InstanceSelector::Id(
+                    on("echo", "10.0.0.3", 9999).id,
+                )]),
+            ),
+            (
+                "hostname",
+                Command::RegisterInstances(vec![on("echo", "localhost", 7000)]),
+            ),
+        ];
+        for (what, cmd) in steps {
+            reg.submit(cmd).await.unwrap();
+            let (now, kinds) = apply(&mut b, echo());
+            assert!(
+                Arc::ptr_eq(&now, &route),
+                "{what}: the route configuration changed"
+            );
+            assert!(
+                !kinds.contains(&TypeKind::Route) && !kinds.contains(&TypeKind::VirtualHost),
+                "{what}: {kinds:?}"
+            );
+        }
+        // A new alias is a new virtual host.
+        let alias = crate::model::AliasInput {
+            service: Some("echo".into()),
+            namespace: Some("default".into()),
+            alias: Some("echo-alias".into()),
+            ..Default::default()
+        }
+        .validate("t")
+        .unwrap();
+        reg.submit(Command::CreateAlias(Box::new(alias)))
+            .await
+            .unwrap();
+        let (now, kinds) = apply(
+            &mut b,
+            vec![ChangeKey::Service(ServiceKey::new("default", "echo-alias"))],
+        );
+        assert!(!Arc::ptr_eq(&now, &route));
+        assert!(kinds.contains(&TypeKind::Route));
     }
 
     #[tokio::test]

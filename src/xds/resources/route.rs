@@ -26,22 +26,42 @@ pub fn service_ports<'a>(
     ports.into_iter().take(16).collect()
 }
 
-/// The host names a service's virtual host answers, each also with `:<port>`.
-pub fn domains(ns: &str, svc: &str, ports: &[u16]) -> Vec<String> {
+/// The names a service's virtual host answers: `svc`, `svc.ns`, `svc.ns.svc` and
+/// `svc.ns.svc.cluster.local`, each also followed by any port (`svc.ns:*`, a prefix wildcard that
+/// Envoy and gRPC both match). No instance port appears, so the route configuration does not change
+/// when instances come and go on new ports; callers that send `Host: svc.ns:8080` and proxyless
+/// targets `xds:///svc.ns:8080` still match.
+pub fn domains(ns: &str, svc: &str) -> Vec<String> {
     let names = [
         svc.to_string(),
         format!("{svc}.{ns}"),
         format!("{svc}.{ns}.svc"),
         format!("{svc}.{ns}.svc.cluster.local"),
     ];
-    let mut out = Vec::with_capacity(names.len() * (1 + ports.len()));
-    for n in &names {
-        out.push(n.clone());
-        for p in ports {
-            out.push(format!("{n}:{p}"));
-        }
+    let mut out = Vec::with_capacity(2 * names.len());
+    for n in names {
+        out.push(format!("{n}:*"));
+        out.push(n);
     }
     out
+}
+
+/// The exact (non-wildcard) domains of a virtual host, as VHDS looks hosts up.
+pub fn exact_domains(vh: &VirtualHost) -> impl Iterator<Item = &str> {
+    vh.domains
+        .iter()
+        .map(String::as_str)
+        .filter(|d| !d.ends_with('*'))
+}
+
+/// The key a host is looked up by: lowercase (Envoy matches domains case-insensitively), without a
+/// port (`svc.ns:8080` is answered by `svc.ns:*`).
+pub fn host_key(host: &str) -> String {
+    let bare = match host.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    bare.to_ascii_lowercase()
 }
 
 /// A virtual host routing everything to one cluster.
@@ -64,18 +84,29 @@ pub fn virtual_host(name: String, domains: Vec<String>, cluster: String) -> Virt
     }
 }
 
-/// The outbound virtual host of a service.
-pub fn service_virtual_host(svc: &Service, ports: &[u16]) -> VirtualHost {
-    let cluster = outbound_name(&svc.namespace, &svc.name);
+/// The outbound virtual host of a service, or of an alias (its own names, its target's cluster).
+pub fn service_virtual_host(svc: &Service) -> VirtualHost {
+    let cluster = match &svc.alias_for {
+        Some(t) => outbound_name(&t.namespace, &t.service),
+        None => outbound_name(&svc.namespace, &svc.name),
+    };
     virtual_host(
-        cluster.clone(),
-        domains(&svc.namespace, &svc.name, ports),
+        outbound_name(&svc.namespace, &svc.name),
+        domains(&svc.namespace, &svc.name),
         cluster,
     )
 }
 
-/// The outbound route configuration from prebuilt virtual hosts.
+/// A route configuration from prebuilt virtual hosts. Envoy rejects the whole configuration when
+/// two virtual hosts share a domain (compared case-insensitively), which names with dots can cause
+/// (service `echo.default` in `default` and service `echo`): a domain goes to the first virtual
+/// host in order that has it, and the later ones lose it.
 pub fn route_configuration(name: &str, vhosts: Vec<VirtualHost>) -> RouteConfiguration {
+    let mut seen = std::collections::HashSet::new();
+    let mut vhosts = vhosts;
+    for vh in &mut vhosts {
+        vh.domains.retain(|d| seen.insert(d.to_ascii_lowercase()));
+    }
     RouteConfiguration {
         name: name.to_string(),
         virtual_hosts: vhosts,
@@ -119,18 +150,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn domains_cover_names_and_ports() {
-        let d = domains("default", "echo", &[8080]);
+    fn domains_cover_names_with_any_port_and_no_instance_port() {
+        let d = domains("default", "echo");
         for want in [
             "echo",
+            "echo:*",
             "echo.default",
+            "echo.default:*",
             "echo.default.svc",
+            "echo.default.svc:*",
             "echo.default.svc.cluster.local",
-            "echo.default:8080",
-            "echo.default.svc.cluster.local:8080",
+            "echo.default.svc.cluster.local:*",
         ] {
             assert!(d.contains(&want.to_string()), "{want}");
         }
         assert_eq!(d.len(), 8);
+        let vh = virtual_host("x".into(), d, "c".into());
+        assert_eq!(exact_domains(&vh).count(), 4);
+        assert_eq!(host_key("Echo.Default:8080"), "echo.default");
+        assert_eq!(host_key("echo.default"), "echo.default");
+        assert_eq!(host_key("echo:abc"), "echo:abc");
+    }
+
+    #[test]
+    fn a_domain_shared_by_two_virtual_hosts_goes_to_the_first() {
+        let a = virtual_host("a".into(), domains("default", "echo"), "A".into());
+        let b = virtual_host("b".into(), domains("default", "echo.default"), "B".into());
+        let rc = route_configuration("r", vec![a, b]);
+        let b = &rc.virtual_hosts[1];
+        assert!(!b.domains.contains(&"echo.default".to_string()));
+        assert!(b.domains.contains(&"echo.default.default".to_string()));
+        let mut all: Vec<_> = rc
+            .virtual_hosts
+            .iter()
+            .flat_map(|v| v.domains.iter().map(|d| d.to_ascii_lowercase()))
+            .collect();
+        let n = all.len();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), n);
     }
 }
