@@ -878,7 +878,7 @@ mod tests {
         b.full(&reg, &cache);
         let route = cache.current().namespaces["default"].route.clone().unwrap();
         let echo = || vec![ChangeKey::Instances(ServiceKey::new("default", "echo"))];
-        let mut apply = |b: &mut Builder, keys: Vec<ChangeKey>| {
+        let apply = |b: &mut Builder, keys: Vec<ChangeKey>| {
             let rev = *reg.revision().borrow();
             let g = cache.current().generation;
             b.apply(&reg, keys, rev, &cache);
