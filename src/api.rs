@@ -24,6 +24,7 @@ use crate::model::{
     now_rfc3339, validate_name, validate_namespace_name, AliasInput, FieldError, InstanceGroup,
     InstanceInput, InstanceRef, NamespaceInput, ServiceInput, ServiceKey,
 };
+use crate::net::{Acceptor, FirstRequest};
 use crate::registry::{self, Command, Item, Registry};
 
 /// PolarisMesh's success code.
@@ -226,8 +227,110 @@ pub fn router(state: AppState, extra: Extension) -> Router {
         .route("/v1/DeregisterInstance", post(client_deregister))
         .route("/v1/Heartbeat", post(client_heartbeat))
         .merge(extra)
+        .fallback(unknown_path)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), track))
+        .layer(middleware::map_response(json_errors))
         .with_state(state)
+}
+
+async fn unknown_path(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        code: CODE_NOT_FOUND,
+        info: format!("no such path: {method} {}", uri.path()),
+        field: None,
+    }
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        code: CODE_BAD_REQUEST,
+        info: format!("method {method} is not allowed on {}", uri.path()),
+        field: None,
+    }
+}
+
+/// Errors produced by the framework rather than our handlers (a body over the size limit, a
+/// rejected extractor) come as plain text: give them the JSON shape of every other error, keeping
+/// their status and text.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if json || !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let text = axum::body::to_bytes(resp.into_body(), 64 << 10)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let info = match (status, text.trim()) {
+        (StatusCode::PAYLOAD_TOO_LARGE, _) => {
+            format!("request body larger than the limit of {} bytes", BODY_LIMIT)
+        }
+        (_, "") => status
+            .canonical_reason()
+            .unwrap_or("request failed")
+            .to_lowercase(),
+        (_, t) => t.to_string(),
+    };
+    let code = if status.is_server_error() {
+        CODE_INTERNAL
+    } else {
+        CODE_BAD_REQUEST
+    };
+    (status, Json(json!({"code": code, "info": info}))).into_response()
+}
+
+/// Largest request body (axum's default limit, which every body extractor applies).
+pub const BODY_LIMIT: usize = 2 << 20;
+
+/// Serves `app` (HTTP/1.1 and HTTP/2) on `acceptor` until `stop` turns true; then stops accepting,
+/// lets in-flight requests finish and closes idle connections.
+pub async fn serve(
+    acceptor: Acceptor,
+    app: Router,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use tower::ServiceExt;
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new());
+    builder.http2().timer(TokioTimer::new());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (tcp, peer, slot) = tokio::select! {
+            biased;
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
+            accepted = acceptor.accept() => accepted,
+        };
+        let first = FirstRequest::default();
+        let (app, seen) = (app.clone(), first.clone());
+        let svc = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+            seen.seen();
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            app.clone().oneshot(req.map(axum::body::Body::new))
+        });
+        let conn = graceful.watch(
+            builder
+                .serve_connection(TokioIo::new(tcp), svc)
+                .into_owned(),
+        );
+        let conn = async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "REST connection ended");
+            }
+        };
+        tokio::spawn(acceptor.run_connection(conn, first, slot, peer));
+    }
+    graceful.shutdown().await;
+    Ok(())
 }
 
 async fn track(State(st): State<AppState>, req: Request, next: Next) -> Response {

@@ -65,6 +65,19 @@ pub struct ServerConfig {
     /// xDS: how long to gather a burst of registry changes before pushing, in milliseconds. The
     /// first change after a quiet period is pushed at once.
     pub xds_debounce_ms: u64,
+    /// Largest xDS request decoded, in bytes; a larger one ends its stream with
+    /// `RESOURCE_EXHAUSTED`.
+    pub xds_max_request_bytes: usize,
+    /// Bytes of xDS requests being received and decoded at once, across all streams; past it new
+    /// reads wait (back-pressure).
+    pub xds_decode_budget_bytes: usize,
+    /// Open connections on the xDS port at most.
+    pub xds_max_connections: usize,
+    /// Open connections on the REST port at most.
+    pub http_max_connections: usize,
+    /// Time a new connection (either port) has to send its first request, in milliseconds; an
+    /// xDS request must also arrive whole within it once its first bytes are in.
+    pub first_request_timeout_ms: u64,
     /// Test hooks (never in production): a service with metadata
     /// `polarismesh.cn/test-invalid-cluster: "true"` gets a cluster Envoy rejects.
     pub test_hooks: bool,
@@ -80,6 +93,11 @@ impl Default for ServerConfig {
             log_format: LogFormat::Text,
             health_check_interval_ms: 250,
             xds_debounce_ms: 5,
+            xds_max_request_bytes: 4 << 20,
+            xds_decode_budget_bytes: 64 << 20,
+            xds_max_connections: 20_000,
+            http_max_connections: 10_000,
+            first_request_timeout_ms: 10_000,
             test_hooks: false,
         }
     }
@@ -112,7 +130,55 @@ impl ServerConfig {
                 reason: "must be at most 10000".into(),
             });
         }
+        if !(1024..=(64 << 20)).contains(&self.xds_max_request_bytes) {
+            return Err(Error::Invalid {
+                field: "xdsMaxRequestBytes",
+                reason: "must be 1 KiB..=64 MiB".into(),
+            });
+        }
+        if self.xds_decode_budget_bytes < self.xds_max_request_bytes + 5 {
+            return Err(Error::Invalid {
+                field: "xdsDecodeBudgetBytes",
+                reason: format!(
+                    "must hold at least one request of xdsMaxRequestBytes ({} bytes) and its 5-byte frame header",
+                    self.xds_max_request_bytes
+                ),
+            });
+        }
+        for (field, v) in [
+            ("xdsMaxConnections", self.xds_max_connections),
+            ("httpMaxConnections", self.http_max_connections),
+        ] {
+            if !(1..=1_000_000).contains(&v) {
+                return Err(Error::Invalid {
+                    field,
+                    reason: "must be 1..=1000000".into(),
+                });
+            }
+        }
+        if !(100..=600_000).contains(&self.first_request_timeout_ms) {
+            return Err(Error::Invalid {
+                field: "firstRequestTimeoutMs",
+                reason: "must be 100..=600000".into(),
+            });
+        }
         Ok(())
+    }
+
+    /// Limits of the xDS port.
+    pub fn xds_limits(&self) -> crate::net::Limits {
+        crate::net::Limits {
+            max_connections: self.xds_max_connections,
+            first_request_timeout: Duration::from_millis(self.first_request_timeout_ms),
+        }
+    }
+
+    /// Limits of the REST port.
+    pub fn http_limits(&self) -> crate::net::Limits {
+        crate::net::Limits {
+            max_connections: self.http_max_connections,
+            first_request_timeout: Duration::from_millis(self.first_request_timeout_ms),
+        }
     }
 
     /// The heartbeat scan interval.

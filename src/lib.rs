@@ -9,6 +9,7 @@ pub mod bootstrap;
 pub mod config;
 pub mod metrics;
 pub mod model;
+pub mod net;
 pub mod registry;
 pub mod server;
 pub mod store;

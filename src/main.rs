@@ -53,6 +53,21 @@ struct ServerArgs {
     /// Log format [default: text].
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+    /// Largest xDS request decoded, in bytes [default: 4 MiB].
+    #[arg(long)]
+    xds_max_request_bytes: Option<usize>,
+    /// Bytes of xDS requests decoded at once across all streams; past it reads wait [default: 64 MiB].
+    #[arg(long)]
+    xds_decode_budget_bytes: Option<usize>,
+    /// Open connections on the xDS port at most [default: 20000].
+    #[arg(long)]
+    xds_max_connections: Option<usize>,
+    /// Open connections on the REST port at most [default: 10000].
+    #[arg(long)]
+    http_max_connections: Option<usize>,
+    /// Time a new connection has to send its first request, in milliseconds [default: 10000].
+    #[arg(long)]
+    first_request_timeout_ms: Option<u64>,
     /// Enable test hooks (for the end-to-end NACK test; never in production).
     #[arg(long, hide = true)]
     test_hooks: bool,
@@ -99,6 +114,21 @@ fn main() -> anyhow::Result<()> {
             }
             if let Some(v) = a.log_format {
                 cfg.log_format = v;
+            }
+            if let Some(v) = a.xds_max_request_bytes {
+                cfg.xds_max_request_bytes = v;
+            }
+            if let Some(v) = a.xds_decode_budget_bytes {
+                cfg.xds_decode_budget_bytes = v;
+            }
+            if let Some(v) = a.xds_max_connections {
+                cfg.xds_max_connections = v;
+            }
+            if let Some(v) = a.http_max_connections {
+                cfg.http_max_connections = v;
+            }
+            if let Some(v) = a.first_request_timeout_ms {
+                cfg.first_request_timeout_ms = v;
             }
             cfg.test_hooks |= a.test_hooks;
             init_tracing(&cfg.log_level, cfg.log_format);

@@ -28,6 +28,71 @@ impl Counter {
     }
 }
 
+/// A value that goes up and down.
+#[derive(Debug, Default)]
+pub struct Gauge(std::sync::atomic::AtomicI64);
+
+impl Gauge {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    /// Subtracts one.
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+    /// Current value.
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Connections of one listening port.
+#[derive(Debug, Default)]
+pub struct ConnMetrics {
+    /// Open now.
+    pub open: Gauge,
+    /// Accepted by the kernel (including those refused right after).
+    pub accepted: Counter,
+    /// Closed at once: the port had its maximum of open connections.
+    pub refused: Counter,
+    /// Closed because no request arrived within the deadline.
+    pub silent: Counter,
+}
+
+/// Why an xDS request could not be decoded; one counter each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestError {
+    /// Not a protobuf message of the expected type.
+    Undecodable,
+    /// Larger than the configured limit.
+    TooLarge,
+    /// Compressed (we do not negotiate compression).
+    Compressed,
+    /// The stream ended, or stalled past the deadline, inside a message.
+    Truncated,
+}
+
+impl RequestError {
+    /// All kinds, in rendering order.
+    pub const ALL: [RequestError; 4] = [
+        RequestError::Undecodable,
+        RequestError::TooLarge,
+        RequestError::Compressed,
+        RequestError::Truncated,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            RequestError::Undecodable => "undecodable",
+            RequestError::TooLarge => "too_large",
+            RequestError::Compressed => "compressed",
+            RequestError::Truncated => "truncated",
+        }
+    }
+}
+
 /// Upper bounds (seconds) of the latency buckets.
 const BUCKETS: [f64; 14] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
@@ -91,6 +156,14 @@ pub struct Metrics {
     pub xds_nacks: Counter,
     /// Bytes of xDS resources sent.
     pub xds_bytes: Counter,
+    /// xDS requests that ended their stream undecoded, by [`RequestError`].
+    xds_request_errors: [Counter; 4],
+    /// xDS requests that waited for the decode budget (bytes of requests being decoded at once).
+    pub xds_decode_waits: Counter,
+    /// Connections of the REST port.
+    pub http_conns: std::sync::Arc<ConnMetrics>,
+    /// Connections of the xDS port.
+    pub xds_conns: std::sync::Arc<ConnMetrics>,
 }
 
 /// Instance counts by health, computed at scrape time.
@@ -109,6 +182,16 @@ pub struct InstanceGauges {
 }
 
 impl Metrics {
+    /// Counts an xDS request that could not be decoded.
+    pub fn xds_request_error(&self, kind: RequestError) {
+        self.xds_request_errors[kind as usize].inc();
+    }
+
+    /// xDS requests that could not be decoded, of one kind.
+    pub fn xds_request_errors(&self, kind: RequestError) -> u64 {
+        self.xds_request_errors[kind as usize].get()
+    }
+
     /// Records one HTTP request.
     pub fn observe_request(&self, method: &str, route: &str, status: u16, secs: f64) {
         let key = (method.to_string(), route.to_string(), status);
@@ -181,6 +264,56 @@ impl Metrics {
             "# HELP polaris_xds_streams Connected xDS streams.\n# TYPE polaris_xds_streams gauge\npolaris_xds_streams {}",
             g.xds_streams
         );
+        let _ = writeln!(
+            out,
+            "# HELP polaris_xds_request_errors_total xDS requests that ended their stream undecoded, by reason.\n# TYPE polaris_xds_request_errors_total counter"
+        );
+        for k in RequestError::ALL {
+            let _ = writeln!(
+                out,
+                "polaris_xds_request_errors_total{{kind=\"{}\"}} {}",
+                k.label(),
+                self.xds_request_errors(k)
+            );
+        }
+        counter(
+            &mut out,
+            "polaris_xds_decode_budget_waits_total",
+            "xDS requests that waited because the bytes of requests being decoded at once reached the budget.",
+            self.xds_decode_waits.get(),
+        );
+        for (name, help, get) in [
+            (
+                "polaris_connections_accepted_total",
+                "Connections accepted, by port.",
+                (|c: &ConnMetrics| c.accepted.get() as i64) as fn(&ConnMetrics) -> i64,
+            ),
+            (
+                "polaris_connections_refused_total",
+                "Connections closed at once because the port had its maximum open.",
+                |c| c.refused.get() as i64,
+            ),
+            (
+                "polaris_connections_silent_closed_total",
+                "Connections closed because no request arrived within the deadline.",
+                |c| c.silent.get() as i64,
+            ),
+            (
+                "polaris_connections_open",
+                "Open connections, by port.",
+                |c| c.open.get(),
+            ),
+        ] {
+            let kind = if name.ends_with("_total") {
+                "counter"
+            } else {
+                "gauge"
+            };
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (port, c) in [("http", &self.http_conns), ("xds", &self.xds_conns)] {
+                let _ = writeln!(out, "{name}{{port=\"{port}\"}} {}", get(c));
+            }
+        }
         if let Some(h) = heap() {
             let _ = writeln!(
                 out,

@@ -14,11 +14,13 @@ use tokio::sync::watch;
 use crate::api::{self, AppState};
 use crate::config::ServerConfig;
 use crate::metrics::Metrics;
+use crate::net::Acceptor;
 use crate::registry::{self, Registry};
 use crate::store::RedbStore;
 use crate::xds::debug;
 use crate::xds::server::{Ads, Nodes};
 use crate::xds::snapshot::{self, Cache};
+use crate::xds::transport::RequestLimits;
 
 /// Addresses the server actually bound.
 #[derive(Debug, Clone, Copy)]
@@ -58,10 +60,19 @@ pub async fn run(
     let xds = TcpListener::bind(cfg.xds_addr)
         .await
         .with_context(|| format!("binding xDS on {}", cfg.xds_addr))?;
+    raise_fd_limit(&cfg);
+    let http = Acceptor::new(http, cfg.http_limits(), metrics.http_conns.clone(), "http");
+    let xds = Acceptor::new(xds, cfg.xds_limits(), metrics.xds_conns.clone(), "xds");
     let bound = Bound {
         http: http.local_addr()?,
         xds: xds.local_addr()?,
     };
+    let request_limits = Arc::new(RequestLimits::new(
+        cfg.xds_max_request_bytes,
+        cfg.xds_decode_budget_bytes,
+        Duration::from_millis(cfg.first_request_timeout_ms),
+        metrics.clone(),
+    ));
     let cache = Arc::new(Cache::default());
     let nodes = Arc::new(Nodes::default());
     let builder = tokio::spawn(snapshot::run(
@@ -86,11 +97,8 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let grpc = crate::xds::transport::serve(xds, ads.into_service(), stop_rx.clone());
-    let rest = axum::serve(http, app).with_graceful_shutdown(stopped(stop_rx));
+    let grpc = crate::xds::transport::serve(xds, ads.into_service(request_limits), stop_rx.clone());
+    let rest = api::serve(http, app, stop_rx);
     let (g, h) = tokio::join!(grpc, rest);
     g.context("xDS server")?;
     h.context("REST API server")?;
@@ -99,6 +107,28 @@ pub async fn run(
     registry.close().await?;
     tracing::info!("polaris server stopped");
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard limit: every connection is a descriptor, and the
+/// ports may hold as many as their maximums allow.
+fn raise_fd_limit(cfg: &ServerConfig) {
+    let Ok((soft, hard)) = rlimit::Resource::NOFILE.get() else {
+        return;
+    };
+    if soft < hard {
+        if let Err(e) = rlimit::Resource::NOFILE.set(hard, hard) {
+            tracing::warn!(error = %e, soft, hard, "cannot raise the open-files limit");
+        }
+    }
+    let limit = rlimit::Resource::NOFILE.get().map_or(soft, |(s, _)| s);
+    let wanted = (cfg.xds_max_connections + cfg.http_max_connections) as u64 + 256;
+    if limit < wanted {
+        tracing::warn!(
+            limit,
+            wanted,
+            "the open-files limit is below xdsMaxConnections + httpMaxConnections: accepts will fail before the connection limits apply"
+        );
+    }
 }
 
 /// Completes on SIGTERM or SIGINT.

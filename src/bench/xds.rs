@@ -251,9 +251,20 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let ads = Ads::new(cache.clone(), metrics.clone(), nodes.clone());
     let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // The server's defaults, with room for every simulated client.
+    let cfg = crate::config::ServerConfig::default();
+    let mut limits = cfg.xds_limits();
+    limits.max_connections = limits.max_connections.max(a.clients + 100);
+    let acceptor = crate::net::Acceptor::new(listener, limits, metrics.xds_conns.clone(), "xds");
+    let request_limits = Arc::new(crate::xds::transport::RequestLimits::new(
+        cfg.xds_max_request_bytes,
+        cfg.xds_decode_budget_bytes,
+        limits.first_request_timeout,
+        metrics.clone(),
+    ));
     tokio::spawn(crate::xds::transport::serve(
-        listener,
-        ads.into_service(),
+        acceptor,
+        ads.into_service(request_limits),
         stop_rx,
     ));
     println!(

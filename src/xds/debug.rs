@@ -66,6 +66,7 @@ async fn nodes_view(nodes: Arc<Nodes>, cache: Arc<Cache>, registry_revision: u64
             json!({
                 "stream": s.stream,
                 "protocol": s.protocol,
+                "peer": s.peer.map(|p| p.to_string()),
                 "node": *s.node.lock(),
                 "generation": s.generation.load(std::sync::atomic::Ordering::Relaxed),
                 "types": types,

@@ -7,6 +7,7 @@
 //! channel keeps one value). Responses go out in ADS order: CDS, EDS, LDS, RDS.
 
 use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -23,7 +24,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::names::{NameSets, Names};
 use super::resources as r;
 use super::snapshot::{Cache, Encoded, NamespaceView, Res, Snapshot};
-use super::transport::{AdsService, Driver, Msg, Requests, Tx};
+use super::transport::{AdsService, Driver, Msg, RequestLimits, Requests, Tx};
 use super::{PerKind, TypeKind};
 use crate::metrics::Metrics;
 
@@ -194,6 +195,8 @@ pub struct NodeStatus {
     pub stream: u64,
     /// `sotw` or `delta`.
     pub protocol: &'static str,
+    /// The client's address.
+    pub peer: Option<SocketAddr>,
     /// Node settings (set on the first request).
     pub node: Mutex<Option<NodeInfo>>,
     /// Per type.
@@ -227,11 +230,12 @@ impl Nodes {
         v
     }
 
-    fn register(&self, protocol: &'static str) -> Arc<NodeStatus> {
+    fn register(&self, protocol: &'static str, peer: Option<SocketAddr>) -> Arc<NodeStatus> {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let s = Arc::new(NodeStatus {
             stream: id,
             protocol,
+            peer,
             node: Mutex::new(None),
             types: Mutex::new(PerKind::default()),
             generation: AtomicU64::new(0),
@@ -275,14 +279,19 @@ impl Ads {
     }
 
     /// The tonic service.
-    pub fn into_service(self) -> AdsService {
-        AdsService::new(self)
+    pub fn into_service(self, limits: Arc<RequestLimits>) -> AdsService {
+        AdsService::new(self, limits)
     }
 
     /// The state machine of one SotW stream, driven by the stream's response body.
-    pub fn sotw_stream(&self, inbound: Requests<DiscoveryRequest>, tx: Tx) -> Driver {
+    pub fn sotw_stream(
+        &self,
+        inbound: Requests<DiscoveryRequest>,
+        tx: Tx,
+        peer: Option<SocketAddr>,
+    ) -> Driver {
         // The state lives in its own allocation: the future stays small.
-        let st = StreamState::new(self, "sotw");
+        let st = StreamState::new(self, "sotw", peer);
         Box::pin(Box::new(st).run(
             inbound,
             tx,
@@ -292,8 +301,13 @@ impl Ads {
     }
 
     /// The state machine of one delta stream, driven by the stream's response body.
-    pub fn delta_stream(&self, inbound: Requests<DeltaDiscoveryRequest>, tx: Tx) -> Driver {
-        let st = StreamState::new(self, "delta");
+    pub fn delta_stream(
+        &self,
+        inbound: Requests<DeltaDiscoveryRequest>,
+        tx: Tx,
+        peer: Option<SocketAddr>,
+    ) -> Driver {
+        let st = StreamState::new(self, "delta", peer);
         Box::pin(Box::new(st).run(
             inbound,
             tx,
@@ -433,14 +447,14 @@ impl Drop for StreamState {
 }
 
 impl StreamState {
-    fn new(ads: &Ads, protocol: &'static str) -> Self {
+    fn new(ads: &Ads, protocol: &'static str, peer: Option<SocketAddr>) -> Self {
         StreamState {
             shutdown: ads.shutdown.clone(),
             cache: ads.cache.clone(),
             metrics: ads.metrics.clone(),
             nodes: ads.nodes.clone(),
             sets: ads.sets.clone(),
-            status: ads.nodes.register(protocol),
+            status: ads.nodes.register(protocol, peer),
             delta: protocol == "delta",
             node: None,
             types: PerKind::default(),
@@ -1129,7 +1143,19 @@ impl StreamState {
                         Err(status) => { let _ = tx.send(Err(Box::new(status))).await; break; }
                     },
                     Ok(None) => break,
-                    Err(e) => { tracing::debug!(error = %e, "stream ended"); break; }
+                    Err(e) => {
+                        // The stream ends here, so this is logged once per stream.
+                        let node = self.node.as_ref().map(|n| n.id.as_str()).unwrap_or("");
+                        match e.kind {
+                            Some(kind) => tracing::warn!(
+                                node, peer = ?self.status.peer, kind = kind.label(),
+                                error = e.status.message(), "bad xDS request; ending the stream"
+                            ),
+                            None => tracing::debug!(node, error = %e.status, "stream ended"),
+                        }
+                        let _ = tx.send(Err(Box::new(e.status))).await;
+                        break;
+                    }
                 },
                 ch = snaps.changed() => {
                     if ch.is_err() { break; }
@@ -1605,7 +1631,7 @@ pub fn resources_for(cache: &Arc<Cache>, node: &NodeInfo) -> Vec<(TypeKind, Res)
         Arc::new(Metrics::default()),
         Arc::new(Nodes::default()),
     );
-    let mut st = StreamState::new(&ads, "view");
+    let mut st = StreamState::new(&ads, "view", None);
     st.node = Some(node.clone());
     st.rebuild_locals();
     let mut out = Vec::new();

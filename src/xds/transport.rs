@@ -27,13 +27,74 @@ use tonic::Status;
 
 use super::server::Ads;
 use super::snapshot::Res;
+use crate::metrics::{Metrics, RequestError};
+use crate::net::{Acceptor, FirstRequest};
 
 const SOTW_PATH: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
 const DELTA_PATH: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
-/// Largest request we decode.
-const MAX_REQUEST: usize = 16 << 20;
+
+/// Bounds on what clients send, shared by every stream.
+///
+/// Memory for requests is bounded twice: a request larger than `max_request` ends its stream
+/// before its body is read, and the bytes of requests being received and decoded at once, across
+/// all streams, stay within `budget`: a stream reads the rest of a message only once it holds
+/// budget for all of it, so past the budget new reads wait, and HTTP/2 flow control stops the
+/// senders (each connection can have at most its receive window, [`RECV_WINDOW`], unread in the
+/// server). A message must arrive whole within `deadline` of its first bytes, so a sender that
+/// stalls cannot keep budget for ever.
+#[derive(Debug)]
+pub struct RequestLimits {
+    /// Largest request decoded.
+    pub max_request: usize,
+    budget: std::sync::Arc<tokio::sync::Semaphore>,
+    budget_bytes: usize,
+    /// Time for a started message to arrive whole.
+    pub deadline: std::time::Duration,
+    metrics: std::sync::Arc<Metrics>,
+}
+
+impl RequestLimits {
+    /// Limits with `budget` bytes decoded at once.
+    pub fn new(
+        max_request: usize,
+        budget: usize,
+        deadline: std::time::Duration,
+        metrics: std::sync::Arc<Metrics>,
+    ) -> Self {
+        RequestLimits {
+            max_request,
+            budget: std::sync::Arc::new(tokio::sync::Semaphore::new(budget)),
+            budget_bytes: budget,
+            deadline,
+            metrics,
+        }
+    }
+
+    /// Bytes of the budget in use now.
+    pub fn budget_in_use(&self) -> usize {
+        self.budget_bytes - self.budget.available_permits()
+    }
+}
+
+/// Why a stream's requests could not be read.
+#[derive(Debug)]
+pub struct ReadError {
+    /// The status the stream ends with.
+    pub status: Status,
+    /// What was wrong with the request, if it was the request (not, say, a reset connection).
+    pub kind: Option<RequestError>,
+}
+
+impl ReadError {
+    fn request(kind: RequestError, status: Status) -> Self {
+        ReadError {
+            status,
+            kind: Some(kind),
+        }
+    }
+}
 
 /// The request side of a stream: gRPC messages decoded from the HTTP/2 body.
 ///
@@ -47,6 +108,13 @@ pub struct Requests<T> {
     /// Bytes in `chunks`.
     buffered: usize,
     done: bool,
+    limits: std::sync::Arc<RequestLimits>,
+    /// Budget held for the message being received (and, once delivered, until the next call).
+    held: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// A message was returned: its budget goes back at the next call (it has been handled).
+    delivered: bool,
+    /// When the first bytes of the message being received arrived.
+    started: Option<tokio::time::Instant>,
     _msg: PhantomData<fn() -> T>,
 }
 
@@ -84,34 +152,79 @@ impl bytes::Buf for Chunks<'_> {
 }
 
 impl<T: Message + Default> Requests<T> {
-    /// Reads `body`.
-    pub fn new(body: Body) -> Self {
+    /// Reads `body` within `limits`.
+    pub fn new(body: Body, limits: std::sync::Arc<RequestLimits>) -> Self {
         Requests {
             body,
             chunks: VecDeque::new(),
             buffered: 0,
             done: false,
+            limits,
+            held: None,
+            delivered: false,
+            started: None,
             _msg: PhantomData,
         }
     }
 
+    fn fail(&self, kind: RequestError, status: Status) -> ReadError {
+        self.limits.metrics.xds_request_error(kind);
+        ReadError::request(kind, status)
+    }
+
     /// The next message; `None` when the client half-closed the stream.
-    pub async fn message(&mut self) -> Result<Option<T>, Status> {
+    pub async fn message(&mut self) -> Result<Option<T>, ReadError> {
+        if self.delivered {
+            self.held = None;
+            self.delivered = false;
+        }
         loop {
             if let Some(msg) = self.decode()? {
+                self.delivered = true;
+                self.started = None;
                 return Ok(Some(msg));
             }
             if self.done {
                 return if self.buffered == 0 {
                     Ok(None)
                 } else {
-                    Err(Status::invalid_argument("stream ended inside a message"))
+                    Err(self.fail(
+                        RequestError::Truncated,
+                        Status::invalid_argument(format!(
+                            "the stream ended inside a request ({} bytes of it received)",
+                            self.buffered
+                        )),
+                    ))
                 };
             }
-            let frame = std::future::poll_fn(|cx| {
+            if let Some(len) = self.pending_len() {
+                self.reserve(len).await;
+            }
+            // The deadline runs once the budget is held: waiting for it is not the sender's fault.
+            let mut deadline = None;
+            if self.buffered > 0 {
+                let started = *self.started.get_or_insert_with(tokio::time::Instant::now);
+                deadline = Some(started + self.limits.deadline);
+            }
+            let read = std::future::poll_fn(|cx| {
                 http_body::Body::poll_frame(Pin::new(&mut self.body), cx)
-            })
-            .await;
+            });
+            let frame = match deadline {
+                None => read.await,
+                Some(at) => match tokio::time::timeout_at(at, read).await {
+                    Ok(f) => f,
+                    Err(_) => {
+                        return Err(self.fail(
+                            RequestError::Truncated,
+                            Status::deadline_exceeded(format!(
+                                "a request did not arrive whole within {} ms of its first bytes ({} bytes received)",
+                                self.limits.deadline.as_millis(),
+                                self.buffered
+                            )),
+                        ))
+                    }
+                },
+            };
             match frame {
                 None => self.done = true,
                 Some(Ok(frame)) => {
@@ -122,15 +235,38 @@ impl<T: Message + Default> Requests<T> {
                         }
                     }
                 }
-                Some(Err(status)) => return Err(status),
+                Some(Err(status)) => return Err(ReadError { status, kind: None }),
             }
         }
     }
 
-    fn decode(&mut self) -> Result<Option<T>, Status> {
-        if self.buffered < 5 {
-            return Ok(None);
+    /// The framed length of the message being received, once its header is in.
+    fn pending_len(&self) -> Option<usize> {
+        (self.buffered >= 5).then(|| 5 + self.header().1)
+    }
+
+    /// Holds budget for a message of `len` framed bytes before reading more of it. Messages that
+    /// are already complete are decoded without waiting.
+    async fn reserve(&mut self, len: usize) {
+        if self.held.is_some() || self.buffered >= len {
+            return;
         }
+        let n = len.min(self.limits.budget_bytes) as u32;
+        let budget = self.limits.budget.clone();
+        self.held = Some(match budget.clone().try_acquire_many_owned(n) {
+            Ok(p) => p,
+            Err(_) => {
+                self.limits.metrics.xds_decode_waits.inc();
+                budget
+                    .acquire_many_owned(n)
+                    .await
+                    .expect("the budget is never closed")
+            }
+        });
+    }
+
+    /// The compressed flag and length of the message at the front.
+    fn header(&self) -> (u8, usize) {
         let mut head = [0u8; 5];
         let mut at = 0;
         for c in &self.chunks {
@@ -141,16 +277,33 @@ impl<T: Message + Default> Requests<T> {
                 break;
             }
         }
-        if head[0] != 0 {
-            return Err(Status::unimplemented(
-                "compressed requests are not supported",
+        (
+            head[0],
+            u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize,
+        )
+    }
+
+    fn decode(&mut self) -> Result<Option<T>, ReadError> {
+        if self.buffered < 5 {
+            return Ok(None);
+        }
+        let (flag, len) = self.header();
+        if flag != 0 {
+            return Err(self.fail(
+                RequestError::Compressed,
+                Status::unimplemented(
+                    "compressed requests are not supported (no grpc-encoding is accepted)",
+                ),
             ));
         }
-        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-        if len > MAX_REQUEST {
-            return Err(Status::resource_exhausted(format!(
-                "request of {len} bytes exceeds the {MAX_REQUEST} byte limit"
-            )));
+        let max = self.limits.max_request;
+        if len > max {
+            return Err(self.fail(
+                RequestError::TooLarge,
+                Status::resource_exhausted(format!(
+                    "request of {len} bytes exceeds the limit of {max} bytes (xdsMaxRequestBytes)"
+                )),
+            ));
         }
         if self.buffered < 5 + len {
             return Ok(None);
@@ -160,8 +313,27 @@ impl<T: Message + Default> Requests<T> {
             remaining: 5 + len,
         };
         bytes::Buf::advance(&mut buf, 5);
-        let msg = T::decode(&mut buf)
-            .map_err(|e| Status::invalid_argument(format!("undecodable request: {e}")))?;
+        let msg = T::decode(&mut buf).map_err(|e| {
+            ReadError::request(
+                RequestError::Undecodable,
+                Status::invalid_argument(format!(
+                    "request of {len} bytes is not a {}: {e}",
+                    std::any::type_name::<T>()
+                        .rsplit("::")
+                        .next()
+                        .unwrap_or("message")
+                )),
+            )
+        });
+        let msg = match msg {
+            Ok(m) => m,
+            Err(e) => {
+                self.limits
+                    .metrics
+                    .xds_request_error(RequestError::Undecodable);
+                return Err(e);
+            }
+        };
         debug_assert_eq!(buf.remaining, 0);
         self.buffered -= 5 + len;
         if self.chunks.is_empty() && self.chunks.capacity() > 8 {
@@ -239,17 +411,30 @@ pub type Tx = mpsc::Sender<Result<Box<Msg>, Box<Status>>>;
 /// polls it, so a stream costs no task of its own and a push wakes one task less.
 pub type Driver = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
-/// The ADS service for tonic's router.
+/// The ADS service: gRPC framing around the stream logic.
 #[derive(Clone)]
 pub struct AdsService {
     ads: Ads,
+    limits: std::sync::Arc<RequestLimits>,
 }
 
 impl AdsService {
-    /// Wraps the stream logic.
-    pub fn new(ads: Ads) -> Self {
-        AdsService { ads }
+    /// Wraps the stream logic; requests are read within `limits`.
+    pub fn new(ads: Ads, limits: std::sync::Arc<RequestLimits>) -> Self {
+        AdsService { ads, limits }
     }
+}
+
+/// The client's address, put in each request's extensions by [`serve`].
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub std::net::SocketAddr);
+
+fn plain_response(status: http::StatusCode, text: &'static str) -> http::Response<Body> {
+    let mut resp = http::Response::new(Body::new(http_body_util::Full::new(Bytes::from_static(
+        text.as_bytes(),
+    ))));
+    *resp.status_mut() = status;
+    resp
 }
 
 impl tonic::server::NamedService for AdsService {
@@ -269,17 +454,37 @@ impl tower::Service<http::Request<Body>> for AdsService {
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         let ads = self.ads.clone();
+        let limits = self.limits.clone();
         Box::pin(async move {
+            // gRPC's HTTP/2 mapping: POST with a content type of application/grpc[+proto].
+            if req.method() != http::Method::POST {
+                return Ok(plain_response(
+                    http::StatusCode::METHOD_NOT_ALLOWED,
+                    "gRPC requests use POST\n",
+                ));
+            }
+            let grpc = req
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("application/grpc"));
+            if !grpc {
+                return Ok(plain_response(
+                    http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "content-type must be application/grpc\n",
+                ));
+            }
             let path = req.uri().path().to_string();
+            let peer = req.extensions().get::<PeerAddr>().map(|p| p.0);
             let (tx, rx) = mpsc::channel::<Result<Box<Msg>, Box<Status>>>(2);
             let driver = match path.as_str() {
                 SOTW_PATH => {
-                    let inbound = Requests::<DiscoveryRequest>::new(req.into_body());
-                    ads.sotw_stream(inbound, tx)
+                    let inbound = Requests::<DiscoveryRequest>::new(req.into_body(), limits);
+                    ads.sotw_stream(inbound, tx, peer)
                 }
                 DELTA_PATH => {
-                    let inbound = Requests::<DeltaDiscoveryRequest>::new(req.into_body());
-                    ads.delta_stream(inbound, tx)
+                    let inbound = Requests::<DeltaDiscoveryRequest>::new(req.into_body(), limits);
+                    ads.delta_stream(inbound, tx, peer)
                 }
                 _ => return Ok(Status::unimplemented(format!("{path} is not served")).into_http()),
             };
@@ -416,10 +621,17 @@ pub const SEND_BUFFER: usize = 32 << 10;
 /// HTTP/2 PING interval on idle connections (detects dead peers behind NATs and proxies).
 const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Serves ADS over HTTP/2 (prior knowledge, as gRPC clients speak it) on `listener` until `stop`
+/// Receive window of each stream and of each connection: what a client can have sent that the
+/// server has not read yet. The HTTP/2 default; a request larger than this (Envoy's EDS
+/// subscription naming every cluster of a big mesh) simply takes a few more round trips.
+pub const RECV_WINDOW: u32 = 65_535;
+/// Concurrent streams a client may open on one connection (Envoy and gRPC open one for ADS).
+const MAX_STREAMS: u32 = 100;
+
+/// Serves ADS over HTTP/2 (prior knowledge, as gRPC clients speak it) on `acceptor` until `stop`
 /// turns true; then asks every connection to go away and waits for them to close.
 pub async fn serve(
-    listener: tokio::net::TcpListener,
+    acceptor: Acceptor,
     service: AdsService,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()> {
@@ -428,36 +640,34 @@ pub async fn serve(
     http2
         .timer(TokioTimer::new())
         .keep_alive_interval(KEEPALIVE)
-        .max_send_buf_size(SEND_BUFFER);
+        .max_send_buf_size(SEND_BUFFER)
+        .initial_stream_window_size(RECV_WINDOW)
+        .initial_connection_window_size(RECV_WINDOW)
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(16 << 10);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
-        let (tcp, peer) = tokio::select! {
+        let (tcp, peer, slot) = tokio::select! {
             biased;
             _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "xDS accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = acceptor.accept() => accepted,
         };
-        let _ = tcp.set_nodelay(true);
-        let svc = service.clone();
+        let first = FirstRequest::default();
+        let (svc, seen) = (service.clone(), first.clone());
         let hyper_svc =
-            hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                seen.seen();
+                req.extensions_mut().insert(PeerAddr(peer));
                 let mut svc = svc.clone();
                 tower::Service::call(&mut svc, req.map(Body::new))
             });
-        let conn = http2.serve_connection(TokioIo::new(tcp), hyper_svc);
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
+        let conn = graceful.watch(http2.serve_connection(TokioIo::new(tcp), hyper_svc));
+        let conn = async move {
             if let Err(e) = conn.await {
                 tracing::debug!(peer = %peer, error = %e, "xDS connection ended");
             }
-        });
+        };
+        tokio::spawn(acceptor.run_connection(conn, first, slot, peer));
     }
     graceful.shutdown().await;
     Ok(())
@@ -467,6 +677,19 @@ pub async fn serve(
 mod tests {
     use super::*;
     use envoy_types::pb::envoy::config::core::v3::Node;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    const MAX: usize = 4 << 20;
+
+    fn limits(budget: usize) -> Arc<RequestLimits> {
+        Arc::new(RequestLimits::new(
+            MAX,
+            budget,
+            Duration::from_secs(10),
+            Arc::new(Metrics::default()),
+        ))
+    }
 
     fn framed(msg: &DiscoveryRequest) -> Vec<u8> {
         let body = msg.encode_to_vec();
@@ -485,6 +708,16 @@ mod tests {
         )))
     }
 
+    /// A body fed by the test, chunk by chunk; it stays open until the sender is dropped.
+    fn channel_body() -> (mpsc::UnboundedSender<Vec<u8>>, Body) {
+        let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let frames = futures::StreamExt::map(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+            |c| Ok::<_, Status>(Frame::data(Bytes::from(c))),
+        );
+        (tx, Body::new(http_body_util::StreamBody::new(frames)))
+    }
+
     fn request(i: usize, names: usize) -> DiscoveryRequest {
         DiscoveryRequest {
             node: Some(Node {
@@ -499,13 +732,18 @@ mod tests {
         }
     }
 
+    fn code(r: Result<Option<DiscoveryRequest>, ReadError>) -> (tonic::Code, Option<RequestError>) {
+        let e = r.unwrap_err();
+        (e.status.code(), e.kind)
+    }
+
     #[tokio::test]
     async fn messages_are_decoded_across_any_chunk_boundaries() {
         let msgs: Vec<DiscoveryRequest> = (0..5).map(|i| request(i, i * 300)).collect();
         let wire: Vec<u8> = msgs.iter().flat_map(framed).collect();
         for size in [1, 2, 5, 7, 64, 1000, 16384, wire.len()] {
             let chunks: Vec<Vec<u8>> = wire.chunks(size).map(<[u8]>::to_vec).collect();
-            let mut reqs = Requests::<DiscoveryRequest>::new(body_of(chunks));
+            let mut reqs = Requests::<DiscoveryRequest>::new(body_of(chunks), limits(64 << 20));
             for m in &msgs {
                 assert_eq!(
                     reqs.message().await.unwrap().as_ref(),
@@ -519,36 +757,103 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn truncated_compressed_and_oversized_messages_are_errors() {
+    async fn truncated_compressed_oversized_and_undecodable_messages_say_what_was_wrong() {
+        let l = limits(64 << 20);
         let mut wire = framed(&request(1, 10));
         wire.truncate(wire.len() - 1);
-        let mut reqs = Requests::<DiscoveryRequest>::new(body_of(vec![wire]));
-        let e = reqs.message().await.unwrap_err();
-        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        let mut reqs = Requests::<DiscoveryRequest>::new(body_of(vec![wire]), l.clone());
+        assert_eq!(
+            code(reqs.message().await),
+            (tonic::Code::InvalidArgument, Some(RequestError::Truncated))
+        );
 
         let mut wire = framed(&request(1, 1));
         wire[0] = 1;
-        let mut reqs = Requests::<DiscoveryRequest>::new(body_of(vec![wire]));
+        let mut reqs = Requests::<DiscoveryRequest>::new(body_of(vec![wire]), l.clone());
         assert_eq!(
-            reqs.message().await.unwrap_err().code(),
-            tonic::Code::Unimplemented
+            code(reqs.message().await),
+            (tonic::Code::Unimplemented, Some(RequestError::Compressed))
+        );
+
+        // Refused from its header alone: the body is never read.
+        let mut wire = vec![0];
+        wire.extend(((MAX + 1) as u32).to_be_bytes());
+        let mut reqs = Requests::<DiscoveryRequest>::new(body_of(vec![wire]), l.clone());
+        let e = reqs.message().await.unwrap_err();
+        assert_eq!(e.status.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            e.status.message().contains(&(MAX + 1).to_string())
+                && e.status.message().contains(&MAX.to_string()),
+            "{}",
+            e.status.message()
         );
 
         let mut wire = vec![0];
-        wire.extend(((MAX_REQUEST + 1) as u32).to_be_bytes());
-        let mut reqs = Requests::<DiscoveryRequest>::new(body_of(vec![wire]));
+        wire.extend(4u32.to_be_bytes());
+        wire.extend([0xff, 0xff, 0xff, 0xff]);
+        let mut reqs = Requests::<DiscoveryRequest>::new(body_of(vec![wire]), l.clone());
+        let e = reqs.message().await.unwrap_err();
         assert_eq!(
-            reqs.message().await.unwrap_err().code(),
-            tonic::Code::ResourceExhausted
+            (e.status.code(), e.kind),
+            (
+                tonic::Code::InvalidArgument,
+                Some(RequestError::Undecodable)
+            )
         );
+        assert!(
+            e.status.message().contains("DiscoveryRequest"),
+            "{}",
+            e.status.message()
+        );
+        for k in RequestError::ALL {
+            assert_eq!(l.metrics.xds_request_errors(k), 1, "{k:?}");
+        }
+    }
 
-        let mut wire = vec![0];
-        wire.extend(3u32.to_be_bytes());
-        wire.extend([0xff, 0xff, 0xff]);
-        let mut reqs = Requests::<DiscoveryRequest>::new(body_of(vec![wire]));
+    /// Past the budget, a stream does not read the rest of a large message until the budget held
+    /// by another is given back (its message handled).
+    #[tokio::test]
+    async fn the_decode_budget_bounds_bytes_read_at_once_across_streams() {
+        let big = framed(&request(1, 20_000));
+        let l = limits(big.len() + 100);
+        let (tx_a, body_a) = channel_body();
+        let (tx_b, body_b) = channel_body();
+        let mut a = Requests::<DiscoveryRequest>::new(body_a, l.clone());
+        let mut b = Requests::<DiscoveryRequest>::new(body_b, l.clone());
+        // A's header and part of its body: A holds budget for all of its message.
+        tx_a.send(big[..1000].to_vec()).unwrap();
+        assert!(tokio::time::timeout(Duration::from_millis(50), a.message())
+            .await
+            .is_err());
+        assert_eq!(l.budget_in_use(), big.len());
+        // B's header: it waits for budget and reads no further.
+        tx_b.send(big[..1000].to_vec()).unwrap();
+        tx_b.send(big[1000..].to_vec()).unwrap();
+        assert!(tokio::time::timeout(Duration::from_millis(50), b.message())
+            .await
+            .is_err());
+        assert_eq!(b.buffered, 1000, "B read past its header without budget");
+        // A completes and is handled; the next call gives its budget back and B proceeds.
+        tx_a.send(big[1000..].to_vec()).unwrap();
+        assert!(a.message().await.unwrap().is_some());
+        drop(tx_a);
+        assert!(a.message().await.unwrap().is_none());
+        assert!(b.message().await.unwrap().is_some());
+        assert_eq!(l.metrics.xds_decode_waits.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_message_that_stalls_ends_its_stream_after_the_deadline() {
+        let l = limits(64 << 20);
+        let (tx, body) = channel_body();
+        let mut reqs = Requests::<DiscoveryRequest>::new(body, l.clone());
+        let wire = framed(&request(1, 100));
+        tx.send(wire[..20].to_vec()).unwrap();
+        let e = reqs.message().await.unwrap_err();
         assert_eq!(
-            reqs.message().await.unwrap_err().code(),
-            tonic::Code::InvalidArgument
+            (e.status.code(), e.kind),
+            (tonic::Code::DeadlineExceeded, Some(RequestError::Truncated))
         );
+        drop(tx);
     }
 }
