@@ -418,3 +418,41 @@ async fn sigterm_shuts_down_cleanly_and_openapi_is_served() {
         "{log}"
     );
 }
+
+/// Errors the framework produces (body too large, unknown path, wrong method) have the same JSON
+/// shape as every other error.
+#[tokio::test]
+async fn framework_errors_use_the_json_error_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("d"), &[]).await;
+    let c = reqwest::Client::new();
+    let huge = vec![b' '; 3 << 20];
+    let r = c
+        .post(s.url("/naming/v1/instances"))
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["code"], 400000, "{v}");
+    assert!(v["info"].as_str().unwrap().contains("limit"), "{v}");
+    let r = c.get(s.url("/naming/v1/nope")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["info"].as_str().unwrap().contains("/naming/v1/nope"),
+        "{v}"
+    );
+    assert!(v["code"].is_number(), "{v}");
+    let r = c
+        .delete(s.url("/naming/v1/instances"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["code"], 400000, "{v}");
+    assert!(v["info"].as_str().unwrap().contains("DELETE"), "{v}");
+}

@@ -1,6 +1,8 @@
 //! Helpers for integration tests: start the real `polaris` binary on free ports.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
