@@ -322,11 +322,12 @@ pub async fn serve(
                 .serve_connection(TokioIo::new(tcp), svc)
                 .into_owned(),
         );
-        let conn = async move {
-            if let Err(e) = conn.await {
+        // A combinator, not an `async` block, which would hold the connection twice.
+        let conn = futures::FutureExt::map(conn, move |r| {
+            if let Err(e) = r {
                 tracing::debug!(%peer, error = %e, "REST connection ended");
             }
-        };
+        });
         tokio::spawn(acceptor.run_connection(conn, first, slot, peer));
     }
     graceful.shutdown().await;

@@ -8,8 +8,10 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -129,32 +131,58 @@ impl Acceptor {
 
     /// Runs one connection until it ends, closing it if no request arrived within the deadline.
     /// Long-lived connections of real clients are not affected once their first request is in.
-    pub fn run_connection<C>(
+    pub fn run_connection<C: Future>(
         &self,
         conn: C,
         first: FirstRequest,
         slot: Slot,
         peer: SocketAddr,
-    ) -> impl Future<Output = ()> + Send + 'static
-    where
-        C: Future + Send + 'static,
-    {
-        let deadline = self.limits.first_request_timeout;
-        let metrics = self.metrics.clone();
-        let port = self.port;
-        async move {
-            let _slot = slot;
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = &mut conn => return,
-                _ = tokio::time::sleep(deadline) => {}
-            }
-            if !first.arrived() {
-                metrics.silent.inc();
-                tracing::debug!(port, %peer, ?deadline, "connection closed: no request within the deadline");
-                return;
-            }
-            conn.await;
+    ) -> Guarded<C> {
+        Guarded {
+            conn,
+            deadline: Some(tokio::time::sleep(self.limits.first_request_timeout)),
+            first,
+            slot,
+            peer,
+            port: self.port,
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection with its slot and its first-request deadline. A hand-written future rather
+    /// than an `async` block: the compiler lays an `async` block that selects over the connection
+    /// out with room for it twice, and a connection is kept for hours by every proxy.
+    pub struct Guarded<C> {
+        #[pin]
+        conn: C,
+        #[pin]
+        deadline: Option<tokio::time::Sleep>,
+        first: FirstRequest,
+        slot: Slot,
+        peer: SocketAddr,
+        port: &'static str,
+    }
+}
+
+impl<C: Future> Future for Guarded<C> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        if this.conn.poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        if let Some(deadline) = this.deadline.as_mut().as_pin_mut() {
+            if deadline.poll(cx).is_ready() {
+                if !this.first.arrived() {
+                    this.slot.metrics.silent.inc();
+                    tracing::debug!(port = *this.port, peer = %this.peer, "connection closed: no request within the deadline");
+                    return Poll::Ready(());
+                }
+                this.deadline.set(None);
+            }
+        }
+        Poll::Pending
     }
 }

@@ -662,11 +662,12 @@ pub async fn serve(
                 tower::Service::call(&mut svc, req.map(Body::new))
             });
         let conn = graceful.watch(http2.serve_connection(TokioIo::new(tcp), hyper_svc));
-        let conn = async move {
-            if let Err(e) = conn.await {
+        // A combinator, not an `async` block, which would hold the connection twice.
+        let conn = futures::FutureExt::map(conn, move |r| {
+            if let Err(e) = r {
                 tracing::debug!(peer = %peer, error = %e, "xDS connection ended");
             }
-        };
+        });
         tokio::spawn(acceptor.run_connection(conn, first, slot, peer));
     }
     graceful.shutdown().await;
