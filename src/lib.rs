@@ -10,6 +10,7 @@ pub mod config;
 pub mod metrics;
 pub mod model;
 pub mod net;
+pub mod protojson;
 pub mod registry;
 pub mod server;
 pub mod store;
