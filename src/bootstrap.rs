@@ -211,7 +211,7 @@ mod tests {
         );
         assert_eq!(
             e(BootstrapArgs {
-                namespace: Some("Bad_NS".into()),
+                namespace: Some("Bad NS".into()),
                 ..args()
             }),
             "--namespace"

@@ -12,8 +12,8 @@ use utoipa::ToSchema;
 
 /// Longest service, group and metadata-key name.
 pub const MAX_NAME_LEN: usize = 128;
-/// Longest namespace name (a DNS label).
-pub const MAX_NAMESPACE_LEN: usize = 63;
+/// Longest namespace name.
+pub const MAX_NAMESPACE_LEN: usize = 64;
 /// Longest metadata value.
 pub const MAX_METADATA_VALUE_LEN: usize = 4096;
 /// Most metadata entries on one object.
@@ -28,8 +28,13 @@ pub const MAX_WEIGHT: i64 = 65535;
 pub const DEFAULT_TTL_SECS: u32 = 5;
 /// Accepted heartbeat TTL range in seconds.
 pub const TTL_RANGE: std::ops::RangeInclusive<i64> = 1..=60;
-/// The namespaces that exist from the first start.
+/// The namespaces that cannot be deleted.
 pub const SYSTEM_NAMESPACES: [&str; 2] = ["default", "Polaris"];
+/// The namespaces that exist from the first start (PolarisMesh's built-in ones).
+pub const BUILTIN_NAMESPACES: [&str; 4] = ["default", "Polaris", "Production", "Development"];
+/// Service metadata key of the service's protocol (`grpc`, `h2`, `http`); PolarisMesh's service
+/// has no protocol field, so ours lives in metadata.
+pub const PROTOCOL_KEY: &str = "polarismesh.cn/protocol";
 
 /// A rejected input: which field and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -96,6 +101,9 @@ pub struct Namespace {
     /// Owners, free text.
     #[serde(default)]
     pub owners: String,
+    /// SHA-256 of the namespace's token (the token itself is shown once, at creation).
+    #[serde(default)]
+    pub token_hash: String,
     /// Creation time (RFC 3339).
     #[serde(default)]
     pub ctime: String,
@@ -118,9 +126,6 @@ pub struct Service {
     /// Ports, free text as in PolarisMesh (`"8080,9090"`).
     #[serde(default)]
     pub ports: String,
-    /// Protocol (`http`, `grpc`, ...).
-    #[serde(default)]
-    pub protocol: String,
     /// Owners.
     #[serde(default)]
     pub owners: String,
@@ -133,6 +138,18 @@ pub struct Service {
     /// Department, free text.
     #[serde(default)]
     pub department: String,
+    /// CMDB module fields, free text.
+    #[serde(default)]
+    pub cmdb_mod1: String,
+    /// CMDB module fields, free text.
+    #[serde(default)]
+    pub cmdb_mod2: String,
+    /// CMDB module fields, free text.
+    #[serde(default)]
+    pub cmdb_mod3: String,
+    /// SHA-256 of the service's token (the token itself is shown once, at creation).
+    #[serde(default)]
+    pub token_hash: String,
     /// Set when this service is an alias: the service it points to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alias_for: Option<AliasTarget>,
@@ -150,6 +167,29 @@ impl Service {
         ServiceKey::new(&self.namespace, &self.name)
     }
 
+    /// Decodes a stored record. Records of earlier versions kept the protocol in a field of its
+    /// own; it moves into metadata ([`PROTOCOL_KEY`]) unless that is set already.
+    pub fn from_record(bytes: &[u8]) -> serde_json::Result<Service> {
+        let mut v: serde_json::Value = serde_json::from_slice(bytes)?;
+        if let Some(o) = v.as_object_mut() {
+            if let Some(serde_json::Value::String(p)) = o.remove("protocol") {
+                if !p.is_empty() {
+                    let md = o.entry("metadata").or_insert_with(|| serde_json::json!({}));
+                    if let Some(md) = md.as_object_mut() {
+                        md.entry(PROTOCOL_KEY)
+                            .or_insert(serde_json::Value::String(p));
+                    }
+                }
+            }
+        }
+        serde_json::from_value(v)
+    }
+
+    /// The service's protocol (metadata [`PROTOCOL_KEY`]), if set.
+    pub fn protocol(&self) -> Option<&str> {
+        self.metadata.get(PROTOCOL_KEY).map(String::as_str)
+    }
+
     /// A plain service with no attributes.
     pub fn bare(namespace: &str, name: &str, now: &str) -> Self {
         Service {
@@ -157,11 +197,14 @@ impl Service {
             name: name.to_string(),
             metadata: BTreeMap::new(),
             ports: String::new(),
-            protocol: String::new(),
             owners: String::new(),
             comment: String::new(),
             business: String::new(),
             department: String::new(),
+            cmdb_mod1: String::new(),
+            cmdb_mod2: String::new(),
+            cmdb_mod3: String::new(),
+            token_hash: String::new(),
             alias_for: None,
             ctime: now.to_string(),
             mtime: now.to_string(),
@@ -231,6 +274,9 @@ pub struct Instance {
     pub namespace: String,
     /// Service.
     pub service: String,
+    /// VPC, part of the instance id.
+    #[serde(default)]
+    pub vpc_id: String,
     /// IP or hostname.
     pub host: String,
     /// Port.
@@ -256,6 +302,9 @@ pub struct Instance {
     /// Region/zone/campus.
     #[serde(default)]
     pub location: Location,
+    /// Logic set (PolarisMesh's set routing label), free text.
+    #[serde(default)]
+    pub logic_set: String,
     /// Whether the health check is on.
     #[serde(default)]
     pub enable_health_check: bool,
@@ -287,9 +336,38 @@ impl Instance {
 
 /// The stable id of an instance, as PolarisMesh computes it: SHA-1 of `ns##svc##vpc##host##port`.
 pub fn instance_id(namespace: &str, service: &str, host: &str, port: u16) -> String {
+    instance_id_in_vpc(namespace, service, "", host, port)
+}
+
+/// [`instance_id`] for an instance in a VPC.
+pub fn instance_id_in_vpc(
+    namespace: &str,
+    service: &str,
+    vpc: &str,
+    host: &str,
+    port: u16,
+) -> String {
     let mut h = sha1_smol::Sha1::new();
-    h.update(format!("{namespace}##{service}####{host}##{port}").as_bytes());
+    h.update(format!("{namespace}##{service}##{vpc}##{host}##{port}").as_bytes());
     h.digest().to_string()
+}
+
+/// A new random token (128 bits, hex) and its SHA-256 (hex), which is what is stored.
+pub fn new_token() -> (String, String) {
+    let mut raw = [0u8; 16];
+    getrandom::fill(&mut raw).expect("the system's random source");
+    let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let hash = token_hash(&token);
+    (token, hash)
+}
+
+/// SHA-256 of a token, hex.
+pub fn token_hash(token: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Health check as clients send it: `type` may be `"HEARTBEAT"` or `1`.
@@ -325,6 +403,9 @@ pub struct InstanceInput {
     /// Service.
     #[serde(default)]
     pub service: Option<String>,
+    /// VPC (part of the derived id).
+    #[serde(default)]
+    pub vpc_id: Option<String>,
     /// IP or hostname.
     #[serde(default)]
     pub host: Option<String>,
@@ -355,6 +436,9 @@ pub struct InstanceInput {
     /// Location.
     #[serde(default)]
     pub location: Option<Location>,
+    /// Logic set.
+    #[serde(default)]
+    pub logic_set: Option<String>,
     /// Whether the health check is on.
     #[serde(default)]
     pub enable_health_check: Option<bool>,
@@ -376,6 +460,9 @@ pub struct InstanceRef {
     /// Service.
     #[serde(default)]
     pub service: Option<String>,
+    /// VPC.
+    #[serde(default)]
+    pub vpc_id: Option<String>,
     /// Host.
     #[serde(default)]
     pub host: Option<String>,
@@ -414,6 +501,11 @@ impl InstanceRef {
         let host = required(&self.host, "host")?;
         validate_host(host)?;
         let port = validate_port(self.port)?;
+        if let Some(vpc) = self.vpc_id.as_deref().filter(|v| !v.is_empty()) {
+            return Ok(InstanceSelector::Id(instance_id_in_vpc(
+                namespace, service, vpc, host, port,
+            )));
+        }
         Ok(InstanceSelector::Address {
             service: ServiceKey::new(namespace, service),
             host: host.to_string(),
@@ -446,9 +538,23 @@ impl NamespaceInput {
             name: name.to_string(),
             comment: text(&self.comment, "comment")?,
             owners: text(&self.owners, "owners")?,
+            token_hash: String::new(),
             ctime: now.to_string(),
             mtime: now.to_string(),
         })
+    }
+
+    /// Applies the fields that are set onto `current` (update).
+    pub fn apply_to(&self, current: &Namespace, now: &str) -> VResult<Namespace> {
+        let mut n = current.clone();
+        if self.comment.is_some() {
+            n.comment = text(&self.comment, "comment")?;
+        }
+        if self.owners.is_some() {
+            n.owners = text(&self.owners, "owners")?;
+        }
+        n.mtime = now.to_string();
+        Ok(n)
     }
 }
 
@@ -468,7 +574,8 @@ pub struct ServiceInput {
     /// Ports, free text.
     #[serde(default)]
     pub ports: Option<String>,
-    /// Protocol.
+    /// Protocol (`grpc`, `h2`, `http`): stored as metadata [`PROTOCOL_KEY`] (an extension of
+    /// ours; PolarisMesh's service has no protocol).
     #[serde(default)]
     pub protocol: Option<String>,
     /// Owners.
@@ -483,6 +590,15 @@ pub struct ServiceInput {
     /// Department.
     #[serde(default)]
     pub department: Option<String>,
+    /// CMDB module.
+    #[serde(default)]
+    pub cmdb_mod1: Option<String>,
+    /// CMDB module.
+    #[serde(default)]
+    pub cmdb_mod2: Option<String>,
+    /// CMDB module.
+    #[serde(default)]
+    pub cmdb_mod3: Option<String>,
 }
 
 impl ServiceInput {
@@ -498,38 +614,36 @@ impl ServiceInput {
     /// Validates into a service stamped with `now`.
     pub fn validate(&self, now: &str) -> VResult<Service> {
         let key = self.validate_key()?;
-        let metadata = match &self.metadata {
-            Some(m) => validate_metadata(m, "metadata")?,
-            None => BTreeMap::new(),
-        };
-        Ok(Service {
-            namespace: key.namespace,
-            name: key.name,
-            metadata,
-            ports: text(&self.ports, "ports")?,
-            protocol: text(&self.protocol, "protocol")?,
-            owners: text(&self.owners, "owners")?,
-            comment: text(&self.comment, "comment")?,
-            business: text(&self.business, "business")?,
-            department: text(&self.department, "department")?,
-            alias_for: None,
-            ctime: now.to_string(),
-            mtime: now.to_string(),
-        })
+        self.apply_to(&Service::bare(&key.namespace, &key.name, now), now)
     }
 
-    /// Applies the fields that are set onto `current` (partial update).
+    /// Applies the fields that are set onto `current` (partial update; `metadata` replaces).
     pub fn apply_to(&self, current: &Service, now: &str) -> VResult<Service> {
         let mut s = current.clone();
         if let Some(m) = &self.metadata {
             s.metadata = validate_metadata(m, "metadata")?;
         }
+        if let Some(p) = &self.protocol {
+            let p = short_text(&Some(p.clone()), "protocol")?;
+            if p.is_empty() {
+                s.metadata.remove(PROTOCOL_KEY);
+            } else {
+                s.metadata.insert(PROTOCOL_KEY.to_string(), p);
+            }
+        }
+        if s.metadata.len() > MAX_METADATA_ENTRIES {
+            return Err(FieldError::new("metadata", "more than 64 entries"));
+        }
         macro_rules! set_text {
-            ($($f:ident),*) => {$(
-                if self.$f.is_some() { s.$f = text(&self.$f, stringify!($f))?; }
+            ($($f:ident: $name:literal),*) => {$(
+                if self.$f.is_some() { s.$f = text(&self.$f, $name)?; }
             )*};
         }
-        set_text!(ports, protocol, owners, comment, business, department);
+        set_text!(ports: "ports", owners: "owners", comment: "comment", department: "department",
+            cmdb_mod1: "cmdbMod1", cmdb_mod2: "cmdbMod2", cmdb_mod3: "cmdbMod3");
+        if self.business.is_some() {
+            s.business = short_text(&self.business, "business")?;
+        }
         s.mtime = now.to_string();
         Ok(s)
     }
@@ -551,6 +665,9 @@ pub struct AliasInput {
     /// Alias namespace (default: the target's).
     #[serde(default)]
     pub alias_namespace: Option<String>,
+    /// Owners.
+    #[serde(default)]
+    pub owners: Option<String>,
     /// Comment.
     #[serde(default)]
     pub comment: Option<String>,
@@ -577,6 +694,7 @@ impl AliasInput {
         }
         let mut s = Service::bare(alias_ns, alias, now);
         s.comment = text(&self.comment, "comment")?;
+        s.owners = text(&self.owners, "owners")?;
         s.alias_for = Some(AliasTarget {
             namespace: ns.to_string(),
             service: svc.to_string(),
@@ -595,12 +713,13 @@ impl InstanceInput {
         let host = required(&self.host, "host")?;
         validate_host(host)?;
         let port = validate_port(self.port)?;
+        let vpc_id = short_text(&self.vpc_id, "vpc_id")?;
         let id = match self.id.as_deref().filter(|s| !s.is_empty()) {
             Some(id) => {
                 validate_id(id)?;
                 id.to_string()
             }
-            None => instance_id(namespace, service, host, port),
+            None => instance_id_in_vpc(namespace, service, &vpc_id, host, port),
         };
         let weight = match self.weight {
             None => DEFAULT_WEIGHT,
@@ -651,6 +770,7 @@ impl InstanceInput {
             id,
             namespace: namespace.to_string(),
             service: service.to_string(),
+            vpc_id,
             host: host.to_string(),
             port,
             protocol: short_text(&self.protocol, "protocol")?,
@@ -661,6 +781,7 @@ impl InstanceInput {
             isolate: self.isolate.unwrap_or(false),
             metadata,
             location,
+            logic_set: short_text(&self.logic_set, "logic_set")?,
             enable_health_check,
             health_check,
             ctime: now.to_string(),
@@ -721,57 +842,41 @@ fn short_text(v: &Option<String>, field: &str) -> VResult<String> {
     Ok(s)
 }
 
-/// Service, group and alias names: 1..=128 characters of `[A-Za-z0-9._:-]`.
+/// Whether `c` may appear in a PolarisMesh resource name (`[0-9A-Za-z-./:_]`).
+fn name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '/' | ':' | '_')
+}
+
+fn validate_resource_name(name: &str, field: &str, max: usize) -> VResult<()> {
+    if name.is_empty() {
+        return Err(FieldError::new(field, "is required"));
+    }
+    if name.len() > max {
+        return Err(FieldError::new(
+            field,
+            format!("longer than {max} characters"),
+        ));
+    }
+    if let Some(c) = name.chars().find(|c| !name_char(*c)) {
+        return Err(FieldError::new(
+            field,
+            format!("character {c:?} is not allowed (use A-Z a-z 0-9 - . / : _)"),
+        ));
+    }
+    Ok(())
+}
+
+/// Service, group and alias names: 1..=128 characters of `[0-9A-Za-z-./:_]` (PolarisMesh's).
 pub fn validate_name(name: &str, field: &str) -> VResult<()> {
-    if name.is_empty() {
-        return Err(FieldError::new(field, "is required"));
-    }
-    if name.len() > MAX_NAME_LEN {
-        return Err(FieldError::new(field, "longer than 128 characters"));
-    }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')))
-    {
-        return Err(FieldError::new(
-            field,
-            format!("character {c:?} is not allowed (use A-Z a-z 0-9 . _ : -)"),
-        ));
-    }
-    Ok(())
+    validate_resource_name(name, field, MAX_NAME_LEN)
 }
 
-/// Namespace names: a lowercase DNS label (1..=63 of `[a-z0-9-]`, alphanumeric at both ends), plus the
-/// system namespace `Polaris`.
+/// Namespace names: 1..=64 characters of `[0-9A-Za-z-./:_]` (PolarisMesh's).
 pub fn validate_namespace_name(name: &str, field: &str) -> VResult<()> {
-    if SYSTEM_NAMESPACES.contains(&name) {
-        return Ok(());
-    }
-    if name.is_empty() {
-        return Err(FieldError::new(field, "is required"));
-    }
-    if name.len() > MAX_NAMESPACE_LEN {
-        return Err(FieldError::new(field, "longer than 63 characters"));
-    }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
-    {
-        return Err(FieldError::new(
-            field,
-            format!("character {c:?} is not allowed (lowercase DNS label: a-z 0-9 -)"),
-        ));
-    }
-    if name.starts_with('-') || name.ends_with('-') {
-        return Err(FieldError::new(
-            field,
-            "must start and end with a letter or digit",
-        ));
-    }
-    Ok(())
+    validate_resource_name(name, field, MAX_NAMESPACE_LEN)
 }
 
-/// Explicit instance ids: 1..=128 characters of `[A-Za-z0-9._:-]`.
+/// Explicit instance ids: 1..=128 characters of `[0-9A-Za-z-./:_]`.
 fn validate_id(id: &str) -> VResult<()> {
     validate_name(id, "id")
 }
@@ -1034,22 +1139,31 @@ mod tests {
         assert!(validate_name("", "name").is_err());
         assert!(validate_name("a", "name").is_ok());
         assert!(validate_name("a.b_c:d-e", "name").is_ok());
-        assert!(validate_name("a/b", "name").is_err());
+        assert!(validate_name("a/b", "name").is_ok());
         assert!(validate_name("a b", "name").is_err());
+        assert!(validate_name("a$b", "name").is_err());
     }
 
     #[test]
-    fn namespaces_are_lowercase_dns_labels() {
-        assert!(validate_namespace_name("default", "n").is_ok());
-        assert!(validate_namespace_name("Polaris", "n").is_ok());
-        assert!(validate_namespace_name("Prod", "n").is_err());
-        assert!(validate_namespace_name("a-b1", "n").is_ok());
-        assert!(validate_namespace_name("-ab", "n").is_err());
-        assert!(validate_namespace_name("ab-", "n").is_err());
-        assert!(validate_namespace_name("a_b", "n").is_err());
-        assert!(validate_namespace_name(&"a".repeat(63), "n").is_ok());
-        assert!(validate_namespace_name(&"a".repeat(64), "n").is_err());
-        assert!(validate_namespace_name("", "n").is_err());
+    fn namespaces_take_polarismesh_names() {
+        for ok in [
+            "default",
+            "Polaris",
+            "Production",
+            "a-b1",
+            "a.b",
+            "a/b",
+            "a:b",
+            "a_b",
+            "-ab",
+        ] {
+            assert!(validate_namespace_name(ok, "n").is_ok(), "{ok}");
+        }
+        assert!(validate_namespace_name(&"a".repeat(64), "n").is_ok());
+        assert!(validate_namespace_name(&"a".repeat(65), "n").is_err());
+        for bad in ["", "+$#@+", "a b", "ä"] {
+            assert!(validate_namespace_name(bad, "n").is_err(), "{bad}");
+        }
     }
 
     #[test]

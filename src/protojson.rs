@@ -185,10 +185,7 @@ macro_rules! visit_forward {
         fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
             self.0.visit_unit()
         }
-        fn visit_newtype_struct<D: Deserializer<'de>>(
-            self,
-            d: D,
-        ) -> Result<Self::Value, D::Error> {
+        fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
             self.0.visit_newtype_struct(ProtoNames(d))
         }
         fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use crate::metrics::Metrics;
 use crate::model::{
     now_rfc3339, FieldError, Instance, InstanceGroup, InstanceInput, InstanceSelector, Namespace,
-    Service, ServiceInput, ServiceKey, SYSTEM_NAMESPACES,
+    Service, ServiceInput, ServiceKey, BUILTIN_NAMESPACES, SYSTEM_NAMESPACES,
 };
 use crate::store::{self, Mutation, Store};
 
@@ -327,13 +327,14 @@ impl Registry {
             writer_done,
         };
         let now = now_rfc3339();
-        let missing: Vec<Namespace> = SYSTEM_NAMESPACES
+        let missing: Vec<Namespace> = BUILTIN_NAMESPACES
             .iter()
             .filter(|n| !reg.read().namespaces.contains_key(**n))
             .map(|n| Namespace {
                 name: n.to_string(),
-                comment: "system namespace".into(),
+                comment: "built-in namespace".into(),
                 owners: "polaris".into(),
+                token_hash: String::new(),
                 ctime: now.clone(),
                 mtime: now.clone(),
             })
@@ -1060,6 +1061,7 @@ fn merge_instance(cur: &Instance, input: &InstanceInput) -> InstanceInput {
         id: Some(cur.id.clone()),
         namespace: Some(cur.namespace.clone()),
         service: Some(cur.service.clone()),
+        vpc_id: Some(cur.vpc_id.clone()),
         host: Some(cur.host.clone()),
         port: Some(i64::from(cur.port)),
         protocol: input.protocol.clone().or(Some(cur.protocol.clone())),
@@ -1070,6 +1072,7 @@ fn merge_instance(cur: &Instance, input: &InstanceInput) -> InstanceInput {
         isolate: input.isolate.or(Some(cur.isolate)),
         metadata: input.metadata.clone().or(Some(cur.metadata.clone())),
         location: input.location.clone().or(Some(cur.location.clone())),
+        logic_set: input.logic_set.clone().or(Some(cur.logic_set.clone())),
         enable_health_check: input.enable_health_check.or(Some(cur.enable_health_check)),
         health_check: input.health_check.clone().or(cur_hc),
     }

@@ -151,13 +151,22 @@ fn load_table<T: serde::de::DeserializeOwned>(
     def: TableDefinition<&str, &[u8]>,
     name: &'static str,
 ) -> Result<Vec<T>, Error> {
+    load_table_with(txn, def, name, |b| serde_json::from_slice(b))
+}
+
+fn load_table_with<T>(
+    txn: &redb::ReadTransaction,
+    def: TableDefinition<&str, &[u8]>,
+    name: &'static str,
+    decode: fn(&[u8]) -> serde_json::Result<T>,
+) -> Result<Vec<T>, Error> {
     let table = txn
         .open_table(def)
         .map_err(|e| Error::Redb(e.to_string()))?;
     let mut out = Vec::new();
     for row in table.iter()? {
         let (k, v) = row?;
-        let rec = serde_json::from_slice(v.value()).map_err(|source| Error::Corrupt {
+        let rec = decode(v.value()).map_err(|source| Error::Corrupt {
             table: name,
             key: k.value().to_string(),
             source,
@@ -179,7 +188,7 @@ impl Store for RedbStore {
         Ok(Snapshot {
             revision,
             namespaces: load_table(&txn, NAMESPACES, "namespaces")?,
-            services: load_table(&txn, SERVICES, "services")?,
+            services: load_table_with(&txn, SERVICES, "services", Service::from_record)?,
             instances: load_table(&txn, INSTANCES, "instances")?,
             groups: load_table(&txn, GROUPS, "groups")?,
         })
@@ -271,6 +280,7 @@ mod tests {
         let s = RedbStore::open(dir.path()).unwrap();
         let snap = s.load().unwrap();
         assert_eq!(snap.revision, 7);
+        assert_eq!(snap.services, vec![Service::bare("default", "echo", "t")]);
         assert_eq!(snap.services.len(), 1);
         assert_eq!(snap.instances, vec![inst.clone()]);
         s.commit(&[Mutation::DeleteInstance(inst.id.clone())], 8)
@@ -278,5 +288,28 @@ mod tests {
         let snap = s.load().unwrap();
         assert!(snap.instances.is_empty());
         assert_eq!(snap.revision, 8);
+    }
+
+    /// A service stored by an earlier version, with its protocol as a field of its own, loads
+    /// with the protocol in its metadata.
+    #[test]
+    fn a_service_record_with_a_protocol_field_loads_it_into_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(dir.path()).unwrap();
+        {
+            let txn = s.db.begin_write().unwrap();
+            txn.open_table(SERVICES)
+                .unwrap()
+                .insert(
+                    "default/echo",
+                    br#"{"namespace":"default","name":"echo","protocol":"grpc","metadata":{"a":"b"}}"#
+                        .as_slice(),
+                )
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let svc = &s.load().unwrap().services[0];
+        assert_eq!(svc.protocol(), Some("grpc"));
+        assert_eq!(svc.metadata["a"], "b");
     }
 }

@@ -1021,7 +1021,8 @@ mod tests {
         let b = Encoded::new(Arc::from("x"), &r::outbound_cluster(&svc));
         assert_eq!(a.version, b.version);
         let mut svc2 = svc.clone();
-        svc2.protocol = "grpc".into();
+        svc2.metadata
+            .insert(crate::model::PROTOCOL_KEY.into(), "grpc".into());
         assert_ne!(
             a.version,
             Encoded::new(Arc::from("x"), &r::outbound_cluster(&svc2)).version

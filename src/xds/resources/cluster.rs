@@ -61,7 +61,7 @@ fn eds_cluster(name: String, svc: &Service) -> Cluster {
         lb_policy: lb_policy(svc) as i32,
         ..Default::default()
     };
-    if is_h2(&svc.protocol) {
+    if svc.protocol().is_some_and(is_h2) {
         let opts = HttpProtocolOptions {
             upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
                 ExplicitHttpConfig {
@@ -127,7 +127,8 @@ mod tests {
         assert_eq!(c.lb_policy, LbPolicy::RoundRobin as i32);
         assert_eq!(c.connect_timeout.unwrap().seconds, 5);
         assert!(c.typed_extension_protocol_options.is_empty());
-        svc.protocol = "gRPC".into();
+        svc.metadata
+            .insert(crate::model::PROTOCOL_KEY.into(), "gRPC".into());
         svc.metadata
             .insert(LB_POLICY_KEY.into(), "least_request".into());
         svc.metadata
