@@ -681,7 +681,7 @@ impl Tx<'_> {
             }
         }
         self.touch(&key);
-        self.muts.push(Mutation::PutService((*svc).clone()));
+        self.muts.push(Mutation::PutService(svc.clone()));
         self.keys.push(ChangeKey::Service(key));
         svc
     }

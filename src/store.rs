@@ -63,7 +63,7 @@ pub enum Mutation {
     /// Delete a namespace by name.
     DeleteNamespace(String),
     /// Create or replace a service.
-    PutService(Service),
+    PutService(std::sync::Arc<Service>),
     /// Delete a service.
     DeleteService {
         /// Namespace.
@@ -214,7 +214,7 @@ impl Store for RedbStore {
                     Mutation::PutService(s) => {
                         svc.insert(
                             service_key(&s.namespace, &s.name).as_str(),
-                            encode(s).as_slice(),
+                            encode(s.as_ref()).as_slice(),
                         )?;
                     }
                     Mutation::DeleteService { namespace, name } => {
@@ -270,7 +270,7 @@ mod tests {
             let s = RedbStore::open(dir.path()).unwrap();
             s.commit(
                 &[
-                    Mutation::PutService(Service::bare("default", "echo", "t")),
+                    Mutation::PutService(Arc::new(Service::bare("default", "echo", "t"))),
                     Mutation::PutInstance(Arc::new(inst.clone())),
                 ],
                 7,
