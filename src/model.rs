@@ -487,6 +487,20 @@ pub enum InstanceSelector {
     },
 }
 
+impl InstanceSelector {
+    /// How the selector reads in messages.
+    pub fn describe(&self) -> String {
+        match self {
+            InstanceSelector::Id(id) => id.clone(),
+            InstanceSelector::Address {
+                service,
+                host,
+                port,
+            } => format!("{service} {host}:{port}"),
+        }
+    }
+}
+
 impl InstanceRef {
     /// Validates the reference.
     pub fn validate(&self) -> VResult<InstanceSelector> {

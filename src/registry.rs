@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use crate::metrics::Metrics;
 use crate::model::{
     now_rfc3339, FieldError, Instance, InstanceGroup, InstanceInput, InstanceSelector, Namespace,
-    Service, ServiceInput, ServiceKey, BUILTIN_NAMESPACES, SYSTEM_NAMESPACES,
+    NamespaceInput, Service, ServiceInput, ServiceKey, BUILTIN_NAMESPACES, SYSTEM_NAMESPACES,
 };
 use crate::store::{self, Mutation, Store};
 
@@ -32,12 +32,12 @@ pub enum Error {
     /// Bad input (400).
     #[error(transparent)]
     Invalid(#[from] FieldError),
-    /// The named object does not exist (404).
+    /// The named instance does not exist (heartbeats).
     #[error("{0} not found")]
     NotFound(String),
-    /// The write conflicts with what is stored (409).
-    #[error("{0}")]
-    Conflict(String),
+    /// The instance has no heartbeat health check (heartbeats).
+    #[error("instance {0} has no heartbeat health check (enableHealthCheck is false)")]
+    HealthCheckOff(String),
     /// The store failed; nothing was written (500).
     #[error(transparent)]
     Store(#[from] store::Error),
@@ -188,6 +188,8 @@ impl BeatSlot {
 pub enum Command {
     /// Create namespaces.
     CreateNamespaces(Vec<Namespace>),
+    /// Update namespaces (comment, owners).
+    UpdateNamespaces(Vec<NamespaceInput>),
     /// Delete namespaces (refused while they hold services).
     DeleteNamespaces(Vec<String>),
     /// Create services.
@@ -198,6 +200,8 @@ pub enum Command {
     DeleteServices(Vec<ServiceKey>),
     /// Create an alias.
     CreateAlias(Box<Service>),
+    /// Delete aliases.
+    DeleteAliases(Vec<ServiceKey>),
     /// Register (create or replace) instances; unknown services are created.
     RegisterInstances(Vec<Instance>),
     /// Partially update existing instances.
@@ -230,8 +234,54 @@ pub enum Item {
     Instance(Arc<Instance>),
     /// A group written or deleted.
     Group(InstanceGroup),
-    /// The named object did not exist (deletes are idempotent).
+    /// The named object did not exist (deletes are idempotent: this is a success).
     Missing(String),
+    /// The item was not applied (the other items of the command were).
+    Rejected {
+        /// Why.
+        reason: Rejection,
+        /// What, for the message.
+        detail: String,
+    },
+}
+
+impl Item {
+    fn rejected(reason: Rejection, detail: String) -> Item {
+        Item::Rejected { reason, detail }
+    }
+}
+
+/// Why one item of a command was not applied. Input that is malformed rejects the whole command
+/// ([`Error::Invalid`]) before anything is applied; these are conflicts with what is stored, and
+/// like PolarisMesh the other items of the command are applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// The namespace, service or alias exists already.
+    Exists,
+    /// The namespace does not exist.
+    NamespaceMissing,
+    /// The service does not exist.
+    ServiceMissing,
+    /// The instance does not exist.
+    InstanceMissing,
+    /// `default` and `Polaris` cannot be deleted.
+    SystemNamespace,
+    /// The namespace still holds services.
+    NamespaceHasServices,
+    /// The service still has instances.
+    ServiceHasInstances,
+    /// The service still has aliases.
+    ServiceHasAliases,
+    /// An alias cannot point to an alias.
+    AliasOfAlias,
+    /// Instances register to a service, not to its alias.
+    AliasTakesNoInstances,
+    /// Aliases are changed through the alias paths.
+    AliasUpdate,
+    /// An alias operation named a service.
+    NotAnAlias,
+    /// The instance id is taken by an instance of another service.
+    IdOfAnotherService,
 }
 
 type Reply = oneshot::Sender<Result<Vec<Item>, Error>>;
@@ -394,10 +444,7 @@ impl Registry {
         let slot = self.inner.beats.read().get(&id).cloned();
         let Some(slot) = slot else {
             return if self.read().instance(&id).is_some() {
-                Err(Error::Invalid(FieldError::new(
-                    "id",
-                    "the instance has no heartbeat health check (enableHealthCheck is false)",
-                )))
+                Err(Error::HealthCheckOff(id))
             } else {
                 Err(Error::NotFound("instance".into()))
             };
@@ -643,11 +690,13 @@ impl Tx<'_> {
         match cmd {
             Command::Flush => Ok(vec![]),
             Command::CreateNamespaces(list) => self.create_namespaces(list),
+            Command::UpdateNamespaces(list) => self.update_namespaces(list),
             Command::DeleteNamespaces(list) => self.delete_namespaces(list),
             Command::CreateServices(list) => self.create_services(list),
             Command::UpdateServices(list) => self.update_services(list),
             Command::DeleteServices(list) => self.delete_services(list),
             Command::CreateAlias(alias) => self.create_alias(*alias),
+            Command::DeleteAliases(list) => self.delete_aliases(list),
             Command::RegisterInstances(list) => self.register(list),
             Command::UpdateInstances(list) => self.update_instances(list),
             Command::DeregisterInstances(list) => self.deregister(list),
@@ -710,207 +759,259 @@ impl Tx<'_> {
     }
 
     fn create_namespaces(&mut self, list: Vec<Namespace>) -> Result<Vec<Item>, Error> {
-        let mut names = HashSet::new();
-        for (i, ns) in list.iter().enumerate() {
-            if self.st.namespaces.contains_key(&ns.name) || !names.insert(&ns.name) {
-                return Err(Error::Conflict(format!(
-                    "[{i}].name: namespace {} already exists",
-                    ns.name
-                )));
-            }
-        }
-        let mut out = Vec::new();
-        for ns in list {
-            self.st.namespaces.insert(ns.name.clone(), ns.clone());
-            self.muts.push(Mutation::PutNamespace(ns.clone()));
-            self.keys.push(ChangeKey::Namespace(ns.name.clone()));
-            out.push(Item::Namespace(ns));
+        Ok(list
+            .into_iter()
+            .map(|ns| {
+                if self.st.namespaces.contains_key(&ns.name) {
+                    return Item::rejected(Rejection::Exists, format!("namespace {}", ns.name));
+                }
+                self.st.namespaces.insert(ns.name.clone(), ns.clone());
+                self.muts.push(Mutation::PutNamespace(ns.clone()));
+                self.keys.push(ChangeKey::Namespace(ns.name.clone()));
+                Item::Namespace(ns)
+            })
+            .collect())
+    }
+
+    fn update_namespaces(&mut self, list: Vec<NamespaceInput>) -> Result<Vec<Item>, Error> {
+        let mut out = Vec::with_capacity(list.len());
+        for (i, input) in list.iter().enumerate() {
+            let name = input.name.clone().unwrap_or_default();
+            let Some(cur) = self.st.namespaces.get(&name) else {
+                out.push(Item::rejected(
+                    Rejection::NamespaceMissing,
+                    format!("namespace {name}"),
+                ));
+                continue;
+            };
+            let next = input.apply_to(cur, self.now).map_err(|e| at(i, e))?;
+            self.st.namespaces.insert(name.clone(), next.clone());
+            self.muts.push(Mutation::PutNamespace(next.clone()));
+            self.keys.push(ChangeKey::Namespace(name));
+            out.push(Item::Namespace(next));
         }
         Ok(out)
     }
 
     fn delete_namespaces(&mut self, list: Vec<String>) -> Result<Vec<Item>, Error> {
-        for (i, name) in list.iter().enumerate() {
-            if SYSTEM_NAMESPACES.contains(&name.as_str()) {
-                return Err(Error::Conflict(format!(
-                    "[{i}].name: {name} is a system namespace and cannot be deleted"
-                )));
-            }
-            if self.st.services.keys().any(|k| &k.namespace == name) {
-                return Err(Error::Conflict(format!(
-                    "[{i}].name: namespace {name} still has services"
-                )));
-            }
-        }
-        let mut out = Vec::new();
-        for name in list {
-            match self.st.namespaces.remove(&name) {
-                Some(ns) => {
-                    self.muts.push(Mutation::DeleteNamespace(name.clone()));
-                    self.keys.push(ChangeKey::Namespace(name));
-                    out.push(Item::Namespace(ns));
+        Ok(list
+            .into_iter()
+            .map(|name| {
+                if SYSTEM_NAMESPACES.contains(&name.as_str()) {
+                    return Item::rejected(
+                        Rejection::SystemNamespace,
+                        format!("{name} is a system namespace"),
+                    );
                 }
-                None => out.push(Item::Missing(name)),
-            }
-        }
-        Ok(out)
-    }
-
-    fn check_namespace(&self, i: usize, ns: &str) -> Result<(), Error> {
-        if self.st.namespaces.contains_key(ns) {
-            Ok(())
-        } else {
-            Err(at(
-                i,
-                FieldError::new("namespace", format!("namespace {ns} does not exist")),
-            ))
-        }
+                let services = self
+                    .st
+                    .services
+                    .range(ServiceKey::new(&name, "")..)
+                    .take_while(|(k, _)| k.namespace == name)
+                    .count();
+                if services > 0 {
+                    return Item::rejected(
+                        Rejection::NamespaceHasServices,
+                        format!("namespace {name} still has {services} service(s)"),
+                    );
+                }
+                match self.st.namespaces.remove(&name) {
+                    Some(ns) => {
+                        self.muts.push(Mutation::DeleteNamespace(name.clone()));
+                        self.keys.push(ChangeKey::Namespace(name));
+                        Item::Namespace(ns)
+                    }
+                    None => Item::Missing(name),
+                }
+            })
+            .collect())
     }
 
     fn create_services(&mut self, list: Vec<Service>) -> Result<Vec<Item>, Error> {
-        let mut seen = HashSet::new();
-        for (i, s) in list.iter().enumerate() {
-            self.check_namespace(i, &s.namespace)?;
-            if self.st.services.contains_key(&s.key()) || !seen.insert(s.key()) {
-                return Err(Error::Conflict(format!(
-                    "[{i}].name: service {} already exists",
-                    s.key()
-                )));
-            }
-        }
         Ok(list
             .into_iter()
-            .map(|s| Item::Service(self.put_service(s)))
+            .map(|s| {
+                if !self.st.namespaces.contains_key(&s.namespace) {
+                    return Item::rejected(
+                        Rejection::NamespaceMissing,
+                        format!("namespace {}", s.namespace),
+                    );
+                }
+                if self.st.services.contains_key(&s.key()) {
+                    return Item::rejected(Rejection::Exists, format!("service {}", s.key()));
+                }
+                Item::Service(self.put_service(s))
+            })
             .collect())
     }
 
     fn update_services(&mut self, list: Vec<ServiceInput>) -> Result<Vec<Item>, Error> {
-        let mut updated = Vec::new();
+        let mut out = Vec::with_capacity(list.len());
         for (i, input) in list.iter().enumerate() {
             let key = input.validate_key().map_err(|e| at(i, e))?;
-            let cur = self
-                .st
-                .services
-                .get(&key)
-                .ok_or_else(|| Error::NotFound(format!("[{i}] service {key}")))?;
-            updated.push(
-                input
-                    .apply_to(&cur.service, self.now)
-                    .map_err(|e| at(i, e))?,
-            );
-        }
-        Ok(updated
-            .into_iter()
-            .map(|s| Item::Service(self.put_service(s)))
-            .collect())
-    }
-
-    fn delete_services(&mut self, list: Vec<ServiceKey>) -> Result<Vec<Item>, Error> {
-        for (i, key) in list.iter().enumerate() {
-            if let Some(e) = self.st.services.get(key) {
-                if !e.instances.is_empty() {
-                    return Err(Error::Conflict(format!(
-                        "[{i}].name: service {key} still has {} instance(s)",
-                        e.instances.len()
-                    )));
-                }
-                let deleting_alias = |a: &ServiceKey| list.contains(a);
-                if let Some((alias, _)) = self.st.services.iter().find(|(k, e)| {
-                    e.service
-                        .alias_for
-                        .as_ref()
-                        .is_some_and(|t| t.namespace == key.namespace && t.service == key.name)
-                        && !deleting_alias(k)
-                }) {
-                    return Err(Error::Conflict(format!(
-                        "[{i}].name: service {key} still has alias {alias}"
-                    )));
-                }
+            let Some(cur) = self.st.services.get(&key) else {
+                out.push(Item::rejected(
+                    Rejection::ServiceMissing,
+                    format!("service {key}"),
+                ));
+                continue;
+            };
+            if cur.service.alias_for.is_some() {
+                out.push(Item::rejected(
+                    Rejection::AliasUpdate,
+                    format!("{key} is an alias"),
+                ));
+                continue;
             }
-        }
-        let mut out = Vec::new();
-        for key in list {
-            match self.st.services.remove(&key) {
-                Some(e) => {
-                    for g in e.groups.values() {
-                        self.muts.push(Mutation::DeleteGroup {
-                            namespace: g.namespace.clone(),
-                            service: g.service.clone(),
-                            name: g.name.clone(),
-                        });
-                    }
-                    self.muts.push(Mutation::DeleteService {
-                        namespace: key.namespace.clone(),
-                        name: key.name.clone(),
-                    });
-                    self.keys.push(ChangeKey::Service(key));
-                    out.push(Item::Service(e.service));
-                }
-                None => out.push(Item::Missing(key.to_string())),
-            }
+            let next = input
+                .apply_to(&cur.service, self.now)
+                .map_err(|e| at(i, e))?;
+            out.push(Item::Service(self.put_service(next)));
         }
         Ok(out)
     }
 
+    /// Aliases of `key`, other than those in `except`.
+    fn aliases_of(&self, key: &ServiceKey, except: &[ServiceKey]) -> Option<ServiceKey> {
+        self.st
+            .services
+            .iter()
+            .find(|(k, e)| {
+                e.service
+                    .alias_for
+                    .as_ref()
+                    .is_some_and(|t| t.namespace == key.namespace && t.service == key.name)
+                    && !except.contains(k)
+            })
+            .map(|(k, _)| k.clone())
+    }
+
+    fn delete_services(&mut self, list: Vec<ServiceKey>) -> Result<Vec<Item>, Error> {
+        let mut out = Vec::with_capacity(list.len());
+        for key in &list {
+            let Some(e) = self.st.services.get(key) else {
+                out.push(Item::Missing(key.to_string()));
+                continue;
+            };
+            if !e.instances.is_empty() {
+                out.push(Item::rejected(
+                    Rejection::ServiceHasInstances,
+                    format!("service {key} still has {} instance(s)", e.instances.len()),
+                ));
+                continue;
+            }
+            if let Some(alias) = self.aliases_of(key, &list) {
+                out.push(Item::rejected(
+                    Rejection::ServiceHasAliases,
+                    format!("service {key} still has alias {alias}"),
+                ));
+                continue;
+            }
+            out.push(self.remove_service(key));
+        }
+        Ok(out)
+    }
+
+    fn remove_service(&mut self, key: &ServiceKey) -> Item {
+        let e = self.st.services.remove(key).expect("checked");
+        for g in e.groups.values() {
+            self.muts.push(Mutation::DeleteGroup {
+                namespace: g.namespace.clone(),
+                service: g.service.clone(),
+                name: g.name.clone(),
+            });
+        }
+        self.muts.push(Mutation::DeleteService {
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+        });
+        self.keys.push(ChangeKey::Service(key.clone()));
+        Item::Service(e.service)
+    }
+
     fn create_alias(&mut self, alias: Service) -> Result<Vec<Item>, Error> {
         let target = alias.alias_for.clone().expect("validated alias");
-        self.check_namespace(0, &alias.namespace)?;
         let tkey = ServiceKey::new(&target.namespace, &target.service);
-        match self.st.services.get(&tkey) {
-            None => return Err(Error::NotFound(format!("service {tkey}"))),
-            Some(e) if e.service.alias_for.is_some() => {
-                return Err(Error::Invalid(FieldError::new(
-                    "service",
+        let item = if !self.st.namespaces.contains_key(&alias.namespace) {
+            Item::rejected(
+                Rejection::NamespaceMissing,
+                format!("namespace {}", alias.namespace),
+            )
+        } else {
+            match self.st.services.get(&tkey) {
+                None => Item::rejected(Rejection::ServiceMissing, format!("service {tkey}")),
+                Some(e) if e.service.alias_for.is_some() => Item::rejected(
+                    Rejection::AliasOfAlias,
                     format!("{tkey} is itself an alias"),
-                )))
+                ),
+                _ if self.st.services.contains_key(&alias.key()) => {
+                    Item::rejected(Rejection::Exists, format!("service {}", alias.key()))
+                }
+                _ => Item::Service(self.put_service(alias)),
             }
-            _ => {}
+        };
+        Ok(vec![item])
+    }
+
+    fn delete_aliases(&mut self, list: Vec<ServiceKey>) -> Result<Vec<Item>, Error> {
+        let mut out = Vec::with_capacity(list.len());
+        for key in list {
+            match self.st.services.get(&key) {
+                None => out.push(Item::Missing(key.to_string())),
+                Some(e) if e.service.alias_for.is_none() => out.push(Item::rejected(
+                    Rejection::NotAnAlias,
+                    format!("{key} is a service, not an alias"),
+                )),
+                Some(_) => out.push(self.remove_service(&key)),
+            }
         }
-        if self.st.services.contains_key(&alias.key()) {
-            return Err(Error::Conflict(format!(
-                "alias: service {} already exists",
-                alias.key()
-            )));
-        }
-        Ok(vec![Item::Service(self.put_service(alias))])
+        Ok(out)
     }
 
     fn register(&mut self, list: Vec<Instance>) -> Result<Vec<Item>, Error> {
         let mut ids = HashSet::new();
         for (i, inst) in list.iter().enumerate() {
-            self.check_namespace(i, &inst.namespace)?;
-            if let Some(e) = self.st.services.get(&inst.service_key()) {
-                if let Some(t) = &e.service.alias_for {
-                    return Err(at(
-                        i,
-                        FieldError::new(
-                            "service",
-                            format!(
-                                "{} is an alias of {}/{}; register to the service itself",
-                                inst.service, t.namespace, t.service
-                            ),
-                        ),
-                    ));
-                }
-            }
             if !ids.insert(inst.id.as_str()) {
                 return Err(at(
                     i,
                     FieldError::new("id", "the same instance appears twice in the request"),
                 ));
             }
-            if let Some(key) = self.st.instance_index.get(&inst.id) {
-                if *key != inst.service_key() {
-                    return Err(Error::Conflict(format!(
-                        "[{i}].id: instance {} belongs to service {key}",
-                        inst.id
-                    )));
-                }
-            }
         }
         let mut out = Vec::with_capacity(list.len());
         for mut inst in list {
             let key = inst.service_key();
+            if !self.st.namespaces.contains_key(&inst.namespace) {
+                out.push(Item::rejected(
+                    Rejection::NamespaceMissing,
+                    format!("namespace {}", inst.namespace),
+                ));
+                continue;
+            }
+            if let Some(t) = self
+                .st
+                .services
+                .get(&key)
+                .and_then(|e| e.service.alias_for.as_ref())
+            {
+                out.push(Item::rejected(
+                    Rejection::AliasTakesNoInstances,
+                    format!(
+                        "{key} is an alias of {}/{}; register to the service itself",
+                        t.namespace, t.service
+                    ),
+                ));
+                continue;
+            }
+            if let Some(owner) = self.st.instance_index.get(&inst.id) {
+                if *owner != key {
+                    out.push(Item::rejected(
+                        Rejection::IdOfAnotherService,
+                        format!("instance {} belongs to service {owner}", inst.id),
+                    ));
+                    continue;
+                }
+            }
             if !self.st.services.contains_key(&key) {
                 self.put_service(Service::bare(&key.namespace, &key.name, self.now));
             }
@@ -926,21 +1027,25 @@ impl Tx<'_> {
         &mut self,
         list: Vec<(InstanceSelector, InstanceInput)>,
     ) -> Result<Vec<Item>, Error> {
-        let mut updated = Vec::new();
+        // Every item is validated against the state first: a field error rejects the request.
+        let mut updated = Vec::with_capacity(list.len());
         for (i, (sel, input)) in list.iter().enumerate() {
-            let id = self
-                .st
-                .resolve(sel)
-                .ok_or_else(|| Error::NotFound(format!("[{i}] instance")))?;
+            let Some(id) = self.st.resolve(sel) else {
+                updated.push(Err(sel.describe()));
+                continue;
+            };
             let cur = self.st.instance(&id).expect("resolved").clone();
             let merged = merge_instance(&cur, input);
             let mut next = merged.validate(self.now).map_err(|e| at(i, e))?;
             next.ctime = cur.ctime.clone();
-            updated.push(next);
+            updated.push(Ok(next));
         }
         Ok(updated
             .into_iter()
-            .map(|i| Item::Instance(self.put_instance(i)))
+            .map(|r| match r {
+                Ok(i) => Item::Instance(self.put_instance(i)),
+                Err(what) => Item::rejected(Rejection::InstanceMissing, format!("instance {what}")),
+            })
             .collect())
     }
 
@@ -960,14 +1065,7 @@ impl Tx<'_> {
                     self.beats.push(BeatOp::Remove(inst.id.clone()));
                     out.push(Item::Instance(inst));
                 }
-                None => out.push(Item::Missing(match sel {
-                    InstanceSelector::Id(id) => id,
-                    InstanceSelector::Address {
-                        service,
-                        host,
-                        port,
-                    } => format!("{service} {host}:{port}"),
-                })),
+                None => out.push(Item::Missing(sel.describe())),
             }
         }
         Ok(out)
@@ -976,21 +1074,19 @@ impl Tx<'_> {
     fn put_groups(&mut self, list: Vec<InstanceGroup>) -> Result<Vec<Item>, Error> {
         for (i, g) in list.iter().enumerate() {
             g.validate().map_err(|e| at(i, e))?;
-            let key = ServiceKey::new(&g.namespace, &g.service);
-            if !self.st.services.contains_key(&key) {
-                return Err(Error::NotFound(format!("[{i}] service {key}")));
-            }
         }
         let mut out = Vec::new();
         for mut g in list {
-            g.ctime = self.now.to_string();
             let key = ServiceKey::new(&g.namespace, &g.service);
-            self.st
-                .services
-                .get_mut(&key)
-                .expect("checked")
-                .groups
-                .insert(g.name.clone(), g.clone());
+            let Some(entry) = self.st.services.get_mut(&key) else {
+                out.push(Item::rejected(
+                    Rejection::ServiceMissing,
+                    format!("service {key}"),
+                ));
+                continue;
+            };
+            g.ctime = self.now.to_string();
+            entry.groups.insert(g.name.clone(), g.clone());
             self.touch(&key);
             self.muts.push(Mutation::PutGroup(g.clone()));
             self.keys.push(ChangeKey::Instances(key));
@@ -1129,22 +1225,86 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unknown_namespace_is_rejected_and_nothing_written() {
+    async fn an_item_in_an_unknown_namespace_is_rejected_and_the_others_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = open(dir.path()).await;
+        let mut bad = inst(81, None);
+        bad.namespace = "nope".into();
+        let items = reg
+            .submit(Command::RegisterInstances(vec![inst(80, None), bad]))
+            .await
+            .unwrap();
+        assert!(matches!(items[0], Item::Instance(_)));
+        assert!(matches!(
+            items[1],
+            Item::Rejected {
+                reason: Rejection::NamespaceMissing,
+                ..
+            }
+        ));
+        assert_eq!(reg.read().services.len(), 1);
+        assert!(!reg.read().namespaces.contains_key("nope"));
+    }
+
+    #[tokio::test]
+    async fn a_malformed_item_rejects_the_whole_command_and_nothing_is_written() {
         let dir = tempfile::tempdir().unwrap();
         let reg = open(dir.path()).await;
         let rev = *reg.revision().borrow();
-        let mut bad = inst(81, None);
-        bad.namespace = "nope".into();
         let err = reg
-            .submit(Command::RegisterInstances(vec![inst(80, None), bad]))
+            .submit(Command::RegisterInstances(vec![
+                inst(80, None),
+                inst(80, None),
+            ]))
             .await
             .unwrap_err();
         match err {
-            Error::Invalid(f) => assert_eq!(f.field, "[1].namespace"),
+            Error::Invalid(f) => assert_eq!(f.field, "[1].id"),
             e => panic!("{e}"),
         }
         assert_eq!(*reg.revision().borrow(), rev);
         assert!(reg.read().services.is_empty());
+    }
+
+    #[tokio::test]
+    async fn namespace_deletion_is_per_item() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = open(dir.path()).await;
+        let ns = |n: &str| Namespace {
+            name: n.into(),
+            comment: String::new(),
+            owners: String::new(),
+            token_hash: String::new(),
+            ctime: String::new(),
+            mtime: String::new(),
+        };
+        reg.submit(Command::CreateNamespaces(vec![ns("a"), ns("b")]))
+            .await
+            .unwrap();
+        let mut i = inst(80, None);
+        i.namespace = "a".into();
+        reg.submit(Command::RegisterInstances(vec![i]))
+            .await
+            .unwrap();
+        let items = reg
+            .submit(Command::DeleteNamespaces(vec![
+                "a".into(),
+                "b".into(),
+                "gone".into(),
+            ]))
+            .await
+            .unwrap();
+        assert!(matches!(
+            items[0],
+            Item::Rejected {
+                reason: Rejection::NamespaceHasServices,
+                ..
+            }
+        ));
+        assert!(matches!(items[1], Item::Namespace(_)));
+        assert!(matches!(items[2], Item::Missing(_)));
+        assert!(reg.read().namespaces.contains_key("a"));
+        assert!(!reg.read().namespaces.contains_key("b"));
     }
 
     #[tokio::test(start_paused = true)]
@@ -1220,8 +1380,13 @@ mod tests {
             .unwrap();
         let key = ServiceKey::new("default", "echo");
         assert!(matches!(
-            reg.submit(Command::DeleteServices(vec![key.clone()])).await,
-            Err(Error::Conflict(_))
+            reg.submit(Command::DeleteServices(vec![key.clone()]))
+                .await
+                .unwrap()[0],
+            Item::Rejected {
+                reason: Rejection::ServiceHasInstances,
+                ..
+            }
         ));
         reg.submit(Command::DeregisterInstances(vec![InstanceSelector::Id(
             i.id,

@@ -41,7 +41,7 @@ async fn register_list_update_delete() {
     let (_, svcs) = get(&c, &s.url("/naming/v1/services?namespace=default")).await;
     assert_eq!(svcs["amount"], 1);
     assert_eq!(svcs["services"][0]["name"], "echo");
-    assert_eq!(svcs["services"][0]["totalInstanceCount"], 2);
+    assert_eq!(svcs["services"][0]["total_instance_count"], 2);
 
     // Filters and paging.
     let (_, v2) = get(
@@ -74,14 +74,14 @@ async fn register_list_update_delete() {
     // Update keeps what was not sent.
     assert_eq!(iso["instances"][0]["metadata"]["version"], "v1");
 
-    // Update of a missing instance: 404, nothing written.
-    let (st, _) = put(
+    // Update of a missing instance: PolarisMesh's "not found instances" for that item.
+    let (st, body) = put(
         &c,
         &s.url("/naming/v1/instances"),
         json!([inst("echo", 9999)]),
     )
     .await;
-    assert_eq!(st, 404);
+    assert_eq!((st, &body["code"]), (400, &json!(400303)), "{body}");
 
     // Service delete is refused while instances exist.
     let (st, body) = post(
@@ -90,7 +90,7 @@ async fn register_list_update_delete() {
         json!([{"namespace": "default", "name": "echo"}]),
     )
     .await;
-    assert_eq!(st, 409, "{body}");
+    assert_eq!((st, &body["code"]), (400, &json!(400204)), "{body}");
 
     // Delete by id and by address.
     let id = iso["instances"][0]["id"].as_str().unwrap().to_string();
@@ -140,26 +140,20 @@ async fn namespaces_services_and_aliases() {
         .0,
         200
     );
-    assert_eq!(
-        post(
-            &c,
-            &s.url("/naming/v1/namespaces"),
-            json!([{"name": "prod"}])
-        )
-        .await
-        .0,
-        409
-    );
-    assert_eq!(
-        post(
-            &c,
-            &s.url("/naming/v1/namespaces"),
-            json!([{"name": "Prod"}])
-        )
-        .await
-        .0,
-        400
-    );
+    let (st, body) = post(
+        &c,
+        &s.url("/naming/v1/namespaces"),
+        json!([{"name": "prod"}]),
+    )
+    .await;
+    assert_eq!((st, &body["code"]), (400, &json!(400201)), "{body}");
+    let (st, body) = post(
+        &c,
+        &s.url("/naming/v1/namespaces"),
+        json!([{"name": "+bad"}]),
+    )
+    .await;
+    assert_eq!((st, &body["code"]), (400, &json!(400110)), "{body}");
     let (st, _) = post(&c, &s.url("/naming/v1/services"), json!([{"namespace": "prod", "name": "api", "protocol": "grpc", "metadata": {"team": "a"}}])).await;
     assert_eq!(st, 200);
     let (st, _) = put(
@@ -171,7 +165,11 @@ async fn namespaces_services_and_aliases() {
     assert_eq!(st, 200);
     let (_, svcs) = get(&c, &s.url("/naming/v1/services?namespace=prod&name=api")).await;
     assert_eq!(svcs["services"][0]["comment"], "edge");
-    assert_eq!(svcs["services"][0]["protocol"], "grpc");
+    assert_eq!(
+        svcs["services"][0]["metadata"]["polarismesh.cn/protocol"],
+        "grpc"
+    );
+    assert_eq!(svcs["services"][0]["metadata"]["team"], "a");
 
     // Alias: lists the target's instances.
     let (st, body) = post(
@@ -194,27 +192,21 @@ async fn namespaces_services_and_aliases() {
     .await;
     assert_eq!(via_alias["amount"], 1);
 
-    // A namespace with services cannot be deleted.
-    assert_eq!(
-        post(
-            &c,
-            &s.url("/naming/v1/namespaces/delete"),
-            json!([{"name": "prod"}])
-        )
-        .await
-        .0,
-        409
-    );
-    assert_eq!(
-        post(
-            &c,
-            &s.url("/naming/v1/namespaces/delete"),
-            json!([{"name": "default"}])
-        )
-        .await
-        .0,
-        409
-    );
+    // A namespace with services cannot be deleted; nor can `default`.
+    let (st, body) = post(
+        &c,
+        &s.url("/naming/v1/namespaces/delete"),
+        json!([{"name": "prod"}]),
+    )
+    .await;
+    assert_eq!((st, &body["code"]), (400, &json!(400203)), "{body}");
+    let (st, body) = post(
+        &c,
+        &s.url("/naming/v1/namespaces/delete"),
+        json!([{"name": "default"}]),
+    )
+    .await;
+    assert_eq!((st, &body["code"]), (400, &json!(400000)), "{body}");
 }
 
 #[tokio::test]
@@ -237,37 +229,53 @@ async fn bad_inputs_get_400_naming_the_field_and_change_nothing() {
 
     let ttl0 = json!({"namespace": "default", "service": "echo", "host": "127.0.0.1", "port": 81,
                       "enableHealthCheck": true, "healthCheck": {"type": "HEARTBEAT", "heartbeat": {"ttl": 0}}});
-    let cases: Vec<(Value, &str)> = vec![
-        (json!([inst("echo", 81), inst("echo", 0)]), "[1].port"),
+    let cases: Vec<(Value, &str, u32)> = vec![
+        (
+            json!([inst("echo", 81), inst("echo", 0)]),
+            "[1].port",
+            400132,
+        ),
         (
             json!([inst("echo", 81), {"namespace": "default", "service": "echo", "host": "127.0.0.1", "port": 70000}]),
             "[1].port",
+            400132,
         ),
-        (json!([inst("", 81)]), "[0].service"),
+        (json!([inst("", 81)]), "[0].service", 400120),
         (
             json!([{"namespace": "default", "service": "echo", "host": "127.0.0.1", "port": 81, "weight": -1}]),
             "[0].weight",
+            400103,
         ),
-        (json!([ttl0]), "[0].healthCheck.heartbeat.ttl"),
-        (
-            json!([{"namespace": "nope", "service": "echo", "host": "127.0.0.1", "port": 81}]),
-            "[0].namespace",
-        ),
+        (json!([ttl0]), "[0].healthCheck.heartbeat.ttl", 400103),
         (
             json!([{"namespace": "default", "service": "echo", "host": "not a host", "port": 81}]),
             "[0].host",
+            400131,
         ),
         (
             json!([{"namespace": "default", "service": "echo", "host": "127.0.0.1", "port": "eighty"}]),
             "[0].port",
+            400132,
         ),
     ];
-    for (body, field) in cases {
+    for (body, field, code) in cases {
         let (st, resp) = post(&c, &s.url("/naming/v1/instances"), body.clone()).await;
-        assert_eq!(st, 400, "{body} -> {resp}");
-        assert_eq!(resp["field"], field, "{body} -> {resp}");
-        assert!(resp["info"].as_str().unwrap().len() > 5);
+        assert_eq!((st, &resp["code"]), (400, &json!(code)), "{body} -> {resp}");
+        let info = resp["responses"][0]["info"].as_str().unwrap_or_default();
+        assert!(info.contains(field), "{body} -> {resp}");
     }
+    // An instance in a namespace that does not exist: rejected for that item.
+    let (st, resp) = post(
+        &c,
+        &s.url("/naming/v1/instances"),
+        json!([{"namespace": "nope", "service": "echo", "host": "127.0.0.1", "port": 81}]),
+    )
+    .await;
+    assert_eq!((st, &resp["code"]), (400, &json!(400305)), "{resp}");
+    assert!(resp["responses"][0]["info"]
+        .as_str()
+        .unwrap()
+        .contains("nope"));
     // Malformed JSON.
     let r = c
         .post(s.url("/naming/v1/instances"))
@@ -278,7 +286,7 @@ async fn bad_inputs_get_400_naming_the_field_and_change_nothing() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 400);
     let v: Value = r.json().await.unwrap();
-    assert_eq!(v["field"], "body");
+    assert_eq!(v["code"], 400001);
     // Client API: single objects name the field without an index.
     let (st, resp) = post(
         &c,
@@ -286,14 +294,15 @@ async fn bad_inputs_get_400_naming_the_field_and_change_nothing() {
         json!({"namespace": "default", "service": "echo", "host": "127.0.0.1", "port": 0}),
     )
     .await;
-    assert_eq!((st, resp["field"].as_str()), (400, Some("port")));
+    assert_eq!((st, &resp["code"]), (400, &json!(400132)), "{resp}");
+    assert!(resp["info"].as_str().unwrap().contains(": port:"), "{resp}");
     let (st, resp) = post(
         &c,
         &s.url("/v1/RegisterInstance"),
         json!({"namespace": "nope", "service": "echo", "host": "127.0.0.1", "port": 80}),
     )
     .await;
-    assert_eq!((st, resp["field"].as_str()), (400, Some("namespace")));
+    assert_eq!((st, &resp["code"]), (400, &json!(400305)), "{resp}");
 
     // Nothing changed: the good batch items before the bad ones were not written.
     assert_eq!(instances(&c, &s, "echo").await, before);
@@ -380,13 +389,9 @@ async fn heartbeat_ttl_drives_health() {
     .await;
     assert_eq!(st, 200);
     assert!(healthy(c.clone(), list.clone()).await);
-    // Unknown instance: 404.
-    assert_eq!(
-        post(&c, &s.url("/v1/Heartbeat"), json!({"id": "nope"}))
-            .await
-            .0,
-        404
-    );
+    // Unknown instance: PolarisMesh's "not found resource".
+    let (st, body) = post(&c, &s.url("/v1/Heartbeat"), json!({"id": "nope"})).await;
+    assert_eq!((st, &body["code"]), (400, &json!(400202)), "{body}");
     let (_, m) = (
         0,
         c.get(s.url("/metrics"))
@@ -438,6 +443,8 @@ async fn framework_errors_use_the_json_error_shape() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["code"], 400000, "{v}");
     assert!(v["info"].as_str().unwrap().contains("limit"), "{v}");
+    // The server closes a connection whose body it did not read: a new client from here.
+    let c = reqwest::Client::new();
     let r = c.get(s.url("/naming/v1/nope")).send().await.unwrap();
     assert_eq!(r.status(), 404);
     let v: Value = r.json().await.unwrap();

@@ -1,0 +1,99 @@
+//! PolarisMesh's client calls over HTTP: one instance per request, answered with a `Response`.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::Response;
+use serde_json::json;
+
+use super::code::Entity;
+use super::error::ApiError;
+use super::input::parse_json;
+use super::view::{self, Item as Answer};
+use super::AppState;
+use crate::model::{now_rfc3339, InstanceInput, InstanceRef};
+use crate::registry::{Command, Item};
+
+type ApiResult = Result<Response, ApiError>;
+
+fn one(item: Item, echo: serde_json::Value) -> Answer {
+    match item {
+        Item::Instance(i) => Answer::ok("instance", view::instance(&i)),
+        Item::Rejected { reason, detail } => Answer::failed(
+            super::code::for_rejection(reason),
+            detail,
+            Some(("instance", echo)),
+        ),
+        _ => Answer::ok("instance", echo),
+    }
+}
+
+/// `POST /v1/RegisterInstance`.
+#[utoipa::path(post, path = "/v1/RegisterInstance", request_body = InstanceInput,
+    responses((status = 200, description = "Response with the `instance` and its id"), (status = 400, description = "Bad input")))]
+pub(super) async fn register(State(st): State<AppState>, body: Bytes) -> ApiResult {
+    let input: InstanceInput = parse_json(&body, Entity::Instance)?;
+    let inst = input
+        .validate(&now_rfc3339())
+        .map_err(|e| ApiError::field(Entity::Instance, e))?;
+    let echo = json!({"namespace": inst.namespace, "service": inst.service, "host": inst.host, "port": inst.port});
+    let items = st
+        .registry
+        .submit(Command::RegisterInstances(vec![inst]))
+        .await
+        .map_err(|e| ApiError::registry(Entity::Instance, strip_index(e)))?;
+    st.metrics.registrations.inc();
+    Ok(view::single(&one(
+        items.into_iter().next().expect("one item"),
+        echo,
+    )))
+}
+
+/// `POST /v1/DeregisterInstance`.
+#[utoipa::path(post, path = "/v1/DeregisterInstance", request_body = InstanceRef,
+    responses((status = 200, description = "Deregistered (also when it did not exist)")))]
+pub(super) async fn deregister(State(st): State<AppState>, body: Bytes) -> ApiResult {
+    let r: InstanceRef = parse_json(&body, Entity::Instance)?;
+    let sel = r
+        .validate()
+        .map_err(|e| ApiError::field(Entity::Instance, e))?;
+    let echo = json!({"id": r.id, "namespace": r.namespace, "service": r.service, "host": r.host, "port": r.port});
+    let items = st
+        .registry
+        .submit(Command::DeregisterInstances(vec![sel]))
+        .await
+        .map_err(|e| ApiError::registry(Entity::Instance, e))?;
+    let item = items.into_iter().next().expect("one item");
+    if matches!(item, Item::Instance(_)) {
+        st.metrics.deregistrations.inc();
+    }
+    Ok(view::single(&one(item, echo)))
+}
+
+/// `POST /v1/Heartbeat`: only the beat time is recorded, in memory.
+#[utoipa::path(post, path = "/v1/Heartbeat", request_body = InstanceRef,
+    responses((status = 200, description = "Accepted"), (status = 400, description = "No such instance (400202), or it has no heartbeat check (400141)")))]
+pub(super) async fn heartbeat(State(st): State<AppState>, body: Bytes) -> ApiResult {
+    let r: InstanceRef = parse_json(&body, Entity::Instance)?;
+    let sel = r
+        .validate()
+        .map_err(|e| ApiError::field(Entity::Instance, e))?;
+    let id = st
+        .registry
+        .heartbeat(&sel)
+        .await
+        .map_err(|e| ApiError::registry(Entity::Instance, e))?;
+    Ok(view::single(&Answer::ok("instance", json!({"id": id}))))
+}
+
+/// Single-instance calls report `port`, not `[0].port`.
+fn strip_index(e: crate::registry::Error) -> crate::registry::Error {
+    match e {
+        crate::registry::Error::Invalid(mut f) => {
+            if let Some(rest) = f.field.strip_prefix("[0].") {
+                f.field = rest.to_string();
+            }
+            crate::registry::Error::Invalid(f)
+        }
+        e => e,
+    }
+}
