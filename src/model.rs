@@ -770,7 +770,8 @@ impl InstanceInput {
             None => Location::default(),
         };
         let health_check = validate_health_check(self.health_check.as_ref())?;
-        let enable_health_check = self.enable_health_check.unwrap_or(false);
+        // As in PolarisMesh, sending a health check turns it on unless it is turned off explicitly.
+        let enable_health_check = self.enable_health_check.unwrap_or(health_check.is_some());
         let health_check = match (enable_health_check, health_check) {
             (true, None) => Some(HealthCheck {
                 kind: HealthCheckType::Heartbeat,

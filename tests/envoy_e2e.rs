@@ -542,3 +542,54 @@ async fn envoy_instance_on_a_new_port_pushes_eds_and_no_route() {
         0
     );
 }
+
+/// Namespace names PolarisMesh allows that are not DNS labels (capitals, `_`, `.`) work through
+/// Envoy: clusters carry the namespace verbatim, and Envoy matches hosts case-insensitively.
+#[tokio::test]
+async fn envoy_routes_services_of_namespaces_that_are_not_dns_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("data"), &[]).await;
+    let c = reqwest::Client::new();
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let (st, body) = post(
+        &c,
+        &s.url("/naming/v1/namespaces"),
+        json!([{"name": "team_a.Prod"}]),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    for (ns, port) in [("Production", a.port), ("team_a.Prod", b.port)] {
+        let (st, body) = post(
+            &c,
+            &s.url("/naming/v1/instances"),
+            json!([{"namespace": ns, "service": "echo", "host": "127.0.0.1", "port": port}]),
+        )
+        .await;
+        assert_eq!(st, 200, "{body}");
+    }
+    let e = Envoy::start_with(
+        dir.path(),
+        "sidecar~Production/caps~127.0.0.1",
+        s.xds_port,
+        false,
+        &["sidecar.polarismesh.cn/visibleNamespaces=team_a.Prod"],
+    )
+    .await;
+    for host in [
+        "echo",
+        "echo.Production",
+        "echo.production",
+        "ECHO.PRODUCTION.svc.cluster.local:80",
+    ] {
+        converge(&e, &c, host, &["a"], Duration::from_secs(10)).await;
+    }
+    for host in ["echo.team_a.Prod", "echo.team_a.prod:8080"] {
+        converge(&e, &c, host, &["b"], Duration::from_secs(10)).await;
+    }
+    assert_eq!(
+        e.stat("cluster_manager.cds.update_rejected")
+            .await
+            .unwrap_or(0),
+        0
+    );
+}
