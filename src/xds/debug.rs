@@ -154,7 +154,7 @@ async fn config_view(
     let Some(id) = q.node.filter(|n| !n.is_empty()) else {
         return (
             StatusCode::BAD_REQUEST,
-            Json(json!({"code": 400000, "field": "node", "info": "invalid node: is required"})),
+            Json(json!({"code": 400103, "info": "invalid parameter: query parameter node is required"})),
         )
             .into_response();
     };
