@@ -3,9 +3,11 @@
 
 pub mod debug;
 pub mod names;
+pub mod node;
 pub mod resources;
 pub mod server;
 pub mod snapshot;
+pub mod status;
 pub mod transport;
 
 use std::collections::HashSet;
