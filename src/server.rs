@@ -64,8 +64,8 @@ pub async fn run(
     let http = Acceptor::new(http, cfg.http_limits(), metrics.http_conns.clone(), "http");
     let xds = Acceptor::new(xds, cfg.xds_limits(), metrics.xds_conns.clone(), "xds");
     let bound = Bound {
-        http: http.local_addr()?,
-        xds: xds.local_addr()?,
+        http: http.local_addr()?.expect("a TCP listener"),
+        xds: xds.local_addr()?.expect("a TCP listener"),
     };
     let request_limits = Arc::new(RequestLimits::new(
         cfg.xds_max_request_bytes,

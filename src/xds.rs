@@ -25,10 +25,13 @@ pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Li
 pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 /// VirtualHost type URL (VHDS, delta only).
 pub const VIRTUAL_HOST_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.VirtualHost";
+/// Secret type URL (SDS, served by the sidecar agent).
+pub const SECRET_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
 /// A value per resource type, present or not: a map keyed by [`TypeKind`] without hashing.
 #[derive(Debug, Clone, Default)]
-pub struct PerKind<T>([Option<T>; 5]);
+pub struct PerKind<T>([Option<T>; 6]);
 
 impl<T> PerKind<T> {
     /// The value of `k`.
@@ -94,16 +97,19 @@ pub enum TypeKind {
     Route,
     /// VHDS (on demand, delta only).
     VirtualHost,
+    /// SDS (certificates and trust roots, from the sidecar agent).
+    Secret,
 }
 
 impl TypeKind {
     /// All kinds in push order.
-    pub const ALL: [TypeKind; 5] = [
+    pub const ALL: [TypeKind; 6] = [
         TypeKind::Cluster,
         TypeKind::Endpoint,
         TypeKind::Listener,
         TypeKind::Route,
         TypeKind::VirtualHost,
+        TypeKind::Secret,
     ];
 
     /// The type URL.
@@ -114,6 +120,7 @@ impl TypeKind {
             TypeKind::Listener => LISTENER_TYPE,
             TypeKind::Route => ROUTE_TYPE,
             TypeKind::VirtualHost => VIRTUAL_HOST_TYPE,
+            TypeKind::Secret => SECRET_TYPE,
         }
     }
 
@@ -143,6 +150,7 @@ impl TypeKind {
             TypeKind::Listener => "LDS",
             TypeKind::Route => "RDS",
             TypeKind::VirtualHost => "VHDS",
+            TypeKind::Secret => "SDS",
         }
     }
 }

@@ -29,7 +29,7 @@ pub use error::ApiError;
 pub use input::parse_json;
 
 use crate::metrics::{InstanceGauges, Metrics};
-use crate::net::{Acceptor, FirstRequest};
+use crate::net::{Acceptor, Peer};
 use crate::registry::Registry;
 
 /// Extra routes mounted by other layers (xDS debug views).
@@ -173,31 +173,31 @@ pub async fn serve(
     builder.http2().timer(TokioTimer::new());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
-        let (tcp, peer, slot) = tokio::select! {
+        let (stream, peer, slot) = tokio::select! {
             biased;
             _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
             accepted = acceptor.accept() => accepted,
         };
-        let first = FirstRequest::default();
-        let (app, seen) = (app.clone(), first.clone());
-        let svc = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
-            seen.seen();
-            req.extensions_mut()
-                .insert(axum::extract::ConnectInfo(peer));
-            app.clone().oneshot(req.map(axum::body::Body::new))
+        let (app, builder, watcher) = (app.clone(), builder.clone(), graceful.watcher());
+        acceptor.spawn(stream, peer, slot, move |io, first| {
+            let svc = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+                first.seen();
+                if let Peer::Tcp(addr) = peer {
+                    req.extensions_mut()
+                        .insert(axum::extract::ConnectInfo(addr));
+                }
+                app.clone().oneshot(req.map(axum::body::Body::new))
+            });
+            // A combinator, not an `async` block, which would hold the connection twice.
+            futures::FutureExt::map(
+                watcher.watch(builder.serve_connection(TokioIo::new(io), svc).into_owned()),
+                move |r| {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, error = %e, "REST connection ended");
+                    }
+                },
+            )
         });
-        let conn = graceful.watch(
-            builder
-                .serve_connection(TokioIo::new(tcp), svc)
-                .into_owned(),
-        );
-        // A combinator, not an `async` block, which would hold the connection twice.
-        let conn = futures::FutureExt::map(conn, move |r| {
-            if let Err(e) = r {
-                tracing::debug!(%peer, error = %e, "REST connection ended");
-            }
-        });
-        tokio::spawn(acceptor.run_connection(conn, first, slot, peer));
     }
     graceful.shutdown().await;
     Ok(())

@@ -97,6 +97,8 @@ fn decoded(kind: TypeKind, r: &Res) -> String {
         TypeKind::Listener => Listener::decode(b).map(|m| format!("{m:?}")),
         TypeKind::Route => RouteConfiguration::decode(b).map(|m| format!("{m:?}")),
         TypeKind::VirtualHost => VirtualHost::decode(b).map(|m| format!("{m:?}")),
+        // Key material is never shown.
+        TypeKind::Secret => Ok("secret (not shown)".to_string()),
     }
     .unwrap_or_else(|e| format!("undecodable: {e}"))
 }

@@ -190,6 +190,8 @@ pub struct Snapshot {
     pub revision: u64,
     /// Namespaces.
     pub namespaces: HashMap<Arc<str>, Arc<NamespaceView>>,
+    /// Secrets (SDS): of no namespace; published by the sidecar agent's certificate store.
+    pub secrets: Arc<BTreeMap<Arc<str>, Res>>,
 }
 
 /// The cache streams read: the latest snapshot and recent change lists.
@@ -272,6 +274,49 @@ impl Cache {
     /// Timing of recent builds.
     pub fn build_stats(&self) -> BuildStats {
         self.build_stats.read().clone()
+    }
+
+    /// Publishes `secrets` as the snapshot's secrets (a cache with one producer: the sidecar
+    /// agent's certificate store); streams are told which names changed.
+    pub fn publish_secrets(&self, secrets: Vec<Res>) {
+        let cur = self.current();
+        let next: BTreeMap<Arc<str>, Res> =
+            secrets.into_iter().map(|r| (r.name.clone(), r)).collect();
+        let mut changes = Vec::new();
+        for (name, res) in &next {
+            if cur
+                .secrets
+                .get(name)
+                .is_none_or(|o| o.version != res.version)
+            {
+                changes.push(Changed {
+                    namespace: Arc::from(""),
+                    kind: TypeKind::Secret,
+                    name: name.clone(),
+                });
+            }
+        }
+        for name in cur.secrets.keys() {
+            if !next.contains_key(name) {
+                changes.push(Changed {
+                    namespace: Arc::from(""),
+                    kind: TypeKind::Secret,
+                    name: name.clone(),
+                });
+            }
+        }
+        if changes.is_empty() {
+            return;
+        }
+        self.publish(
+            Snapshot {
+                generation: cur.generation + 1,
+                revision: cur.revision,
+                namespaces: cur.namespaces.clone(),
+                secrets: Arc::new(next),
+            },
+            changes,
+        );
     }
 
     fn publish(&self, snap: Snapshot, changes: Vec<Changed>) {
@@ -368,6 +413,7 @@ impl Builder {
                 generation: self.generation,
                 revision: cache.applied_revision(),
                 namespaces: self.namespaces.clone(),
+                secrets: Default::default(),
             },
             changes,
         );
@@ -468,6 +514,7 @@ impl Builder {
                 generation: self.generation,
                 revision,
                 namespaces: self.namespaces.clone(),
+                secrets: Default::default(),
             },
             std::mem::take(changes),
         );

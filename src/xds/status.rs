@@ -1,7 +1,6 @@
 //! Connected streams as the admin views see them (`/debug/xds/nodes`).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -48,7 +47,7 @@ pub struct NodeStatus {
     /// `sotw` or `delta`.
     pub protocol: &'static str,
     /// The client's address.
-    pub peer: Option<SocketAddr>,
+    pub peer: Option<crate::net::Peer>,
     /// Node settings (set on the first request).
     pub node: Mutex<Option<NodeInfo>>,
     /// Per type.
@@ -85,7 +84,7 @@ impl Nodes {
     pub(crate) fn register(
         &self,
         protocol: &'static str,
-        peer: Option<SocketAddr>,
+        peer: Option<crate::net::Peer>,
     ) -> Arc<NodeStatus> {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let s = Arc::new(NodeStatus {

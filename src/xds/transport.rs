@@ -28,12 +28,16 @@ use tonic::Status;
 use super::server::Ads;
 use super::snapshot::Res;
 use crate::metrics::{Metrics, RequestError};
-use crate::net::{Acceptor, FirstRequest};
+use crate::net::Acceptor;
 
 const SOTW_PATH: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
 const DELTA_PATH: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+/// SDS on its own service (how Envoy reaches an SDS server that is not its ADS server): the same
+/// messages, served by the same engine.
+const SDS_SOTW_PATH: &str = "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets";
+const SDS_DELTA_PATH: &str = "/envoy.service.secret.v3.SecretDiscoveryService/DeltaSecrets";
 
 /// Bounds on what clients send, shared by every stream.
 ///
@@ -427,7 +431,7 @@ impl AdsService {
 
 /// The client's address, put in each request's extensions by [`serve`].
 #[derive(Debug, Clone, Copy)]
-pub struct PeerAddr(pub std::net::SocketAddr);
+pub struct PeerAddr(pub crate::net::Peer);
 
 fn plain_response(status: http::StatusCode, text: &'static str) -> http::Response<Body> {
     let mut resp = http::Response::new(Body::new(http_body_util::Full::new(Bytes::from_static(
@@ -478,11 +482,11 @@ impl tower::Service<http::Request<Body>> for AdsService {
             let peer = req.extensions().get::<PeerAddr>().map(|p| p.0);
             let (tx, rx) = mpsc::channel::<Result<Box<Msg>, Box<Status>>>(2);
             let driver = match path.as_str() {
-                SOTW_PATH => {
+                SOTW_PATH | SDS_SOTW_PATH => {
                     let inbound = Requests::<DiscoveryRequest>::new(req.into_body(), limits);
                     ads.sotw_stream(inbound, tx, peer)
                 }
-                DELTA_PATH => {
+                DELTA_PATH | SDS_DELTA_PATH => {
                     let inbound = Requests::<DeltaDiscoveryRequest>::new(req.into_body(), limits);
                     ads.delta_stream(inbound, tx, peer)
                 }
@@ -647,28 +651,30 @@ pub async fn serve(
         .max_header_list_size(16 << 10);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
-        let (tcp, peer, slot) = tokio::select! {
+        let (stream, peer, slot) = tokio::select! {
             biased;
             _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
             accepted = acceptor.accept() => accepted,
         };
-        let first = FirstRequest::default();
-        let (svc, seen) = (service.clone(), first.clone());
-        let hyper_svc =
-            hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-                seen.seen();
-                req.extensions_mut().insert(PeerAddr(peer));
-                let mut svc = svc.clone();
-                tower::Service::call(&mut svc, req.map(Body::new))
-            });
-        let conn = graceful.watch(http2.serve_connection(TokioIo::new(tcp), hyper_svc));
-        // A combinator, not an `async` block, which would hold the connection twice.
-        let conn = futures::FutureExt::map(conn, move |r| {
-            if let Err(e) = r {
-                tracing::debug!(peer = %peer, error = %e, "xDS connection ended");
-            }
+        let (svc, http2, watcher) = (service.clone(), http2.clone(), graceful.watcher());
+        acceptor.spawn(stream, peer, slot, move |io, first| {
+            let hyper_svc =
+                hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                    first.seen();
+                    req.extensions_mut().insert(PeerAddr(peer));
+                    let mut svc = svc.clone();
+                    tower::Service::call(&mut svc, req.map(Body::new))
+                });
+            // A combinator, not an `async` block, which would hold the connection twice.
+            futures::FutureExt::map(
+                watcher.watch(http2.serve_connection(TokioIo::new(io), hyper_svc)),
+                move |r| {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, error = %e, "xDS connection ended");
+                    }
+                },
+            )
         });
-        tokio::spawn(acceptor.run_connection(conn, first, slot, peer));
     }
     graceful.shutdown().await;
     Ok(())

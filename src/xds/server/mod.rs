@@ -18,7 +18,6 @@ mod sotw;
 mod state;
 mod view;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
@@ -72,7 +71,7 @@ impl Ads {
         &self,
         inbound: Requests<DiscoveryRequest>,
         tx: Tx,
-        peer: Option<SocketAddr>,
+        peer: Option<crate::net::Peer>,
     ) -> Driver {
         // The state lives in its own allocation: the future stays small.
         let st = StreamState::new(self, "sotw", peer);
@@ -89,7 +88,7 @@ impl Ads {
         &self,
         inbound: Requests<DeltaDiscoveryRequest>,
         tx: Tx,
-        peer: Option<SocketAddr>,
+        peer: Option<crate::net::Peer>,
     ) -> Driver {
         let st = StreamState::new(self, "delta", peer);
         Box::pin(Box::new(st).run(

@@ -1,7 +1,6 @@
 //! A stream's bookkeeping and loop, shared by both protocols.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -138,7 +137,7 @@ impl Drop for StreamState {
 }
 
 impl StreamState {
-    pub(super) fn new(ads: &Ads, protocol: &'static str, peer: Option<SocketAddr>) -> Self {
+    pub(super) fn new(ads: &Ads, protocol: &'static str, peer: Option<crate::net::Peer>) -> Self {
         StreamState {
             shutdown: ads.shutdown.clone(),
             cache: ads.cache.clone(),
@@ -475,6 +474,13 @@ impl StreamState {
                     }
                     continue;
                 }
+                if c.kind == TypeKind::Secret {
+                    // Secrets belong to no namespace: every node of this cache gets them.
+                    if let Some(set) = out.get_or_insert_with(c.kind, || Some(HashSet::new())) {
+                        set.insert(c.name.clone());
+                    }
+                    continue;
+                }
                 if *c.namespace != *ns {
                     if !self.sees(&c.namespace) {
                         continue;
@@ -487,7 +493,7 @@ impl StreamState {
                             full = true;
                             continue;
                         }
-                        TypeKind::Listener => continue,
+                        TypeKind::Listener | TypeKind::Secret => continue,
                     }
                 } else if c.kind == TypeKind::Route && self.widened() {
                     full = true;

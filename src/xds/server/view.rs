@@ -135,6 +135,7 @@ impl StreamState {
         }
         let view = self.view();
         match kind {
+            TypeKind::Secret => self.snap.secrets.get(name).cloned(),
             TypeKind::Cluster | TypeKind::Endpoint => self.shared_res(kind, name).cloned(),
             TypeKind::Route => view
                 .and_then(|v| v.route.clone())
@@ -224,8 +225,11 @@ impl StreamState {
                         out.extend(v.route.clone())
                     }
                 }
-                TypeKind::Listener | TypeKind::VirtualHost => {}
+                TypeKind::Listener | TypeKind::VirtualHost | TypeKind::Secret => {}
             }
+        }
+        if kind == TypeKind::Secret {
+            out.extend(self.snap.secrets.values().cloned());
         }
         for (_, v) in self.extra_views() {
             match kind {
@@ -253,6 +257,7 @@ impl StreamState {
             return true;
         }
         match kind {
+            TypeKind::Secret => self.snap.secrets.contains_key(name),
             TypeKind::Cluster | TypeKind::Endpoint => self.shared_res(kind, name).is_some(),
             TypeKind::Route => {
                 !self.local_route()
