@@ -78,6 +78,37 @@ pub struct ServerConfig {
     /// Time a new connection (either port) has to send its first request, in milliseconds; an
     /// xDS request must also arrive whole within it once its first bytes are in.
     pub first_request_timeout_ms: u64,
+    /// SPIFFE trust domain of workload identities.
+    pub trust_domain: String,
+    /// The CA's HTTPS address; the CA is off unless set.
+    pub ca_addr: Option<SocketAddr>,
+    /// The CA's signing certificate (PEM); with `caKeyFile`. Without them (and without
+    /// `caSecret`), a development root is generated in the data directory.
+    pub ca_cert_file: Option<PathBuf>,
+    /// The CA's key (PEM).
+    pub ca_key_file: Option<PathBuf>,
+    /// Intermediates above the signing certificate, up to the root (PEM).
+    pub ca_chain_file: Option<PathBuf>,
+    /// The root (PEM), when the signing certificate is an intermediate.
+    pub ca_root_file: Option<PathBuf>,
+    /// The CA's material from the Kubernetes secret `<namespace>/<name>` (keys `ca-cert`,
+    /// `ca-key`, `cert-chain`, `root-cert`).
+    pub ca_secret: Option<String>,
+    /// Certificate lifetime when a request asks for none, in seconds.
+    pub ca_default_ttl_secs: u64,
+    /// Longest certificate lifetime granted, in seconds.
+    pub ca_max_ttl_secs: u64,
+    /// Audiences a ServiceAccount token must be for.
+    pub ca_audiences: Vec<String>,
+    /// Certificates per minute per identity.
+    pub ca_signs_per_minute: u32,
+    /// How long a positive TokenReview is reused, in seconds (0: never).
+    pub ca_review_cache_secs: u64,
+    /// More names for the CA's serving certificate.
+    pub ca_dns_names: Vec<String>,
+    /// Kubeconfig for the Kubernetes API (TokenReview, secrets); default: in-cluster, then
+    /// `$KUBECONFIG` / `~/.kube/config`.
+    pub kubeconfig: Option<PathBuf>,
     /// Test hooks (never in production): a service with metadata
     /// `polarismesh.cn/test-invalid-cluster: "true"` gets a cluster Envoy rejects.
     pub test_hooks: bool,
@@ -98,6 +129,20 @@ impl Default for ServerConfig {
             xds_max_connections: 20_000,
             http_max_connections: 10_000,
             first_request_timeout_ms: 10_000,
+            trust_domain: "cluster.local".into(),
+            ca_addr: None,
+            ca_cert_file: None,
+            ca_key_file: None,
+            ca_chain_file: None,
+            ca_root_file: None,
+            ca_secret: None,
+            ca_default_ttl_secs: 3600,
+            ca_max_ttl_secs: 86_400,
+            ca_audiences: vec!["polaris-ca".into()],
+            ca_signs_per_minute: 10,
+            ca_review_cache_secs: 30,
+            ca_dns_names: vec![],
+            kubeconfig: None,
             test_hooks: false,
         }
     }
@@ -156,6 +201,7 @@ impl ServerConfig {
                 });
             }
         }
+        self.ca()?;
         if !(100..=600_000).contains(&self.first_request_timeout_ms) {
             return Err(Error::Invalid {
                 field: "firstRequestTimeoutMs",
@@ -163,6 +209,63 @@ impl ServerConfig {
             });
         }
         Ok(())
+    }
+
+    /// The CA's settings, if it is on.
+    pub fn ca(&self) -> Result<Option<crate::ca::Config>, Error> {
+        let Some(addr) = self.ca_addr else {
+            return Ok(None);
+        };
+        use crate::ca::material::Source;
+        let source = match (&self.ca_cert_file, &self.ca_key_file, &self.ca_secret) {
+            (Some(cert), Some(key), None) => Source::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+                chain: self.ca_chain_file.clone(),
+                root: self.ca_root_file.clone(),
+            },
+            (None, None, Some(secret)) => {
+                let (namespace, name) = secret.split_once('/').ok_or(Error::Invalid {
+                    field: "caSecret",
+                    reason: "must be <namespace>/<name>".into(),
+                })?;
+                Source::Secret {
+                    namespace: namespace.into(),
+                    name: name.into(),
+                }
+            }
+            (None, None, None) => Source::Dev(self.data_dir.join("ca")),
+            _ => {
+                return Err(Error::Invalid {
+                    field: "caCertFile",
+                    reason: "give caCertFile and caKeyFile together, or caSecret, not both".into(),
+                })
+            }
+        };
+        if self.ca_default_ttl_secs == 0 || self.ca_default_ttl_secs > self.ca_max_ttl_secs {
+            return Err(Error::Invalid {
+                field: "caDefaultTtlSecs",
+                reason: "must be 1..=caMaxTtlSecs".into(),
+            });
+        }
+        if self.trust_domain.is_empty() || self.trust_domain.contains('/') {
+            return Err(Error::Invalid {
+                field: "trustDomain",
+                reason: "must be a name without /".into(),
+            });
+        }
+        Ok(Some(crate::ca::Config {
+            addr,
+            trust_domain: self.trust_domain.clone(),
+            default_ttl: Duration::from_secs(self.ca_default_ttl_secs),
+            max_ttl: Duration::from_secs(self.ca_max_ttl_secs),
+            audiences: self.ca_audiences.clone(),
+            signs_per_minute: self.ca_signs_per_minute,
+            review_cache: Duration::from_secs(self.ca_review_cache_secs),
+            review_timeout: Duration::from_secs(5),
+            source,
+            dns_names: self.ca_dns_names.clone(),
+        }))
     }
 
     /// Limits of the xDS port.

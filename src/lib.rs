@@ -6,6 +6,7 @@
 pub mod api;
 pub mod bench;
 pub mod bootstrap;
+pub mod ca;
 pub mod config;
 pub mod metrics;
 pub mod model;

@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the control plane (registry, REST API, xDS).
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// Print an Envoy bootstrap (from bootstrap-templates/envoy.yaml) to stdout.
     Bootstrap(polaris_mesh::bootstrap::BootstrapArgs),
     /// Run a benchmark and print its figures.
@@ -68,6 +68,48 @@ struct ServerArgs {
     /// Time a new connection has to send its first request, in milliseconds [default: 10000].
     #[arg(long)]
     first_request_timeout_ms: Option<u64>,
+    /// SPIFFE trust domain [default: cluster.local].
+    #[arg(long)]
+    trust_domain: Option<String>,
+    /// Serve the CA (polaris-security, HTTPS) on this address [default: off].
+    #[arg(long)]
+    ca_addr: Option<SocketAddr>,
+    /// The CA's signing certificate (PEM) [default: a development root in the data directory].
+    #[arg(long)]
+    ca_cert_file: Option<PathBuf>,
+    /// The CA's key (PEM).
+    #[arg(long)]
+    ca_key_file: Option<PathBuf>,
+    /// Intermediates above the signing certificate, up to the root (PEM).
+    #[arg(long)]
+    ca_chain_file: Option<PathBuf>,
+    /// The root (PEM), when the signing certificate is an intermediate.
+    #[arg(long)]
+    ca_root_file: Option<PathBuf>,
+    /// The CA's material from the Kubernetes secret <namespace>/<name>.
+    #[arg(long)]
+    ca_secret: Option<String>,
+    /// Certificate lifetime when a request asks for none, in seconds [default: 3600].
+    #[arg(long)]
+    ca_default_ttl_secs: Option<u64>,
+    /// Longest certificate lifetime granted, in seconds [default: 86400].
+    #[arg(long)]
+    ca_max_ttl_secs: Option<u64>,
+    /// Audience a ServiceAccount token must be for (repeatable) [default: polaris-ca].
+    #[arg(long = "ca-audience")]
+    ca_audiences: Vec<String>,
+    /// Certificates per minute per identity [default: 10].
+    #[arg(long)]
+    ca_signs_per_minute: Option<u32>,
+    /// How long a positive TokenReview is reused, in seconds (0: never) [default: 30].
+    #[arg(long)]
+    ca_review_cache_secs: Option<u64>,
+    /// Another name for the CA's serving certificate (repeatable).
+    #[arg(long = "ca-dns-name")]
+    ca_dns_names: Vec<String>,
+    /// Kubeconfig for the Kubernetes API [default: in-cluster, then $KUBECONFIG, ~/.kube/config].
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
     /// Enable test hooks (for the end-to-end NACK test; never in production).
     #[arg(long, hide = true)]
     test_hooks: bool,
@@ -129,6 +171,36 @@ fn main() -> anyhow::Result<()> {
             }
             if let Some(v) = a.first_request_timeout_ms {
                 cfg.first_request_timeout_ms = v;
+            }
+            if let Some(v) = a.trust_domain {
+                cfg.trust_domain = v;
+            }
+            macro_rules! set_opt {
+                ($($f:ident),*) => {$( if a.$f.is_some() { cfg.$f = a.$f; } )*};
+            }
+            set_opt!(
+                ca_addr,
+                ca_cert_file,
+                ca_key_file,
+                ca_chain_file,
+                ca_root_file,
+                ca_secret,
+                kubeconfig
+            );
+            macro_rules! set_val {
+                ($($f:ident),*) => {$( if let Some(v) = a.$f { cfg.$f = v; } )*};
+            }
+            set_val!(
+                ca_default_ttl_secs,
+                ca_max_ttl_secs,
+                ca_signs_per_minute,
+                ca_review_cache_secs
+            );
+            if !a.ca_audiences.is_empty() {
+                cfg.ca_audiences = a.ca_audiences;
+            }
+            if !a.ca_dns_names.is_empty() {
+                cfg.ca_dns_names = a.ca_dns_names;
             }
             cfg.test_hooks |= a.test_hooks;
             init_tracing(&cfg.log_level, cfg.log_format);

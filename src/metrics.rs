@@ -93,6 +93,47 @@ impl RequestError {
     }
 }
 
+/// Why the CA refused to sign; one counter each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaDenial {
+    /// Bad body or CSR (400).
+    BadRequest,
+    /// No, invalid, expired or wrong-audience token (401).
+    Unauthenticated,
+    /// The CSR asks for another identity than the token's (403).
+    Forbidden,
+    /// Too many signs for one identity (429).
+    RateLimited,
+    /// TokenReview did not answer (503).
+    ReviewUnavailable,
+    /// Signing failed (500).
+    Internal,
+}
+
+impl CaDenial {
+    /// All reasons, in rendering order.
+    pub const ALL: [CaDenial; 6] = [
+        CaDenial::BadRequest,
+        CaDenial::Unauthenticated,
+        CaDenial::Forbidden,
+        CaDenial::RateLimited,
+        CaDenial::ReviewUnavailable,
+        CaDenial::Internal,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            CaDenial::BadRequest => "bad_request",
+            CaDenial::Unauthenticated => "unauthenticated",
+            CaDenial::Forbidden => "forbidden",
+            CaDenial::RateLimited => "rate_limited",
+            CaDenial::ReviewUnavailable => "review_unavailable",
+            CaDenial::Internal => "internal",
+        }
+    }
+}
+
 /// Upper bounds (seconds) of the latency buckets.
 const BUCKETS: [f64; 14] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
@@ -160,10 +201,15 @@ pub struct Metrics {
     xds_request_errors: [Counter; 4],
     /// xDS requests that waited for the decode budget (bytes of requests being decoded at once).
     pub xds_decode_waits: Counter,
+    /// Certificates the CA issued.
+    pub ca_issued: Counter,
+    ca_denied: [Counter; 6],
     /// Connections of the REST port.
     pub http_conns: std::sync::Arc<ConnMetrics>,
     /// Connections of the xDS port.
     pub xds_conns: std::sync::Arc<ConnMetrics>,
+    /// Connections of the CA port.
+    pub ca_conns: std::sync::Arc<ConnMetrics>,
 }
 
 /// Instance counts by health, computed at scrape time.
@@ -190,6 +236,16 @@ impl Metrics {
     /// xDS requests that could not be decoded, of one kind.
     pub fn xds_request_errors(&self, kind: RequestError) -> u64 {
         self.xds_request_errors[kind as usize].get()
+    }
+
+    /// Counts a certificate the CA refused.
+    pub fn ca_denied(&self, reason: CaDenial) {
+        self.ca_denied[reason as usize].inc();
+    }
+
+    /// Certificates refused for `reason`.
+    pub fn ca_denials(&self, reason: CaDenial) -> u64 {
+        self.ca_denied[reason as usize].get()
     }
 
     /// Records one HTTP request.
@@ -278,6 +334,24 @@ impl Metrics {
         }
         counter(
             &mut out,
+            "polaris_ca_issued_total",
+            "Certificates the CA issued.",
+            self.ca_issued.get(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP polaris_ca_denied_total Certificates the CA refused, by reason.\n# TYPE polaris_ca_denied_total counter"
+        );
+        for r in CaDenial::ALL {
+            let _ = writeln!(
+                out,
+                "polaris_ca_denied_total{{reason=\"{}\"}} {}",
+                r.label(),
+                self.ca_denials(r)
+            );
+        }
+        counter(
+            &mut out,
             "polaris_xds_decode_budget_waits_total",
             "xDS requests that waited because the bytes of requests being decoded at once reached the budget.",
             self.xds_decode_waits.get(),
@@ -310,7 +384,11 @@ impl Metrics {
                 "gauge"
             };
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (port, c) in [("http", &self.http_conns), ("xds", &self.xds_conns)] {
+            for (port, c) in [
+                ("http", &self.http_conns),
+                ("xds", &self.xds_conns),
+                ("ca", &self.ca_conns),
+            ] {
                 let _ = writeln!(out, "{name}{{port=\"{port}\"}} {}", get(c));
             }
         }

@@ -29,6 +29,25 @@ pub struct Bound {
     pub http: SocketAddr,
     /// ADS gRPC.
     pub xds: SocketAddr,
+    /// The CA (HTTPS), when it is on.
+    pub ca: Option<SocketAddr>,
+}
+
+/// A Kubernetes client: from `kubeconfig`, else in-cluster, else `$KUBECONFIG` / `~/.kube/config`.
+pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("using kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no Kubernetes configuration (in-cluster, $KUBECONFIG or ~/.kube/config)")?,
+    };
+    kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
 /// Runs the control plane until `shutdown` completes, then drains: in-flight HTTP requests finish,
@@ -60,12 +79,30 @@ pub async fn run(
     let xds = TcpListener::bind(cfg.xds_addr)
         .await
         .with_context(|| format!("binding xDS on {}", cfg.xds_addr))?;
+    let ca = match cfg.ca()? {
+        Some(ca_cfg) => {
+            let kube = kube_client(cfg.kubeconfig.as_deref()).await?;
+            let listener = TcpListener::bind(ca_cfg.addr)
+                .await
+                .with_context(|| format!("binding the CA on {}", ca_cfg.addr))?;
+            let ca = crate::ca::start(ca_cfg, kube, metrics.clone()).await?;
+            let acceptor =
+                Acceptor::new(listener, cfg.http_limits(), metrics.ca_conns.clone(), "ca")
+                    .with_tls(ca.tls_config()?);
+            Some((ca, acceptor))
+        }
+        None => None,
+    };
     raise_fd_limit(&cfg);
     let http = Acceptor::new(http, cfg.http_limits(), metrics.http_conns.clone(), "http");
     let xds = Acceptor::new(xds, cfg.xds_limits(), metrics.xds_conns.clone(), "xds");
     let bound = Bound {
         http: http.local_addr()?.expect("a TCP listener"),
         xds: xds.local_addr()?.expect("a TCP listener"),
+        ca: match &ca {
+            Some((_, a)) => a.local_addr()?,
+            None => None,
+        },
     };
     let request_limits = Arc::new(RequestLimits::new(
         cfg.xds_max_request_bytes,
@@ -91,17 +128,24 @@ pub async fn run(
         xds_streams: Arc::new(move || streams.len() as u64),
     };
     let app = api::router(state, debug::routes(cache, nodes, registry.clone()));
-    tracing::info!(http = %bound.http, xds = %bound.xds, data_dir = %cfg.data_dir.display(), "polaris server started");
+    tracing::info!(http = %bound.http, xds = %bound.xds, ca = ?bound.ca, data_dir = %cfg.data_dir.display(), "polaris server started");
     on_bound(bound);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });
     let grpc = crate::xds::transport::serve(xds, ads.into_service(request_limits), stop_rx.clone());
-    let rest = api::serve(http, app, stop_rx);
-    let (g, h) = tokio::join!(grpc, rest);
+    let rest = api::serve(http, app, stop_rx.clone());
+    let ca = async move {
+        match ca {
+            Some((ca, acceptor)) => api::serve(acceptor, ca.router(), stop_rx).await,
+            None => Ok(()),
+        }
+    };
+    let (g, h, c) = tokio::join!(grpc, rest, ca);
     g.context("xDS server")?;
     h.context("REST API server")?;
+    c.context("CA server")?;
     builder.abort();
     tracing::info!("draining: waiting for queued writes to commit");
     registry.close().await?;
