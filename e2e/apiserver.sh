@@ -6,7 +6,8 @@
 #
 #   e2e/apiserver.sh build        build (or find) kube-apiserver and etcd; prints their paths
 #   e2e/apiserver.sh start DIR    start etcd + kube-apiserver on free loopback ports; writes DIR/env
-#                                 (POLARIS_TEST_KUBE_URL, POLARIS_TEST_KUBE_TOKEN, POLARIS_TEST_KUBE_CA)
+#                                 (POLARIS_TEST_KUBE_URL, POLARIS_TEST_KUBE_TOKEN, POLARIS_TEST_KUBE_CA,
+#                                 POLARIS_TEST_KUBE_SA_KEY)
 #                                 and waits until the apiserver is ready
 #   e2e/apiserver.sh stop DIR     stop what `start DIR` started
 #
@@ -115,7 +116,7 @@ start() {
         --listen-peer-urls "http://127.0.0.1:$etcd_peer" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer" \
         --initial-cluster "test=http://127.0.0.1:$etcd_peer" >"$dir/etcd.log" 2>&1 &
     echo $! >"$dir/etcd.pid"
-    openssl genrsa -out "$dir/sa.key" 2048 2>/dev/null
+    openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$dir/sa.key" 2>/dev/null
     openssl rsa -in "$dir/sa.key" -pubout -out "$dir/sa.pub" 2>/dev/null
     local token
     token=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
@@ -136,6 +137,7 @@ start() {
 export POLARIS_TEST_KUBE_URL=$url
 export POLARIS_TEST_KUBE_TOKEN=$token
 export POLARIS_TEST_KUBE_CA=$dir/certs/apiserver.crt
+export POLARIS_TEST_KUBE_SA_KEY=$dir/sa.key
 EOF
             log "kube-apiserver ready at $url"
             return

