@@ -3,6 +3,7 @@
 //! Data flows one way: REST writes → [`registry`] (validated, durable through [`store`]) → change
 //! feed → `xds` snapshot → ADS streams. See `ARCHITECTURE.md`.
 
+pub mod agent;
 pub mod api;
 pub mod bench;
 pub mod bootstrap;

@@ -27,6 +27,8 @@ struct Cli {
 enum Cmd {
     /// Run the control plane (registry, REST API, xDS).
     Server(Box<ServerArgs>),
+    /// Run the sidecar agent: workload certificates from the CA, served to Envoy over SDS.
+    Agent(AgentArgs),
     /// Print an Envoy bootstrap (from bootstrap-templates/envoy.yaml) to stdout.
     Bootstrap(polaris_mesh::bootstrap::BootstrapArgs),
     /// Run a benchmark and print its figures.
@@ -113,6 +115,40 @@ struct ServerArgs {
     /// Enable test hooks (for the end-to-end NACK test; never in production).
     #[arg(long, hide = true)]
     test_hooks: bool,
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// The CA (https://host:port; without a scheme, https).
+    #[arg(long)]
+    ca_addr: String,
+    /// The root the CA's certificate chains to (PEM).
+    #[arg(long)]
+    ca_root: PathBuf,
+    /// The ServiceAccount token file (a projected token for the CA's audience).
+    #[arg(long, default_value = "/var/run/secrets/tokens/polaris-ca")]
+    token_file: PathBuf,
+    /// Namespace [default: from the token's claims].
+    #[arg(long)]
+    namespace: Option<String>,
+    /// ServiceAccount [default: from the token's claims].
+    #[arg(long)]
+    service_account: Option<String>,
+    /// SPIFFE trust domain.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Workload key algorithm.
+    #[arg(long, value_enum, default_value_t = polaris_mesh::agent::KeyType::EcdsaP256)]
+    key_type: polaris_mesh::agent::KeyType,
+    /// Certificate lifetime to ask for, in seconds (renewed at half of it).
+    #[arg(long, default_value_t = 3600)]
+    cert_ttl_secs: u64,
+    /// The SDS socket.
+    #[arg(long, default_value = "/var/run/polaris-sidecar/mtls/sds.sock")]
+    sds_socket: PathBuf,
+    /// Log filter [default: info; env RUST_LOG wins].
+    #[arg(long, default_value = "info")]
+    log_level: String,
 }
 
 fn init_tracing(level: &str, format: LogFormat) {
@@ -212,6 +248,25 @@ fn main() -> anyhow::Result<()> {
                 polaris_mesh::server::shutdown_signal(),
                 |_| {},
             ))
+        }
+        Cmd::Agent(a) => {
+            init_tracing(&a.log_level, LogFormat::Text);
+            let config = polaris_mesh::agent::Config {
+                ca_addr: a.ca_addr,
+                ca_root: a.ca_root,
+                token_file: a.token_file,
+                namespace: a.namespace,
+                service_account: a.service_account,
+                trust_domain: a.trust_domain,
+                key_type: a.key_type,
+                cert_ttl: std::time::Duration::from_secs(a.cert_ttl_secs),
+                sds_socket: a.sds_socket,
+            };
+            rt.block_on(polaris_mesh::agent::run(
+                config,
+                polaris_mesh::server::shutdown_signal(),
+            ))
+            .context("polaris agent")
         }
         Cmd::Bootstrap(a) => {
             print!("{}", polaris_mesh::bootstrap::render(&a)?);

@@ -348,3 +348,82 @@ impl Drop for Envoy {
         let _ = self.child.wait();
     }
 }
+
+/// A `polaris server` with its CA on, reviewing tokens with the test's kube-apiserver.
+pub struct CaServer {
+    pub server: Server,
+    pub ca_url: String,
+    /// The development root (PEM file) the CA signs with.
+    pub root: PathBuf,
+}
+
+impl CaServer {
+    pub async fn start(dir: &Path, kube: &kube::TestKube, extra: &[&str]) -> CaServer {
+        let port = free_port();
+        let kubeconfig = kube.kubeconfig(dir);
+        let mut args = vec![
+            "--ca-addr".to_string(),
+            format!("127.0.0.1:{port}"),
+            "--kubeconfig".to_string(),
+            kubeconfig.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let data = dir.join(format!("data-{port}"));
+        let server = Server::start(&data, &args).await;
+        CaServer {
+            server,
+            ca_url: format!("https://127.0.0.1:{port}"),
+            root: data.join("ca/root-cert.pem"),
+        }
+    }
+}
+
+/// A running `polaris agent`.
+pub struct Agent {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    /// Starts an agent for the ServiceAccount whose token is in `token_file`; waits for its socket.
+    pub async fn start(dir: &Path, ca: &CaServer, token_file: &Path, extra: &[&str]) -> Agent {
+        let n = free_port();
+        let socket = dir.join(format!("sds-{n}/sds.sock"));
+        let log = dir.join(format!("agent-{n}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_polaris"))
+            .args(["agent", "--ca-addr", &ca.ca_url])
+            .arg("--ca-root")
+            .arg(&ca.root)
+            .arg("--token-file")
+            .arg(token_file)
+            .arg("--sds-socket")
+            .arg(&socket)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawning polaris agent");
+        let mut a = Agent { child, socket, log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !a.socket.exists() {
+            if let Ok(Some(status)) = a.child.try_wait() {
+                panic!(
+                    "agent exited ({status}): {}",
+                    std::fs::read_to_string(&a.log).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "no SDS socket");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        a
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -10,6 +10,8 @@ pub const SOTW: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
 pub const DELTA: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+pub const SDS_SOTW: &str = "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets";
+pub const SDS_DELTA: &str = "/envoy.service.secret.v3.SecretDiscoveryService/DeltaSecrets";
 
 /// One HTTP/2 connection.
 pub struct RawConn {
@@ -64,6 +66,16 @@ impl RawConn {
             buf: BytesMut::new(),
             http_status: None,
         })
+    }
+
+    /// An HTTP/2 connection over a Unix socket.
+    pub async fn unix(path: &std::path::Path) -> RawConn {
+        let s = tokio::net::UnixStream::connect(path).await.unwrap();
+        let (send, conn) = h2::client::handshake(s).await.unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        RawConn { send }
     }
 
     pub async fn connect(port: u16) -> RawConn {

@@ -6,11 +6,13 @@ mod cluster;
 mod endpoint;
 mod listener;
 mod route;
+mod secret;
 
 pub use cluster::*;
 pub use endpoint::*;
 pub use listener::*;
 pub use route::*;
+pub use secret::*;
 
 use envoy_types::pb::envoy::config::core::v3::{
     address, config_source::ConfigSourceSpecifier, socket_address::PortSpecifier, Address,
