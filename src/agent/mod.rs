@@ -308,7 +308,7 @@ impl Agent {
                     tokio::time::sleep(wait).await;
                 }
                 Err(e) => {
-                    let wait = backoff.next();
+                    let wait = backoff.next_wait();
                     tracing::warn!(error = %e, retry_in = ?wait, "certificate not renewed; serving the previous one");
                     tokio::time::sleep(wait).await;
                 }

@@ -32,7 +32,7 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 impl Backoff {
     /// The wait before the next retry.
-    pub fn next(&mut self) -> Duration {
+    pub fn next_wait(&mut self) -> Duration {
         let base = self.next;
         self.next = (self.next * 2).min(MAX_BACKOFF);
         let mut b = [0u8; 2];
@@ -68,7 +68,7 @@ mod tests {
     #[test]
     fn backoff_grows_from_a_second_to_a_minute_with_jitter() {
         let mut b = Backoff::default();
-        let waits: Vec<Duration> = (0..10).map(|_| b.next()).collect();
+        let waits: Vec<Duration> = (0..10).map(|_| b.next_wait()).collect();
         assert!(waits[0] >= Duration::from_millis(800) && waits[0] <= Duration::from_millis(1200));
         assert!(waits[1] >= Duration::from_millis(1600) && waits[1] <= Duration::from_millis(2400));
         for w in &waits {
@@ -88,7 +88,7 @@ mod tests {
         for round in 0..5 {
             let now = SystemTime::UNIX_EPOCH + start.elapsed() + Duration::from_secs(1_000_000);
             let wait = if round == 3 {
-                b.next()
+                b.next_wait()
             } else {
                 renew_after(
                     now - Duration::from_secs(60),
