@@ -35,6 +35,47 @@ pub const BUILTIN_NAMESPACES: [&str; 4] = ["default", "Polaris", "Production", "
 /// Service metadata key of the service's protocol (`grpc`, `h2`, `http`); PolarisMesh's service
 /// has no protocol field, so ours lives in metadata.
 pub const PROTOCOL_KEY: &str = "polarismesh.cn/protocol";
+/// Metadata key of the TLS mode: on a service, how its sidecars talk to each other
+/// ([`TlsMode`]); on an instance, `none` says it has no sidecar that accepts mTLS.
+pub const TLS_MODE_KEY: &str = "polarismesh.cn/tls-mode";
+/// Service metadata key: the Kubernetes ServiceAccounts (comma-separated) the service's workloads
+/// run as. Callers then accept only those SPIFFE identities from its endpoints; without it, any
+/// identity of the service's namespace.
+pub const SERVICE_ACCOUNT_KEY: &str = "polarismesh.cn/service-account";
+
+/// How sidecars of a service talk to each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// Plaintext.
+    #[default]
+    None,
+    /// Servers accept both mTLS and plaintext; callers use mTLS to endpoints that accept it.
+    Permissive,
+    /// mTLS only.
+    Strict,
+}
+
+impl TlsMode {
+    /// Parses `none`, `permissive` or `strict`.
+    pub fn parse(v: &str) -> Option<TlsMode> {
+        match v {
+            "none" => Some(TlsMode::None),
+            "permissive" => Some(TlsMode::Permissive),
+            "strict" => Some(TlsMode::Strict),
+            _ => None,
+        }
+    }
+
+    /// The metadata value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::None => "none",
+            TlsMode::Permissive => "permissive",
+            TlsMode::Strict => "strict",
+        }
+    }
+}
 
 /// A rejected input: which field and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -188,6 +229,28 @@ impl Service {
     /// The service's protocol (metadata [`PROTOCOL_KEY`]), if set.
     pub fn protocol(&self) -> Option<&str> {
         self.metadata.get(PROTOCOL_KEY).map(String::as_str)
+    }
+
+    /// The service's TLS mode (metadata [`TLS_MODE_KEY`]; validated on the way in, `none` if
+    /// absent).
+    pub fn tls_mode(&self) -> TlsMode {
+        self.metadata
+            .get(TLS_MODE_KEY)
+            .and_then(|v| TlsMode::parse(v))
+            .unwrap_or_default()
+    }
+
+    /// The ServiceAccounts its workloads run as (metadata [`SERVICE_ACCOUNT_KEY`]).
+    pub fn service_accounts(&self) -> Vec<&str> {
+        self.metadata
+            .get(SERVICE_ACCOUNT_KEY)
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// A plain service with no attributes.
@@ -936,7 +999,8 @@ pub fn validate_port(port: Option<i64>) -> VResult<u16> {
     }
 }
 
-/// Metadata: at most 64 entries, keys 1..=128 characters, values at most 4096 characters.
+/// Metadata: at most 64 entries, keys 1..=128 characters, values at most 4096 characters; the
+/// mesh's own keys ([`TLS_MODE_KEY`], [`SERVICE_ACCOUNT_KEY`]) must hold values it understands.
 pub fn validate_metadata(
     m: &BTreeMap<String, String>,
     field: &str,
@@ -960,8 +1024,36 @@ pub fn validate_metadata(
                 "value longer than 4096 characters",
             ));
         }
+        if k == TLS_MODE_KEY && TlsMode::parse(v).is_none() {
+            return Err(FieldError::new(
+                format!("{field}.{k}"),
+                format!("{v:?} is not one of none, permissive, strict"),
+            ));
+        }
+        if k == SERVICE_ACCOUNT_KEY {
+            validate_service_accounts(v).map_err(|r| FieldError::new(format!("{field}.{k}"), r))?;
+        }
     }
     Ok(m.clone())
+}
+
+/// A comma-separated list of Kubernetes ServiceAccount names (DNS-1123 subdomains).
+fn validate_service_accounts(v: &str) -> Result<(), String> {
+    let names: Vec<&str> = v.split(',').map(str::trim).collect();
+    if names.iter().all(|n| n.is_empty()) {
+        return Err("names no ServiceAccount".into());
+    }
+    for n in names.into_iter().filter(|n| !n.is_empty()) {
+        let ok = n.len() <= 253
+            && n.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+            && n.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && n.ends_with(|c: char| c.is_ascii_alphanumeric());
+        if !ok {
+            return Err(format!("{n:?} is not a ServiceAccount name"));
+        }
+    }
+    Ok(())
 }
 
 /// How a label value is matched.
@@ -1342,6 +1434,34 @@ mod tests {
         let mut m = BTreeMap::new();
         m.insert(String::new(), "v".into());
         assert!(validate_metadata(&m, "metadata").is_err());
+    }
+
+    #[test]
+    fn mesh_metadata_keys_are_checked() {
+        let check = |k: &str, v: &str| {
+            let m: BTreeMap<String, String> = [(k.to_string(), v.to_string())].into();
+            validate_metadata(&m, "metadata").map_err(|e| e.field)
+        };
+        for mode in ["none", "permissive", "strict"] {
+            assert!(check(TLS_MODE_KEY, mode).is_ok());
+        }
+        for bad in ["STRICT", "mtls", ""] {
+            assert_eq!(
+                check(TLS_MODE_KEY, bad).unwrap_err(),
+                "metadata.polarismesh.cn/tls-mode"
+            );
+        }
+        assert!(check(SERVICE_ACCOUNT_KEY, "echo, echo-v2").is_ok());
+        for bad in ["", " , ", "Echo", "-x", "a/b"] {
+            assert!(check(SERVICE_ACCOUNT_KEY, bad).is_err(), "{bad:?}");
+        }
+        let mut s = Service::bare("default", "echo", "t");
+        assert_eq!(s.tls_mode(), TlsMode::None);
+        s.metadata.insert(TLS_MODE_KEY.into(), "strict".into());
+        s.metadata
+            .insert(SERVICE_ACCOUNT_KEY.into(), "a, b,".into());
+        assert_eq!(s.tls_mode(), TlsMode::Strict);
+        assert_eq!(s.service_accounts(), vec!["a", "b"]);
     }
 
     #[test]
