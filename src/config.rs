@@ -78,6 +78,9 @@ pub struct ServerConfig {
     /// Time a new connection (either port) has to send its first request, in milliseconds; an
     /// xDS request must also arrive whole within it once its first bytes are in.
     pub first_request_timeout_ms: u64,
+    /// Time each step of a service's TLS mode change has to reach every proxy, in milliseconds
+    /// (a change takes up to three steps). Raise it above the push p99 of large meshes.
+    pub xds_tls_phase_ms: u64,
     /// SPIFFE trust domain of workload identities.
     pub trust_domain: String,
     /// The CA's HTTPS address; the CA is off unless set.
@@ -129,6 +132,7 @@ impl Default for ServerConfig {
             xds_max_connections: 20_000,
             http_max_connections: 10_000,
             first_request_timeout_ms: 10_000,
+            xds_tls_phase_ms: 400,
             trust_domain: "cluster.local".into(),
             ca_addr: None,
             ca_cert_file: None,
@@ -201,6 +205,23 @@ impl ServerConfig {
                 });
             }
         }
+        if self.trust_domain.is_empty()
+            || !self
+                .trust_domain
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
+        {
+            return Err(Error::Invalid {
+                field: "trustDomain",
+                reason: "must be a non-empty name of a-z, 0-9, '-', '.', '_' (SPIFFE)".into(),
+            });
+        }
+        if self.xds_tls_phase_ms > 60_000 {
+            return Err(Error::Invalid {
+                field: "xdsTlsPhaseMs",
+                reason: "must be at most 60000".into(),
+            });
+        }
         self.ca()?;
         if !(100..=600_000).contains(&self.first_request_timeout_ms) {
             return Err(Error::Invalid {
@@ -248,12 +269,6 @@ impl ServerConfig {
                 reason: "must be 1..=caMaxTtlSecs".into(),
             });
         }
-        if self.trust_domain.is_empty() || self.trust_domain.contains('/') {
-            return Err(Error::Invalid {
-                field: "trustDomain",
-                reason: "must be a name without /".into(),
-            });
-        }
         Ok(Some(crate::ca::Config {
             addr,
             trust_domain: self.trust_domain.clone(),
@@ -266,6 +281,16 @@ impl ServerConfig {
             source,
             dns_names: self.ca_dns_names.clone(),
         }))
+    }
+
+    /// The snapshot builder's settings.
+    pub fn snapshot_config(&self) -> crate::xds::snapshot::Config {
+        crate::xds::snapshot::Config {
+            debounce: Duration::from_millis(self.xds_debounce_ms),
+            tls_phase: Duration::from_millis(self.xds_tls_phase_ms),
+            trust_domain: std::sync::Arc::from(self.trust_domain.as_str()),
+            test_hooks: self.test_hooks,
+        }
     }
 
     /// Limits of the xDS port.

@@ -73,6 +73,9 @@ struct ServerArgs {
     /// SPIFFE trust domain [default: cluster.local].
     #[arg(long)]
     trust_domain: Option<String>,
+    /// Time each step of a TLS mode change has to reach every proxy, in milliseconds [default: 400].
+    #[arg(long)]
+    xds_tls_phase_ms: Option<u64>,
     /// Serve the CA (polaris-security, HTTPS) on this address [default: off].
     #[arg(long)]
     ca_addr: Option<SocketAddr>,
@@ -210,6 +213,9 @@ fn main() -> anyhow::Result<()> {
             }
             if let Some(v) = a.trust_domain {
                 cfg.trust_domain = v;
+            }
+            if let Some(v) = a.xds_tls_phase_ms {
+                cfg.xds_tls_phase_ms = v;
             }
             macro_rules! set_opt {
                 ($($f:ident),*) => {$( if a.$f.is_some() { cfg.$f = a.$f; } )*};

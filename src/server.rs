@@ -115,8 +115,7 @@ pub async fn run(
     let builder = tokio::spawn(snapshot::run(
         registry.clone(),
         cache.clone(),
-        Duration::from_millis(cfg.xds_debounce_ms),
-        cfg.test_hooks,
+        cfg.snapshot_config(),
     ));
     let (stop_tx, stop_rx) = watch::channel(false);
     let ads =

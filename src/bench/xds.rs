@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::metrics::Metrics;
-use crate::model::InstanceInput;
+use crate::model::{InstanceInput, Service, TlsMode, TLS_MODE_KEY};
 use crate::registry::{self, Command, Registry};
 use crate::store::RedbStore;
 use crate::xds::resources::OUTBOUND_ROUTE;
@@ -65,6 +65,13 @@ pub struct XdsArgs {
     /// brings a new port, as VMs and random ports do).
     #[arg(long)]
     same_port: bool,
+    /// TLS mode of every service (`polarismesh.cn/tls-mode`): what mTLS costs the push.
+    #[arg(long, default_value = "none", value_parser = parse_tls_mode)]
+    tls_mode: TlsMode,
+}
+
+fn parse_tls_mode(v: &str) -> Result<TlsMode, String> {
+    TlsMode::parse(v).ok_or_else(|| format!("{v:?} is not one of none, permissive, strict"))
 }
 
 /// Hidden client-side process arguments.
@@ -148,6 +155,7 @@ async fn run_each_mode(a: XdsArgs) -> anyhow::Result<()> {
             .args(["--changes", &a.changes.to_string()])
             .args(["--debounce-ms", &a.debounce_ms.to_string()])
             .args(a.same_port.then_some("--same-port"))
+            .args(["--tls-mode", a.tls_mode.as_str()])
             .stderr(Stdio::inherit())
             .output()
             .await?;
@@ -207,6 +215,17 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
     )
     .await?;
     let now = crate::model::now_rfc3339();
+    if a.tls_mode != TlsMode::None {
+        let services = (0..a.services)
+            .map(|s| {
+                let mut svc = Service::bare("default", &format!("svc-{s}"), &now);
+                svc.metadata
+                    .insert(TLS_MODE_KEY.into(), a.tls_mode.as_str().into());
+                svc
+            })
+            .collect();
+        reg.submit(Command::CreateServices(services)).await?;
+    }
     for s in 0..a.services {
         let batch = (0..a.endpoints)
             .map(|e| instance(s, e).validate(&now))
@@ -217,7 +236,7 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
     let mut full = Vec::new();
     for _ in 0..3 {
         let c = Cache::default();
-        let mut b = Builder::new();
+        let mut b = Builder::default();
         let t = Instant::now();
         b.full(&reg, &c);
         full.push(t.elapsed());
@@ -227,8 +246,10 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
     tokio::spawn(snapshot::run(
         reg.clone(),
         cache.clone(),
-        Duration::from_millis(a.debounce_ms),
-        false,
+        snapshot::Config {
+            debounce: Duration::from_millis(a.debounce_ms),
+            ..Default::default()
+        },
     ));
     while cache.current().generation == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -132,6 +132,7 @@ fn translation_view(
                                 "host": i.host,
                                 "port": i.port,
                                 "state": r::translation_state(i, sv.discovery),
+                                "acceptsMtls": r::accepts_mtls(i, sv.tls.server),
                             })
                         })
                         .collect()
@@ -141,6 +142,13 @@ fn translation_view(
                 "service": &**name,
                 "aliasFor": sv.service.alias_for,
                 "discovery": sv.discovery,
+                // What callers send and what its sidecars accept; they differ while a mode
+                // change rolls out.
+                "tls": {
+                    "mode": sv.service.tls_mode(),
+                    "client": sv.tls.client,
+                    "server": sv.tls.server,
+                },
                 "instances": instances,
             })
         })

@@ -17,7 +17,7 @@ use super::{
     ads, duration_ms, inbound_name, outbound_name, CONNECT_TIMEOUT_KEY, HTTP_OPTIONS_EXT,
     LB_POLICY_KEY, TEST_INVALID_KEY,
 };
-use crate::model::Service;
+use crate::model::{Service, TlsMode};
 
 /// Whether a service speaks HTTP/2 upstream (gRPC, h2, h2c).
 pub fn is_h2(protocol: &str) -> bool {
@@ -95,6 +95,12 @@ pub fn outbound_cluster_with_hooks(svc: &Service, test_hooks: bool) -> Cluster {
             nanos: 0,
         });
     }
+    c
+}
+
+/// `c` as callers of `svc` in TLS `mode` see it (see [`super::transport_socket_matches`]).
+pub fn with_tls(mut c: Cluster, svc: &Service, mode: TlsMode, trust_domain: &str) -> Cluster {
+    c.transport_socket_matches = super::transport_socket_matches(svc, mode, trust_domain);
     c
 }
 

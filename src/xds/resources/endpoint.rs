@@ -18,8 +18,10 @@ use envoy_types::pb::google::protobuf::{value::Kind, Struct, UInt32Value, Value}
 use serde::Serialize;
 use xxhash_rust::xxh3::Xxh3;
 
-use super::{inbound_name, socket, LB_METADATA, TRANSLATOR_SALT};
-use crate::model::{Instance, Service};
+use super::{
+    accept_mtls_struct, inbound_name, socket, LB_METADATA, TRANSLATOR_SALT, TRANSPORT_SOCKET_MATCH,
+};
+use crate::model::{Instance, Service, TlsMode, TLS_MODE_KEY};
 
 /// How the endpoints of a service reach Envoy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -79,6 +81,8 @@ struct EndpointSpec {
     weight: u32,
     healthy: bool,
     metadata: BTreeMap<String, String>,
+    /// Marked for `transport_socket_matches` as accepting mTLS.
+    accept_mtls: bool,
 }
 
 /// One locality with its endpoints.
@@ -101,20 +105,38 @@ pub struct LoadAssignmentSpec {
 }
 
 impl LoadAssignmentSpec {
-    /// The endpoints EDS carries: instances that take traffic, with IP addresses.
-    pub fn eds<'a>(cluster_name: &str, instances: impl IntoIterator<Item = &'a Instance>) -> Self {
-        Self::build(cluster_name, instances.into_iter().filter(|i| routable(i)))
-    }
-
-    /// The endpoints of a `STRICT_DNS` cluster: instances that take traffic, hostnames included.
-    pub fn dns<'a>(cluster_name: &str, instances: impl IntoIterator<Item = &'a Instance>) -> Self {
+    /// The endpoints EDS carries: instances that take traffic, with IP addresses. `server` is the
+    /// TLS mode the service's sidecars serve in (see [`accepts_mtls`]).
+    pub fn eds<'a>(
+        cluster_name: &str,
+        instances: impl IntoIterator<Item = &'a Instance>,
+        server: TlsMode,
+    ) -> Self {
         Self::build(
             cluster_name,
-            instances.into_iter().filter(|i| takes_traffic(i)),
+            instances.into_iter().filter(|i| routable(i)),
+            server,
         )
     }
 
-    fn build<'a>(cluster_name: &str, instances: impl Iterator<Item = &'a Instance>) -> Self {
+    /// The endpoints of a `STRICT_DNS` cluster: instances that take traffic, hostnames included.
+    pub fn dns<'a>(
+        cluster_name: &str,
+        instances: impl IntoIterator<Item = &'a Instance>,
+        server: TlsMode,
+    ) -> Self {
+        Self::build(
+            cluster_name,
+            instances.into_iter().filter(|i| takes_traffic(i)),
+            server,
+        )
+    }
+
+    fn build<'a>(
+        cluster_name: &str,
+        instances: impl Iterator<Item = &'a Instance>,
+        server: TlsMode,
+    ) -> Self {
         let mut by_locality: BTreeMap<(&str, &str, &str), Vec<EndpointSpec>> = BTreeMap::new();
         for i in instances {
             by_locality
@@ -126,6 +148,7 @@ impl LoadAssignmentSpec {
                     weight: i.weight,
                     healthy: i.healthy,
                     metadata: i.metadata.clone(),
+                    accept_mtls: accepts_mtls(i, server),
                 });
         }
         LoadAssignmentSpec {
@@ -188,16 +211,38 @@ impl EndpointSpec {
             } else {
                 HealthStatus::Unhealthy
             } as i32,
-            metadata: lb_metadata(&self.metadata),
+            metadata: endpoint_metadata(&self.metadata, self.accept_mtls),
             load_balancing_weight: Some(UInt32Value { value: self.weight }),
         }
     }
 }
 
-fn lb_metadata(m: &BTreeMap<String, String>) -> Option<Metadata> {
-    if m.is_empty() {
+/// Whether an instance's sidecar accepts mTLS: its service's sidecars serve TLS (`server` is
+/// permissive or strict) and the instance does not say it has no such sidecar
+/// (`polarismesh.cn/tls-mode: none`, e.g. a VM registered by hand).
+pub fn accepts_mtls(i: &Instance, server: TlsMode) -> bool {
+    server != TlsMode::None && i.metadata.get(TLS_MODE_KEY).map(String::as_str) != Some("none")
+}
+
+/// The instance's metadata for load balancing (`envoy.lb`), and the mark permissive callers'
+/// `transport_socket_matches` look for.
+fn endpoint_metadata(m: &BTreeMap<String, String>, accept_mtls: bool) -> Option<Metadata> {
+    if m.is_empty() && !accept_mtls {
         return None;
     }
+    let mut md = Metadata::default();
+    if !m.is_empty() {
+        md.filter_metadata
+            .insert(LB_METADATA.to_string(), string_struct(m));
+    }
+    if accept_mtls {
+        md.filter_metadata
+            .insert(TRANSPORT_SOCKET_MATCH.to_string(), accept_mtls_struct());
+    }
+    Some(md)
+}
+
+fn string_struct(m: &BTreeMap<String, String>) -> Struct {
     let fields: HashMap<String, Value> = m
         .iter()
         .map(|(k, v)| {
@@ -209,10 +254,7 @@ fn lb_metadata(m: &BTreeMap<String, String>) -> Option<Metadata> {
             )
         })
         .collect();
-    let mut md = Metadata::default();
-    md.filter_metadata
-        .insert(LB_METADATA.to_string(), Struct { fields });
-    Some(md)
+    Struct { fields }
 }
 
 /// The inbound `ClusterLoadAssignment`: the local application on each port.
@@ -231,6 +273,7 @@ pub fn inbound_load_assignment(svc: &Service, ports: &[u16]) -> ClusterLoadAssig
                     weight: 100,
                     healthy: true,
                     metadata: BTreeMap::new(),
+                    accept_mtls: false,
                 })
                 .collect(),
         }],
@@ -270,8 +313,12 @@ mod tests {
         let zero = inst("10.0.0.4", 80, |i| i.weight = Some(0));
         let hostname = inst("echo.example", 80, |_| {});
         let heavy = inst("10.0.0.5", 80, |i| i.weight = Some(300));
-        let cla =
-            LoadAssignmentSpec::eds("X", [&a, &b, &isolated, &zero, &hostname, &heavy]).to_proto();
+        let cla = LoadAssignmentSpec::eds(
+            "X",
+            [&a, &b, &isolated, &zero, &hostname, &heavy],
+            TlsMode::None,
+        )
+        .to_proto();
         assert_eq!(cla.cluster_name, "X");
         let all: Vec<_> = cla.endpoints.iter().flat_map(|l| &l.lb_endpoints).collect();
         assert_eq!(all.len(), 3, "isolated, weight 0 and hostname excluded");
@@ -308,7 +355,8 @@ mod tests {
         let isolated_host = inst("db.example", 80, |i| i.isolate = Some(true));
         assert_eq!(discovery([&ip, &isolated_host]), Discovery::Eds);
         assert_eq!(discovery([&ip, &host]), Discovery::StrictDns);
-        let cla = LoadAssignmentSpec::dns("X", [&ip, &host, &isolated_host]).to_proto();
+        let cla =
+            LoadAssignmentSpec::dns("X", [&ip, &host, &isolated_host], TlsMode::None).to_proto();
         let hosts: Vec<_> = cla
             .endpoints
             .iter()
@@ -372,6 +420,9 @@ mod tests {
             ("ctime", |i| i.ctime = "later".into()),
             ("mtime", |i| i.mtime = "later".into()),
             ("service", |i| i.service = "other".into()),
+            ("no mTLS sidecar", |i| {
+                i.metadata.insert(TLS_MODE_KEY.into(), "none".into());
+            }),
         ];
         let base = inst("10.0.0.1", 80, |i| {
             i.metadata = Some(
@@ -383,8 +434,8 @@ mod tests {
         let other = inst("10.0.0.2", 81, |_| {});
         for dns in [false, true] {
             let build = |a: &Instance, b: &Instance| match dns {
-                false => LoadAssignmentSpec::eds("X", [a, b]),
-                true => LoadAssignmentSpec::dns("X", [a, b]),
+                false => LoadAssignmentSpec::eds("X", [a, b], TlsMode::Permissive),
+                true => LoadAssignmentSpec::dns("X", [a, b], TlsMode::Permissive),
             };
             let before = build(&base, &other);
             // The same content gives the same version, however maps happen to encode.
@@ -400,5 +451,34 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn endpoints_that_accept_mtls_are_marked_for_permissive_callers() {
+        let sidecar = inst("10.0.0.1", 80, |_| {});
+        let vm = inst("10.0.0.2", 80, |i| {
+            i.metadata = Some([(TLS_MODE_KEY.to_string(), "none".to_string())].into())
+        });
+        let marked = |server: TlsMode| -> Vec<bool> {
+            let cla = LoadAssignmentSpec::eds("X", [&sidecar, &vm], server).to_proto();
+            cla.endpoints
+                .iter()
+                .flat_map(|l| &l.lb_endpoints)
+                .map(|e| {
+                    e.metadata.as_ref().is_some_and(|m| {
+                        m.filter_metadata.get(TRANSPORT_SOCKET_MATCH) == Some(&accept_mtls_struct())
+                    })
+                })
+                .collect()
+        };
+        assert_eq!(marked(TlsMode::None), vec![false, false]);
+        assert_eq!(marked(TlsMode::Permissive), vec![true, false]);
+        assert_eq!(marked(TlsMode::Strict), vec![true, false]);
+        let v = |server| LoadAssignmentSpec::eds("X", [&sidecar], server).version();
+        assert_ne!(v(TlsMode::None), v(TlsMode::Permissive));
+        assert_eq!(v(TlsMode::Permissive), v(TlsMode::Strict));
+        // No metadata at all in plaintext mode: the resource is what it was before modes existed.
+        let cla = LoadAssignmentSpec::eds("X", [&sidecar], TlsMode::None).to_proto();
+        assert!(cla.endpoints[0].lb_endpoints[0].metadata.is_none());
     }
 }

@@ -1,21 +1,29 @@
 //! Listeners: the outbound and inbound HTTP listeners of sidecars, the on-demand outbound listener,
 //! and the API listeners of proxyless gRPC clients.
 
+use envoy_types::pb::envoy::config::core::v3::TransportSocket;
 use envoy_types::pb::envoy::config::listener::v3::{
-    filter, ApiListener, Filter, FilterChain, Listener,
+    filter, listener_filter, ApiListener, Filter, FilterChain, FilterChainMatch, Listener,
+    ListenerFilter,
 };
 use envoy_types::pb::envoy::extensions::filters::http::on_demand::v3::OnDemand;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    http_connection_manager::{CodecType, RouteSpecifier},
+    http_connection_manager::{
+        CodecType, ForwardClientCertDetails, RouteSpecifier, SetCurrentClientCertDetails,
+    },
     http_filter, HttpConnectionManager, HttpFilter, Rds,
 };
 use envoy_types::util::pack_any;
 
 use super::{
-    ads, inbound_listener_name, inbound_route_name, outbound_listener_name, socket, HCM_FILTER,
-    ON_DEMAND_ROUTE, OUTBOUND_ROUTE, ROUTER_FILTER,
+    ads, downstream_tls, inbound_listener_name, inbound_route_name, outbound_listener_name, socket,
+    HCM_FILTER, ON_DEMAND_ROUTE, OUTBOUND_ROUTE, ROUTER_FILTER,
 };
+use crate::model::TlsMode;
+
+const TLS_INSPECTOR: &str = "envoy.filters.listener.tls_inspector";
 
 fn router_filter() -> HttpFilter {
     HttpFilter {
@@ -98,15 +106,70 @@ pub fn outbound_listener(ip: &str, port: u16) -> Listener {
     )
 }
 
-/// The inbound listener of the node's own service: HTTP on `port` to its inbound cluster.
-pub fn inbound_listener(ns: &str, svc: &str, port: u16) -> Listener {
-    hcm_listener(
+/// The inbound HTTP stat prefix: one for every filter chain, so a listener's HTTP statistics
+/// count mTLS and plaintext requests alike.
+pub const INBOUND_STAT_PREFIX: &str = "INBOUND_HTTP";
+
+/// The inbound listener of the node's own service: HTTP on `port` to its inbound cluster, as the
+/// service's TLS `mode` says:
+/// - `none`: plaintext;
+/// - `strict`: mTLS only (a client certificate of `trust_domain` required, TLS 1.2+); a
+///   plaintext connection matches no filter chain and is closed;
+/// - `permissive`: `tls_inspector` picks one of two filter chains, mTLS or plaintext, and both
+///   go through the same HTTP connection manager and routes (PolarisMesh passes plaintext to a
+///   TCP proxy instead, skipping HTTP routing and rate limits).
+///
+/// Over mTLS the caller's SPIFFE id reaches the application in `x-forwarded-client-cert`; any
+/// such header a client sends itself is removed first.
+pub fn inbound_listener(
+    ns: &str,
+    svc: &str,
+    port: u16,
+    mode: TlsMode,
+    trust_domain: &str,
+) -> Listener {
+    let route = inbound_route_name(ns, svc);
+    let mut l = hcm_listener(
         inbound_listener_name(ns, svc, port),
         "0.0.0.0",
         port,
-        "INBOUND_HTTP",
-        &inbound_route_name(ns, svc),
-    )
+        INBOUND_STAT_PREFIX,
+        &route,
+    );
+    if mode == TlsMode::None {
+        return l;
+    }
+    let mut h = hcm(INBOUND_STAT_PREFIX, &route);
+    h.forward_client_cert_details = ForwardClientCertDetails::SanitizeSet as i32;
+    h.set_current_client_cert_details = Some(SetCurrentClientCertDetails {
+        uri: true,
+        ..Default::default()
+    });
+    let chain = |name: &str, protocol: &str, socket: Option<TransportSocket>| FilterChain {
+        name: name.to_string(),
+        filter_chain_match: Some(FilterChainMatch {
+            transport_protocol: protocol.to_string(),
+            ..Default::default()
+        }),
+        filters: vec![Filter {
+            name: HCM_FILTER.to_string(),
+            config_type: Some(filter::ConfigType::TypedConfig(pack_any(h.clone()))),
+        }],
+        transport_socket: socket,
+        ..Default::default()
+    };
+    l.listener_filters = vec![ListenerFilter {
+        name: TLS_INSPECTOR.to_string(),
+        config_type: Some(listener_filter::ConfigType::TypedConfig(pack_any(
+            TlsInspector::default(),
+        ))),
+        ..Default::default()
+    }];
+    l.filter_chains = vec![chain("mtls", "tls", Some(downstream_tls(trust_domain)))];
+    if mode == TlsMode::Permissive {
+        l.filter_chains.push(chain("plaintext", "raw_buffer", None));
+    }
+    l
 }
 
 /// An API listener for proxyless gRPC, named exactly like the client's target authority.
@@ -162,7 +225,71 @@ mod tests {
         let l = outbound_listener("0.0.0.0", 15001);
         assert_eq!(l.name, "OUTBOUND_15001");
         assert_eq!(l.filter_chains[0].filters[0].name, HCM_FILTER);
-        let i = inbound_listener("default", "echo", 15006);
+        let i = inbound_listener("default", "echo", 15006, TlsMode::None, "td");
         assert_eq!(i.name, "echo.default_INBOUND_15006");
+        assert!(i.listener_filters.is_empty());
+        assert!(i.filter_chains[0].transport_socket.is_none());
+    }
+
+    fn hcm_of(c: &FilterChain) -> HttpConnectionManager {
+        use prost::Message;
+        let Some(filter::ConfigType::TypedConfig(any)) = &c.filters[0].config_type else {
+            panic!()
+        };
+        HttpConnectionManager::decode(any.value.as_slice()).unwrap()
+    }
+
+    #[test]
+    fn strict_inbound_takes_only_mtls() {
+        let l = inbound_listener("default", "echo", 15006, TlsMode::Strict, "td");
+        assert_eq!(l.listener_filters[0].name, TLS_INSPECTOR);
+        assert_eq!(l.filter_chains.len(), 1, "no plaintext chain");
+        let c = &l.filter_chains[0];
+        assert_eq!(
+            c.filter_chain_match.as_ref().unwrap().transport_protocol,
+            "tls"
+        );
+        assert_eq!(
+            c.transport_socket.as_ref().unwrap().name,
+            "envoy.transport_sockets.tls"
+        );
+        assert!(l.default_filter_chain.is_none());
+        let h = hcm_of(c);
+        assert_eq!(
+            h.forward_client_cert_details,
+            ForwardClientCertDetails::SanitizeSet as i32
+        );
+        assert!(h.set_current_client_cert_details.unwrap().uri);
+    }
+
+    #[test]
+    fn permissive_inbound_routes_both_chains_through_http() {
+        let l = inbound_listener("default", "echo", 15006, TlsMode::Permissive, "td");
+        let protocols: Vec<_> = l
+            .filter_chains
+            .iter()
+            .map(|c| {
+                c.filter_chain_match
+                    .as_ref()
+                    .unwrap()
+                    .transport_protocol
+                    .as_str()
+            })
+            .collect();
+        assert_eq!(protocols, ["tls", "raw_buffer"]);
+        assert!(l.filter_chains[1].transport_socket.is_none());
+        for c in &l.filter_chains {
+            assert_eq!(
+                c.filters[0].name, HCM_FILTER,
+                "plaintext is not a TCP passthrough"
+            );
+            let h = hcm_of(c);
+            assert_eq!(h.stat_prefix, INBOUND_STAT_PREFIX);
+            assert_eq!(
+                h.forward_client_cert_details,
+                ForwardClientCertDetails::SanitizeSet as i32,
+                "a plaintext client cannot forge the caller's identity"
+            );
+        }
     }
 }

@@ -7,12 +7,14 @@ mod endpoint;
 mod listener;
 mod route;
 mod secret;
+mod tls;
 
 pub use cluster::*;
 pub use endpoint::*;
 pub use listener::*;
 pub use route::*;
 pub use secret::*;
+pub use tls::*;
 
 use envoy_types::pb::envoy::config::core::v3::{
     address, config_source::ConfigSourceSpecifier, socket_address::PortSpecifier, Address,
@@ -59,7 +61,7 @@ pub const NODE_BIND_PORTS_KEY: &str = "sidecar.polarismesh.cn/bindPorts";
 
 /// Part of every content version: bumped when the translation changes, so versions from an older
 /// build are not trusted.
-pub const TRANSLATOR_SALT: &[u8] = b"polaris-mesh/xds/2";
+pub const TRANSLATOR_SALT: &[u8] = b"polaris-mesh/xds/3";
 
 pub(crate) const HCM_FILTER: &str = "envoy.filters.network.http_connection_manager";
 pub(crate) const ROUTER_FILTER: &str = "envoy.filters.http.router";

@@ -8,6 +8,10 @@ use envoy_types::pb::envoy::config::route::v3::{
     RouteConfiguration, RouteMatch, Vhds, VirtualHost,
 };
 
+use envoy_types::pb::envoy::config::core::v3::{
+    header_value_option::HeaderAppendAction, HeaderValue, HeaderValueOption,
+};
+
 use super::{ads, inbound_name, outbound_name, ON_DEMAND_ROUTE};
 use crate::model::{Instance, Service};
 
@@ -136,13 +140,25 @@ pub fn inbound_route_name(ns: &str, svc: &str) -> String {
     format!("polaris-inbound-cluster|{svc}.{ns}")
 }
 
-/// The inbound route configuration: everything to the inbound cluster.
+/// Request header the inbound route adds: the application sees that a request came through its
+/// sidecar's inbound routing (over mTLS or plaintext alike), and for which service.
+pub const INBOUND_HEADER: &str = "x-polaris-inbound";
+
+/// The inbound route configuration: everything to the inbound cluster, marked with
+/// [`INBOUND_HEADER`] = `<svc>.<ns>`.
 pub fn inbound_route(ns: &str, svc: &str) -> RouteConfiguration {
     let cluster = inbound_name(ns, svc);
-    route_configuration(
-        &inbound_route_name(ns, svc),
-        vec![virtual_host(cluster.clone(), vec!["*".into()], cluster)],
-    )
+    let mut vh = virtual_host(cluster.clone(), vec!["*".into()], cluster);
+    vh.request_headers_to_add = vec![HeaderValueOption {
+        header: Some(HeaderValue {
+            key: INBOUND_HEADER.to_string(),
+            value: format!("{svc}.{ns}"),
+            ..Default::default()
+        }),
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..Default::default()
+    }];
+    route_configuration(&inbound_route_name(ns, svc), vec![vh])
 }
 
 #[cfg(test)]

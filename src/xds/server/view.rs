@@ -95,9 +95,9 @@ impl StreamState {
             self.view()
                 .and_then(|v| v.services.get(svc.as_str()))
                 .filter(|sv| sv.service.alias_for.is_none())
-                .map(|sv| (sv.service.clone(), sv.ports.clone()))
+                .map(|sv| (sv.service.clone(), sv.ports.clone(), sv.tls.server))
         });
-        if let Some((svc, ports)) = own {
+        if let Some((svc, ports, tls_mode)) = own {
             let ports = if node.bind_ports.is_empty() {
                 ports
             } else {
@@ -111,7 +111,13 @@ impl StreamState {
             by_kind
                 .get_or_default(TypeKind::Endpoint)
                 .push(Encoded::new(Arc::from(cla.cluster_name.as_str()), &cla));
-            let l = r::inbound_listener(&svc.namespace, &svc.name, node.inbound_port);
+            let l = r::inbound_listener(
+                &svc.namespace,
+                &svc.name,
+                node.inbound_port,
+                tls_mode,
+                &self.snap.trust_domain,
+            );
             by_kind
                 .get_or_default(TypeKind::Listener)
                 .push(Encoded::new(Arc::from(l.name.as_str()), &l));

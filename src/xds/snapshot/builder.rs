@@ -1,37 +1,93 @@
 //! The builder: translates registry changes into new snapshot generations.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prost::Message;
 use tokio::sync::broadcast;
 
 use super::encoded::content_version;
+use super::tls::TlsState;
 use super::{Cache, Changed, Encoded, NamespaceView, ServiceView, Snapshot};
 use crate::model::{Instance, Service, ServiceKey};
 use crate::registry::{ChangeKey, Registry};
 use crate::xds::resources as r;
 use crate::xds::TypeKind;
 
+/// How the builder translates.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How long to gather a burst of registry changes before publishing (the first change after
+    /// a quiet period is published at once).
+    pub debounce: Duration,
+    /// Time each step of a TLS mode change has to reach every proxy before the next step (see
+    /// [`super::tls`]). It should exceed the push p99 to the mesh's proxies.
+    pub tls_phase: Duration,
+    /// SPIFFE trust domain of workload identities.
+    pub trust_domain: Arc<str>,
+    /// Honour [`r::TEST_INVALID_KEY`] (for end-to-end NACK tests only).
+    pub test_hooks: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            debounce: Duration::from_millis(5),
+            tls_phase: Duration::from_millis(400),
+            trust_domain: Arc::from(r::DEFAULT_TRUST_DOMAIN),
+            test_hooks: false,
+        }
+    }
+}
+
 /// Builds snapshots from the registry.
 pub struct Builder {
+    cfg: Config,
     namespaces: HashMap<Arc<str>, Arc<NamespaceView>>,
     generation: u64,
-    test_hooks: bool,
     /// Clusters of deleted services, removed one generation after their routes: (ns, cluster, service).
     retiring: Vec<(Arc<str>, Arc<str>, Arc<str>)>,
+    /// Services part way through a TLS mode change, and when their next step is due.
+    tls_pending: HashMap<ServiceKey, Instant>,
+    /// Services whose next TLS step is being taken now (set by [`Builder::advance_tls`]).
+    tls_stepping: HashSet<ServiceKey>,
 }
 
 impl Builder {
     /// An empty builder.
-    pub fn new() -> Self {
+    pub fn new(cfg: Config) -> Self {
         Builder {
+            cfg,
             namespaces: HashMap::new(),
             generation: 0,
-            test_hooks: false,
             retiring: Vec::new(),
+            tls_pending: HashMap::new(),
+            tls_stepping: HashSet::new(),
         }
+    }
+
+    /// When the next TLS mode step is due, if a change is rolling out.
+    pub fn next_tls_step(&self) -> Option<Instant> {
+        self.tls_pending.values().min().copied()
+    }
+
+    /// Takes the next step of every TLS mode change that is due, and publishes.
+    pub fn advance_tls(&mut self, reg: &Registry, cache: &Cache) {
+        let now = Instant::now();
+        let due: Vec<ServiceKey> = self
+            .tls_pending
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        self.tls_stepping = due.iter().cloned().collect();
+        let keys = due.into_iter().map(ChangeKey::Service).collect();
+        self.apply(reg, keys, cache.applied_revision(), cache);
+        self.tls_stepping.clear();
     }
 
     /// Whether clusters of deleted services wait for [`Builder::retire`].
@@ -85,15 +141,10 @@ impl Builder {
                 revision: cache.applied_revision(),
                 namespaces: self.namespaces.clone(),
                 secrets: Default::default(),
+                trust_domain: self.cfg.trust_domain.clone(),
             },
             changes,
         );
-    }
-
-    /// Honours [`r::TEST_INVALID_KEY`] (for end-to-end NACK tests only).
-    pub fn with_test_hooks(mut self, on: bool) -> Self {
-        self.test_hooks = on;
-        self
     }
 
     /// Re-translates everything and publishes.
@@ -186,12 +237,59 @@ impl Builder {
                 revision,
                 namespaces: self.namespaces.clone(),
                 secrets: Default::default(),
+                trust_domain: self.cfg.trust_domain.clone(),
             },
             std::mem::take(changes),
         );
         cache
             .applied
             .fetch_max(revision, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// The TLS state `svc` is translated in this generation: a new service starts in its mode; a
+    /// settled one takes the first step toward a new mode at once; one part way through a change
+    /// takes its next step only when [`Builder::advance_tls`] says it is due.
+    fn tls_state(
+        &mut self,
+        ns: &str,
+        name: &str,
+        svc: &Service,
+        prev: Option<TlsState>,
+    ) -> TlsState {
+        let target = svc.tls_mode();
+        let key = ServiceKey::new(ns, name);
+        let Some(cur) = prev else {
+            self.tls_pending.remove(&key);
+            return TlsState::settled(target);
+        };
+        if cur == TlsState::settled(target) {
+            self.tls_pending.remove(&key);
+            return cur;
+        }
+        if !cur.is_settled() && !self.tls_stepping.contains(&key) {
+            // Mid-rollout and not yet due: keep the state; the pending step stays scheduled
+            // (a rollout interrupted by a lagged full rebuild is rescheduled).
+            self.tls_pending
+                .entry(key)
+                .or_insert_with(|| Instant::now() + self.cfg.tls_phase);
+            return cur;
+        }
+        let next = cur.step(target);
+        if next == TlsState::settled(target) {
+            self.tls_pending.remove(&key);
+        } else {
+            self.tls_pending
+                .insert(key, Instant::now() + self.cfg.tls_phase);
+        }
+        tracing::info!(
+            namespace = ns,
+            service = name,
+            client = next.client.as_str(),
+            server = next.server.as_str(),
+            target = target.as_str(),
+            "TLS mode step"
+        );
+        next
     }
 
     fn apply_namespace(
@@ -247,6 +345,7 @@ impl Builder {
             let cname: Arc<str> = Arc::from(r::outbound_name(ns, name).as_str());
             match input {
                 None => {
+                    self.tls_pending.remove(&ServiceKey::new(ns, name));
                     if view.services.contains_key(name.as_str()) {
                         Arc::make_mut(&mut view.services).remove(name.as_str());
                     }
@@ -290,11 +389,15 @@ impl Builder {
                         });
                     }
                     let prev = view.services.get(name.as_str());
+                    let tls = self.tls_state(ns, name, &svc, prev.map(|p| p.tls));
                     let service_changed = prev.is_none_or(|p| p.service != svc);
-                    // The service's own sidecars serve its ports (inbound cluster).
-                    let ports_changed = prev.is_some_and(|p| p.ports != ports);
+                    // The service's own sidecars serve its ports (inbound cluster) in its server
+                    // TLS mode (inbound listener).
+                    let local_changed =
+                        prev.is_some_and(|p| p.ports != ports || p.tls.server != tls.server);
                     if service_changed
-                        || prev.is_some_and(|p| p.ports != ports || p.discovery != discovery)
+                        || local_changed
+                        || prev.is_some_and(|p| p.discovery != discovery || p.tls != tls)
                     {
                         Arc::make_mut(&mut view.services).insert(
                             name_arc.clone(),
@@ -302,10 +405,11 @@ impl Builder {
                                 service: svc.clone(),
                                 ports,
                                 discovery,
+                                tls,
                             },
                         );
                     }
-                    if service_changed || ports_changed {
+                    if service_changed || local_changed {
                         changes.push(Changed {
                             namespace: ns_arc.clone(),
                             kind: TypeKind::Listener,
@@ -315,13 +419,22 @@ impl Builder {
                     if svc.alias_for.is_some() {
                         continue;
                     }
-                    let base = r::outbound_cluster_with_hooks(&svc, self.test_hooks);
+                    let base = r::with_tls(
+                        r::outbound_cluster_with_hooks(&svc, self.cfg.test_hooks),
+                        &svc,
+                        tls.client,
+                        &self.cfg.trust_domain,
+                    );
                     let cluster = match discovery {
                         r::Discovery::Eds => Encoded::new(cname.clone(), &base),
                         r::Discovery::StrictDns => {
                             // The inline load assignment has maps (metadata) that encode in
                             // random order: version the canonical parts.
-                            let dns = r::LoadAssignmentSpec::dns(&cname, instances.iter().copied());
+                            let dns = r::LoadAssignmentSpec::dns(
+                                &cname,
+                                instances.iter().copied(),
+                                tls.server,
+                            );
                             let version = content_version(&[
                                 &base.encode_to_vec(),
                                 &dns.version().to_le_bytes(),
@@ -345,7 +458,8 @@ impl Builder {
                             name: cname.clone(),
                         });
                     }
-                    let eds = r::LoadAssignmentSpec::eds(&cname, instances.iter().copied());
+                    let eds =
+                        r::LoadAssignmentSpec::eds(&cname, instances.iter().copied(), tls.server);
                     let version = eds.version();
                     if view
                         .endpoints
@@ -395,7 +509,7 @@ impl Builder {
 
 impl Default for Builder {
     fn default() -> Self {
-        Self::new()
+        Self::new(Config::default())
     }
 }
 
@@ -404,21 +518,27 @@ impl Default for Builder {
 pub const RETIRE_AFTER: Duration = Duration::from_millis(500);
 
 /// Keeps the cache in step with the registry. The first change after a quiet period is translated
-/// at once; changes arriving within `debounce` after it are gathered into one more publish.
-pub async fn run(reg: Registry, cache: Arc<Cache>, debounce: Duration, test_hooks: bool) {
+/// at once; changes arriving within the debounce after it are gathered into one more publish.
+pub async fn run(reg: Registry, cache: Arc<Cache>, cfg: Config) {
+    let debounce = cfg.debounce;
     let mut feed = reg.subscribe();
-    let mut builder = Builder::new().with_test_hooks(test_hooks);
+    let mut builder = Builder::new(cfg);
     builder.full(&reg, &cache);
     let mut retire_at: Option<tokio::time::Instant> = None;
     loop {
         if retire_at.is_none() && builder.has_retiring() {
             retire_at = Some(tokio::time::Instant::now() + RETIRE_AFTER);
         }
+        let tls_at = builder.next_tls_step().map(tokio::time::Instant::from_std);
         let received = tokio::select! {
             r = feed.recv() => r,
             _ = async { tokio::time::sleep_until(retire_at.expect("guarded")).await }, if retire_at.is_some() => {
                 retire_at = None;
                 builder.retire(&cache);
+                continue;
+            }
+            _ = async { tokio::time::sleep_until(tls_at.expect("guarded")).await }, if tls_at.is_some() => {
+                builder.advance_tls(&reg, &cache);
                 continue;
             }
         };
@@ -520,7 +640,7 @@ mod tests {
         .await
         .unwrap();
         let cache = Cache::default();
-        let mut b = Builder::new();
+        let mut b = Builder::default();
         b.full(&reg, &cache);
         let g1 = cache.current();
         let (res, c) = cluster_of(&g1, "OUTBOUND|default|echo");
@@ -540,7 +660,7 @@ mod tests {
         // builder, another encoding, the same version.
         for _ in 0..8 {
             let other = Cache::default();
-            Builder::new().full(&reg, &other);
+            Builder::default().full(&reg, &other);
             assert_eq!(
                 cluster_of(&other.current(), "OUTBOUND|default|echo")
                     .0
@@ -592,7 +712,7 @@ mod tests {
         .await
         .unwrap();
         let cache = Cache::default();
-        let mut b = Builder::new();
+        let mut b = Builder::default();
         b.full(&reg, &cache);
         let route = cache.current().namespaces["default"].route.clone().unwrap();
         let echo = || vec![ChangeKey::Instances(ServiceKey::new("default", "echo"))];
@@ -687,7 +807,7 @@ mod tests {
             .collect();
         reg.submit(Command::RegisterInstances(batch)).await.unwrap();
         let cache = Cache::default();
-        let mut b = Builder::new();
+        let mut b = Builder::default();
         b.full(&reg, &cache);
         let g1 = cache.current();
         assert_eq!(g1.namespaces["default"].clusters.len(), 20);
@@ -748,8 +868,173 @@ mod tests {
         let i = inst("echo", "10.0.0.1");
         let mut j = i.clone();
         j.metadata.insert("a".into(), "1".into());
-        let v = |i: &Instance| r::LoadAssignmentSpec::eds("c", [i]).version();
+        let v = |i: &Instance| {
+            r::LoadAssignmentSpec::eds("c", [i], crate::model::TlsMode::None).version()
+        };
         assert_ne!(v(&i), v(&j));
         assert_eq!(v(&j), v(&j.clone()));
+    }
+
+    /// A mode change is published in steps (servers widen, callers switch, servers narrow), each
+    /// step a generation of its own with only the resources it changes.
+    #[tokio::test]
+    async fn a_mode_change_rolls_out_in_steps() {
+        use crate::model::{ServiceInput, TlsMode, TLS_MODE_KEY};
+        use crate::xds::snapshot::tls::TlsState;
+        let dir = tempfile::tempdir().unwrap();
+        let reg = registry(dir.path()).await;
+        reg.submit(Command::RegisterInstances(vec![
+            inst("echo", "10.0.0.1"),
+            inst("other", "10.0.0.2"),
+        ]))
+        .await
+        .unwrap();
+        let cache = Cache::default();
+        let mut b = Builder::new(Config {
+            tls_phase: Duration::ZERO,
+            ..Default::default()
+        });
+        b.full(&reg, &cache);
+        let set_mode = |mode: &str| ServiceInput {
+            namespace: Some("default".into()),
+            name: Some("echo".into()),
+            metadata: Some([(TLS_MODE_KEY.to_string(), mode.to_string())].into()),
+            ..Default::default()
+        };
+        let echo = || vec![ChangeKey::Service(ServiceKey::new("default", "echo"))];
+        let state = |c: &Cache| c.current().namespaces["default"].services["echo"].tls;
+        let step = |b: &mut Builder, c: &Cache| -> Vec<(TypeKind, String)> {
+            let g = c.current().generation;
+            b.advance_tls(&reg, c);
+            let now = c.current().generation;
+            assert_eq!(now, g + 1, "one generation per step");
+            let mut kinds: Vec<_> = c.changes(g, now).unwrap()[0]
+                .iter()
+                .map(|c| (c.kind, c.name.to_string()))
+                .collect();
+            kinds.sort();
+            kinds
+        };
+        let cluster = |c: &Cache| cluster_of(&c.current(), "OUTBOUND|default|echo").1;
+        let eds_marked = |c: &Cache| {
+            let res = c.current().namespaces["default"].endpoints["OUTBOUND|default|echo"].clone();
+            let cla = envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment::decode(
+                res.any.value.as_slice(),
+            )
+            .unwrap();
+            cla.endpoints[0].lb_endpoints[0]
+                .metadata
+                .as_ref()
+                .is_some_and(|m| m.filter_metadata.contains_key(r::TRANSPORT_SOCKET_MATCH))
+        };
+        let other_before =
+            cache.current().namespaces["default"].clusters["OUTBOUND|default|other"].clone();
+
+        // none → strict. Step 1 at once: servers widen (listeners, endpoint marks), callers not yet.
+        reg.submit(Command::UpdateServices(vec![set_mode("strict")]))
+            .await
+            .unwrap();
+        let rev = *reg.revision().borrow();
+        b.apply(&reg, echo(), rev, &cache);
+        assert_eq!(
+            state(&cache),
+            TlsState {
+                client: TlsMode::None,
+                server: TlsMode::Permissive
+            }
+        );
+        assert!(cluster(&cache).transport_socket_matches.is_empty());
+        assert!(eds_marked(&cache));
+        // Step 2: callers switch to mTLS (the cluster alone).
+        assert_eq!(
+            step(&mut b, &cache),
+            vec![(TypeKind::Cluster, "OUTBOUND|default|echo".to_string())]
+        );
+        assert_eq!(
+            state(&cache),
+            TlsState {
+                client: TlsMode::Strict,
+                server: TlsMode::Permissive
+            }
+        );
+        assert_eq!(cluster(&cache).transport_socket_matches.len(), 1);
+        // Step 3: servers narrow (the service's node-local listeners alone).
+        assert_eq!(
+            step(&mut b, &cache),
+            vec![(TypeKind::Listener, "echo".to_string())]
+        );
+        assert_eq!(state(&cache), TlsState::settled(TlsMode::Strict));
+        assert!(b.next_tls_step().is_none(), "settled");
+        let g = cache.current().generation;
+        b.advance_tls(&reg, &cache);
+        assert_eq!(cache.current().generation, g, "nothing left to step");
+
+        // strict → none, changed again half way (to permissive): the rollout turns around from
+        // where it is, without skipping the servers' widening.
+        reg.submit(Command::UpdateServices(vec![set_mode("none")]))
+            .await
+            .unwrap();
+        let rev = *reg.revision().borrow();
+        b.apply(&reg, echo(), rev, &cache);
+        assert_eq!(
+            state(&cache),
+            TlsState {
+                client: TlsMode::Strict,
+                server: TlsMode::Permissive
+            }
+        );
+        reg.submit(Command::UpdateServices(vec![set_mode("permissive")]))
+            .await
+            .unwrap();
+        let rev = *reg.revision().borrow();
+        b.apply(&reg, echo(), rev, &cache);
+        assert_eq!(
+            state(&cache),
+            TlsState {
+                client: TlsMode::Strict,
+                server: TlsMode::Permissive
+            },
+            "a step not yet due is not taken early"
+        );
+        step(&mut b, &cache);
+        assert_eq!(state(&cache), TlsState::settled(TlsMode::Permissive));
+        assert_eq!(cluster(&cache).transport_socket_matches.len(), 2);
+        // Another service's resources were never touched.
+        assert!(Arc::ptr_eq(
+            &other_before,
+            &cache.current().namespaces["default"].clusters["OUTBOUND|default|other"]
+        ));
+        crate::xds::consistent("default", &cache.current().namespaces["default"]).unwrap();
+    }
+
+    /// A new service starts in its mode; no rollout for what nobody used yet.
+    #[tokio::test]
+    async fn a_new_service_starts_in_its_mode() {
+        use crate::model::{TlsMode, TLS_MODE_KEY};
+        let dir = tempfile::tempdir().unwrap();
+        let reg = registry(dir.path()).await;
+        let mut svc = Service::bare("default", "echo", "t");
+        svc.metadata.insert(TLS_MODE_KEY.into(), "strict".into());
+        reg.submit(Command::CreateServices(vec![svc]))
+            .await
+            .unwrap();
+        reg.submit(Command::RegisterInstances(vec![inst("echo", "10.0.0.1")]))
+            .await
+            .unwrap();
+        let cache = Cache::default();
+        let mut b = Builder::default();
+        b.full(&reg, &cache);
+        assert_eq!(
+            cache.current().namespaces["default"].services["echo"].tls,
+            crate::xds::snapshot::tls::TlsState::settled(TlsMode::Strict)
+        );
+        assert!(b.next_tls_step().is_none());
+        assert_eq!(
+            cluster_of(&cache.current(), "OUTBOUND|default|echo")
+                .1
+                .transport_socket_matches
+                .len(),
+            1
+        );
     }
 }

@@ -9,8 +9,9 @@
 
 mod builder;
 mod encoded;
+pub mod tls;
 
-pub use builder::{run, Builder, RETIRE_AFTER};
+pub use builder::{run, Builder, Config, RETIRE_AFTER};
 pub use encoded::{Encoded, Res};
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -34,6 +35,8 @@ pub struct ServiceView {
     pub ports: Vec<u16>,
     /// How its endpoints reach Envoy (EDS, or DNS when some are hostnames).
     pub discovery: r::Discovery,
+    /// The TLS modes its callers and its sidecars are translated in.
+    pub tls: tls::TlsState,
 }
 
 /// Resources of one namespace, shared by every node in it.
@@ -78,6 +81,8 @@ pub struct Snapshot {
     pub namespaces: HashMap<Arc<str>, Arc<NamespaceView>>,
     /// Secrets (SDS): of no namespace; published by the sidecar agent's certificate store.
     pub secrets: Arc<BTreeMap<Arc<str>, Res>>,
+    /// SPIFFE trust domain of workload identities (inbound listeners check callers against it).
+    pub trust_domain: Arc<str>,
 }
 
 /// The cache streams read: the latest snapshot and recent change lists.
@@ -200,6 +205,7 @@ impl Cache {
                 revision: cur.revision,
                 namespaces: cur.namespaces.clone(),
                 secrets: Arc::new(next),
+                trust_domain: cur.trust_domain.clone(),
             },
             changes,
         );
