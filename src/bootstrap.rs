@@ -1,6 +1,8 @@
-//! `polaris bootstrap`: renders the Envoy bootstrap from `bootstrap-templates/envoy.yaml`.
+//! `polaris bootstrap`: renders the Envoy bootstrap from `bootstrap-templates/envoy.yaml`, or with
+//! `--tls` from `bootstrap-templates/envoy-tls.yaml` (plus the static cluster `sds-grpc` to the
+//! sidecar agent's SDS socket).
 //!
-//! The template is compiled into the binary (so the command works from any directory);
+//! The templates are compiled into the binary (so the command works from any directory);
 //! `--template` renders another file with the same placeholders.
 
 use std::collections::BTreeMap;
@@ -13,6 +15,12 @@ use crate::xds::resources::{NODE_NAMESPACE_KEY, NODE_OUTBOUND_PORT_KEY};
 
 /// The default template.
 pub const TEMPLATE: &str = include_str!("../bootstrap-templates/envoy.yaml");
+
+/// The template for sidecars in mTLS (`--tls`).
+pub const TLS_TEMPLATE: &str = include_str!("../bootstrap-templates/envoy-tls.yaml");
+
+/// Where the sidecar agent serves SDS by default (PolarisMesh's path).
+pub const DEFAULT_SDS_SOCKET: &str = "/var/run/polaris-sidecar/mtls/sds.sock";
 
 /// `polaris bootstrap` arguments.
 #[derive(Debug, Clone, Args)]
@@ -44,6 +52,12 @@ pub struct BootstrapArgs {
     /// Render this template instead of the built-in one.
     #[arg(long)]
     pub template: Option<PathBuf>,
+    /// mTLS: certificates over SDS from the sidecar agent (`polaris agent`).
+    #[arg(long)]
+    pub tls: bool,
+    /// The sidecar agent's SDS socket (with `--tls`).
+    #[arg(long, default_value = DEFAULT_SDS_SOCKET)]
+    pub sds_socket: PathBuf,
 }
 
 /// Bootstrap errors.
@@ -115,9 +129,17 @@ pub fn render(a: &BootstrapArgs) -> Result<String, Error> {
             .ok_or_else(|| invalid("--metadata", format!("{kv:?} is not KEY=VALUE")))?;
         md.insert(k.to_string(), v.to_string());
     }
-    let template = match &a.template {
-        Some(p) => std::fs::read_to_string(p)?,
-        None => TEMPLATE.to_string(),
+    let sds_socket = a.sds_socket.to_str().unwrap_or_default();
+    if a.tls && (!sds_socket.starts_with('/') || sds_socket.contains(['"', '\\', '\n'])) {
+        return Err(invalid(
+            "--sds-socket",
+            "must be an absolute path without quotes, backslashes or newlines",
+        ));
+    }
+    let template = match (&a.template, a.tls) {
+        (Some(p), _) => std::fs::read_to_string(p)?,
+        (None, false) => TEMPLATE.to_string(),
+        (None, true) => TLS_TEMPLATE.to_string(),
     };
     let cluster_type = if host.parse::<IpAddr>().is_ok() {
         "STATIC"
@@ -133,7 +155,8 @@ pub fn render(a: &BootstrapArgs) -> Result<String, Error> {
         .replace("{{API_TYPE}}", if a.sotw { "GRPC" } else { "DELTA_GRPC" })
         .replace("{{XDS_CLUSTER_TYPE}}", cluster_type)
         .replace("{{XDS_HOST}}", host)
-        .replace("{{XDS_PORT}}", &port.to_string()))
+        .replace("{{XDS_PORT}}", &port.to_string())
+        .replace("{{SDS_SOCKET}}", sds_socket))
 }
 
 #[cfg(test)]
@@ -151,6 +174,8 @@ mod tests {
             sotw: false,
             cluster: "polaris-mesh".into(),
             template: None,
+            tls: false,
+            sds_socket: DEFAULT_SDS_SOCKET.into(),
         }
     }
 
@@ -173,6 +198,31 @@ mod tests {
         let got = render(&a).unwrap();
         let want = include_str!("../tests/golden/bootstrap-sotw.yaml");
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn golden_tls() {
+        let a = BootstrapArgs {
+            tls: true,
+            metadata: vec![
+                "app=echo".into(),
+                "sidecar.polarismesh.cn/serviceName=echo".into(),
+                "polarismesh.cn/inboundPort=15006".into(),
+            ],
+            ..args()
+        };
+        let got = render(&a).unwrap();
+        let want = include_str!("../tests/golden/bootstrap-tls.yaml");
+        assert_eq!(got, want);
+        // Only the SDS cluster differs from the plaintext bootstrap.
+        let plain = render(&BootstrapArgs { tls: false, ..a }).unwrap();
+        let body = |s: &str| {
+            s.lines()
+                .filter(|l| !l.starts_with('#'))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert!(body(&got).starts_with(&body(&plain)));
     }
 
     #[test]
@@ -222,6 +272,14 @@ mod tests {
                 ..args()
             }),
             "--node-id"
+        );
+        assert_eq!(
+            e(BootstrapArgs {
+                tls: true,
+                sds_socket: "relative/sds.sock".into(),
+                ..args()
+            }),
+            "--sds-socket"
         );
     }
 }
