@@ -310,6 +310,56 @@ async fn bad_inputs_get_400_naming_the_field_and_change_nothing() {
     assert_eq!(svcs["amount"], 1);
 }
 
+/// The mesh's own metadata keys are checked where they are set; a bad value changes nothing.
+#[tokio::test]
+async fn tls_mode_and_service_account_metadata_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("d"), &[]).await;
+    let c = reqwest::Client::new();
+    let strict = json!([{"namespace": "default", "name": "echo",
+                         "metadata": {"polarismesh.cn/tls-mode": "strict", "polarismesh.cn/service-account": "echo"}}]);
+    assert_eq!(post(&c, &s.url("/naming/v1/services"), strict).await.0, 200);
+    let bad: Vec<(Value, &str)> = vec![
+        (
+            json!([{"namespace": "default", "name": "echo", "metadata": {"polarismesh.cn/tls-mode": "STRICT"}}]),
+            "metadata.polarismesh.cn/tls-mode",
+        ),
+        (
+            json!([{"namespace": "default", "name": "echo", "metadata": {"polarismesh.cn/service-account": "Echo/x"}}]),
+            "metadata.polarismesh.cn/service-account",
+        ),
+    ];
+    for (body, field) in bad {
+        let (st, resp) = put(&c, &s.url("/naming/v1/services"), body.clone()).await;
+        assert_eq!(
+            (st, &resp["code"]),
+            (400, &json!(400123)),
+            "{body} -> {resp}"
+        );
+        let info = resp["responses"][0]["info"].as_str().unwrap_or_default();
+        assert!(info.contains(field), "{resp}");
+    }
+    let (_, svcs) = get(
+        &c,
+        &s.url("/naming/v1/services?namespace=default&name=echo"),
+    )
+    .await;
+    assert_eq!(
+        svcs["services"][0]["metadata"]["polarismesh.cn/tls-mode"], "strict",
+        "{svcs}"
+    );
+    // On an instance only `none` (no sidecar accepting mTLS) and the modes are meaningful.
+    let (st, resp) = post(
+        &c,
+        &s.url("/naming/v1/instances"),
+        json!([{"namespace": "default", "service": "echo", "host": "10.0.0.1", "port": 80,
+                "metadata": {"polarismesh.cn/tls-mode": "mtls"}}]),
+    )
+    .await;
+    assert_eq!((st, &resp["code"]), (400, &json!(400150)), "{resp}");
+    assert!(instances(&c, &s, "echo").await.is_empty());
+}
+
 #[tokio::test]
 async fn kill_9_after_burst_keeps_every_acknowledged_registration() {
     let dir = tempfile::tempdir().unwrap();

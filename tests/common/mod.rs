@@ -233,6 +233,38 @@ impl Envoy {
         sotw: bool,
         metadata: &[&str],
     ) -> Envoy {
+        Self::start_bootstrap(dir, node_id, xds_port, sotw, metadata, &[]).await
+    }
+
+    /// A sidecar in mTLS: `polaris bootstrap --tls` with the agent's SDS socket.
+    pub async fn start_tls(
+        dir: &Path,
+        node_id: &str,
+        xds_port: u16,
+        metadata: &[&str],
+        sds_socket: &Path,
+    ) -> Envoy {
+        let socket = sds_socket.to_str().unwrap();
+        Self::start_bootstrap(
+            dir,
+            node_id,
+            xds_port,
+            false,
+            metadata,
+            &["--tls", "--sds-socket", socket],
+        )
+        .await
+    }
+
+    /// [`Envoy::start_with`] plus extra `polaris bootstrap` flags.
+    pub async fn start_bootstrap(
+        dir: &Path,
+        node_id: &str,
+        xds_port: u16,
+        sotw: bool,
+        metadata: &[&str],
+        bootstrap_flags: &[&str],
+    ) -> Envoy {
         let admin_port = free_port();
         let outbound_port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_polaris"));
@@ -246,6 +278,7 @@ impl Envoy {
         for m in metadata {
             cmd.args(["--metadata", m]);
         }
+        cmd.args(bootstrap_flags);
         let out = cmd.output().unwrap();
         assert!(
             out.status.success(),
