@@ -7,7 +7,7 @@
 #   e2e/apiserver.sh build        build (or find) kube-apiserver and etcd; prints their paths
 #   e2e/apiserver.sh start DIR    start etcd + kube-apiserver on free loopback ports; writes DIR/env
 #                                 (POLARIS_TEST_KUBE_URL, POLARIS_TEST_KUBE_TOKEN, POLARIS_TEST_KUBE_CA,
-#                                 POLARIS_TEST_KUBE_SA_KEY)
+#                                 POLARIS_TEST_KUBE_SA_KEY) and DIR/kubeconfig (the admin token)
 #                                 and waits until the apiserver is ready
 #   e2e/apiserver.sh stop DIR     stop what `start DIR` started
 #
@@ -138,6 +138,20 @@ export POLARIS_TEST_KUBE_URL=$url
 export POLARIS_TEST_KUBE_TOKEN=$token
 export POLARIS_TEST_KUBE_CA=$dir/certs/apiserver.crt
 export POLARIS_TEST_KUBE_SA_KEY=$dir/sa.key
+EOF
+            cat >"$dir/kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: test
+  cluster: { server: "$url", certificate-authority: "$dir/certs/apiserver.crt" }
+users:
+- name: admin
+  user: { token: "$token" }
+contexts:
+- name: test
+  context: { cluster: test, user: admin }
+current-context: test
 EOF
             log "kube-apiserver ready at $url"
             return

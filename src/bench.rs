@@ -15,6 +15,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+mod ca;
 mod xds;
 
 use crate::config::ServerConfig;
@@ -33,6 +34,8 @@ enum What {
     Registry(RegistryArgs),
     /// xDS push latency, server memory per client, bytes per change, snapshot build time.
     Xds(xds::XdsArgs),
+    /// CA signs/s and latency, with TokenReview by a Kubernetes API server and from the cache.
+    Ca(ca::CaArgs),
     /// The client side of `bench xds` (started by it).
     #[command(hide = true)]
     XdsClients(xds::ClientArgs),
@@ -62,6 +65,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.what {
         What::Registry(a) => registry(a).await,
         What::Xds(a) => xds::run(a).await,
+        What::Ca(a) => ca::run(a).await,
         What::XdsClients(a) => xds::clients(a).await,
     }
 }
