@@ -132,7 +132,7 @@ fn translation_view(
                                 "host": i.host,
                                 "port": i.port,
                                 "state": r::translation_state(i, sv.discovery),
-                                "acceptsMtls": r::accepts_mtls(i, sv.tls.server),
+                                "markedAcceptMtls": r::accepts_mtls(i, sv.tls.server),
                             })
                         })
                         .collect()

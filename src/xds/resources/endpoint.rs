@@ -217,11 +217,14 @@ impl EndpointSpec {
     }
 }
 
-/// Whether an instance's sidecar accepts mTLS: its service's sidecars serve TLS (`server` is
-/// permissive or strict) and the instance does not say it has no such sidecar
-/// (`polarismesh.cn/tls-mode: none`, e.g. a VM registered by hand).
+/// Whether an instance is marked as accepting mTLS, for permissive callers: its service's
+/// sidecars accept both (`server` is permissive) and the instance does not say it has no such
+/// sidecar (`polarismesh.cn/tls-mode: none`, e.g. a VM registered by hand). Only permissive
+/// callers read the mark, and callers are permissive only while servers are (see
+/// `xds::snapshot::tls`), so strict services carry no marks (about 56 bytes per endpoint).
 pub fn accepts_mtls(i: &Instance, server: TlsMode) -> bool {
-    server != TlsMode::None && i.metadata.get(TLS_MODE_KEY).map(String::as_str) != Some("none")
+    server == TlsMode::Permissive
+        && i.metadata.get(TLS_MODE_KEY).map(String::as_str) != Some("none")
 }
 
 /// The instance's metadata for load balancing (`envoy.lb`), and the mark permissive callers'
@@ -473,10 +476,10 @@ mod tests {
         };
         assert_eq!(marked(TlsMode::None), vec![false, false]);
         assert_eq!(marked(TlsMode::Permissive), vec![true, false]);
-        assert_eq!(marked(TlsMode::Strict), vec![true, false]);
+        assert_eq!(marked(TlsMode::Strict), vec![false, false]);
         let v = |server| LoadAssignmentSpec::eds("X", [&sidecar], server).version();
         assert_ne!(v(TlsMode::None), v(TlsMode::Permissive));
-        assert_eq!(v(TlsMode::Permissive), v(TlsMode::Strict));
+        assert_eq!(v(TlsMode::None), v(TlsMode::Strict));
         // No metadata at all in plaintext mode: the resource is what it was before modes existed.
         let cla = LoadAssignmentSpec::eds("X", [&sidecar], TlsMode::None).to_proto();
         assert!(cla.endpoints[0].lb_endpoints[0].metadata.is_none());

@@ -958,11 +958,16 @@ mod tests {
             }
         );
         assert_eq!(cluster(&cache).transport_socket_matches.len(), 1);
-        // Step 3: servers narrow (the service's node-local listeners alone).
+        // Step 3: servers narrow (the service's node-local listeners; endpoint marks go, strict
+        // callers do not read them).
         assert_eq!(
             step(&mut b, &cache),
-            vec![(TypeKind::Listener, "echo".to_string())]
+            vec![
+                (TypeKind::Endpoint, "OUTBOUND|default|echo".to_string()),
+                (TypeKind::Listener, "echo".to_string())
+            ]
         );
+        assert!(!eds_marked(&cache));
         assert_eq!(state(&cache), TlsState::settled(TlsMode::Strict));
         assert!(b.next_tls_step().is_none(), "settled");
         let g = cache.current().generation;

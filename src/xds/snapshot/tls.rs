@@ -57,14 +57,15 @@ impl TlsState {
     }
 }
 
-/// Whether servers in mode `server` accept what callers in mode `client` send to them (callers in
-/// `permissive` send mTLS to the endpoints of servers that accept it, plaintext to the rest).
+/// Whether servers in mode `server` accept what callers in mode `client` send to them. Callers in
+/// `permissive` send mTLS to endpoints marked as accepting it, which only permissive servers'
+/// endpoints are, and plaintext to the rest: a strict server refuses them.
 pub fn accepts(server: TlsMode, client: TlsMode) -> bool {
     matches!(
         (server, client),
         (TlsMode::Permissive, _)
             | (TlsMode::None, TlsMode::None | TlsMode::Permissive)
-            | (TlsMode::Strict, TlsMode::Strict | TlsMode::Permissive)
+            | (TlsMode::Strict, TlsMode::Strict)
     )
 }
 
