@@ -12,6 +12,11 @@
 #   e2e/apiserver.sh stop DIR     stop what `start DIR` started
 #
 # A cold build takes about 5 minutes on 2 cores (most of it Go compiling the apiserver).
+#
+# Built with Debian's Go (newer than 1.20's), the apiserver's vendored reflect2 panics when it
+# pretty-prints JSON, which it does for clients whose User-Agent starts with "curl": with curl, pass
+# another agent (`curl -A polaris ...`) or `?pretty=false`. API clients (kube-rs, kubectl) are not
+# affected.
 set -euo pipefail
 
 CACHE="${POLARIS_CACHE:-$HOME/.cache/polaris-mesh}"
