@@ -28,34 +28,10 @@ fn node() -> Option<Node> {
 /// The leaf certificate's serial and SAN in a `default` secret.
 fn leaf_of(s: &Secret) -> (String, String) {
     use rustls_pki_types::pem::PemObject;
-    let Some(secret::Type::TlsCertificate(tc)) = &s.r#type else {
-        panic!("not a certificate secret: {s:?}");
-    };
-    let chain = match tc
-        .certificate_chain
-        .as_ref()
-        .unwrap()
-        .specifier
-        .as_ref()
-        .unwrap()
-    {
-        envoy_types::pb::envoy::config::core::v3::data_source::Specifier::InlineString(s) => {
-            s.clone()
-        }
-        other => panic!("{other:?}"),
-    };
-    assert!(tc.private_key.is_some());
+    let (chain, key) = common::secret_pems(s);
+    assert!(!key.is_empty());
     let der = rustls_pki_types::CertificateDer::from_pem_slice(chain.as_bytes()).unwrap();
-    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
-    let san = format!(
-        "{}",
-        cert.subject_alternative_name()
-            .unwrap()
-            .unwrap()
-            .value
-            .general_names[0]
-    );
-    (cert.tbs_certificate.raw_serial_as_string(), san)
+    common::serial_and_san(&der)
 }
 
 async fn setup(ttl: &str) -> (tempfile::TempDir, CaServer, Agent, String) {

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use common::kube::TestKube;
 use common::raw::{RawConn, SDS_SOTW};
 use common::{free_port, get, post, put, Agent, CaServer, Envoy};
-use envoy_types::pb::envoy::config::core::v3::{data_source::Specifier, Node};
-use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{secret, Secret};
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use prost::Message;
 use serde_json::{json, Value};
@@ -493,16 +493,7 @@ async fn presented_certificate(
         .await
         .expect("mTLS handshake with the server sidecar");
     let der = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
-    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
-    let san = format!(
-        "{}",
-        cert.subject_alternative_name()
-            .unwrap()
-            .unwrap()
-            .value
-            .general_names[0]
-    );
-    (cert.tbs_certificate.raw_serial_as_string(), san)
+    common::serial_and_san(&der)
 }
 
 /// Accepts any server certificate: the test only records which one was presented.
@@ -568,17 +559,7 @@ async fn agent_certificate(socket: &Path) -> (String, String) {
         ..Default::default()
     });
     let r: DiscoveryResponse = s.next().await.unwrap();
-    let secret = Secret::decode(r.resources[0].value.as_slice()).unwrap();
-    let Some(secret::Type::TlsCertificate(tc)) = secret.r#type else {
-        panic!("not a certificate")
-    };
-    let inline = |d: Option<envoy_types::pb::envoy::config::core::v3::DataSource>| match d
-        .and_then(|d| d.specifier)
-    {
-        Some(Specifier::InlineString(s)) => s,
-        other => panic!("{other:?}"),
-    };
-    (inline(tc.certificate_chain), inline(tc.private_key))
+    common::secret_pems(&Secret::decode(r.resources[0].value.as_slice()).unwrap())
 }
 
 /// Certificates living 12 s are renewed every ~6 s; across three renewals the server sidecar

@@ -460,3 +460,33 @@ impl Drop for Agent {
         let _ = self.child.wait();
     }
 }
+
+/// A certificate's serial (colon-separated hex) and its first SAN (`URI(spiffe://...)`).
+pub fn serial_and_san(der: &[u8]) -> (String, String) {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
+    let san = format!(
+        "{}",
+        cert.subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names[0]
+    );
+    (cert.tbs_certificate.raw_serial_as_string(), san)
+}
+
+/// The certificate chain and private key (PEM) of an SDS certificate secret.
+pub fn secret_pems(
+    s: &envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret,
+) -> (String, String) {
+    use envoy_types::pb::envoy::config::core::v3::{data_source::Specifier, DataSource};
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::secret;
+    let Some(secret::Type::TlsCertificate(tc)) = &s.r#type else {
+        panic!("not a certificate secret: {s:?}");
+    };
+    let inline = |d: &Option<DataSource>| match d.as_ref().and_then(|d| d.specifier.as_ref()) {
+        Some(Specifier::InlineString(s)) => s.clone(),
+        other => panic!("not inline PEM: {other:?}"),
+    };
+    (inline(&tc.certificate_chain), inline(&tc.private_key))
+}
