@@ -8,12 +8,13 @@ use std::path::Path;
 
 use redb::{Database, Durability, ReadableTable, TableDefinition};
 
-use crate::model::{Instance, InstanceGroup, Namespace, Service};
+use crate::model::{AccessToken, Instance, InstanceGroup, Namespace, Service};
 
 const NAMESPACES: TableDefinition<&str, &[u8]> = TableDefinition::new("namespaces");
 const SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("services");
 const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
 const GROUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("groups");
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const REVISION_KEY: &str = "revision";
 
@@ -77,6 +78,10 @@ pub enum Mutation {
     DeleteInstance(String),
     /// Create or replace an instance group.
     PutGroup(InstanceGroup),
+    /// Create or replace an access token.
+    PutToken(AccessToken),
+    /// Delete (revoke) an access token by id.
+    DeleteToken(String),
     /// Delete an instance group.
     DeleteGroup {
         /// Namespace.
@@ -101,6 +106,8 @@ pub struct Snapshot {
     pub instances: Vec<Instance>,
     /// Instance groups.
     pub groups: Vec<InstanceGroup>,
+    /// Access tokens.
+    pub tokens: Vec<AccessToken>,
 }
 
 /// Durable storage of registry records.
@@ -127,6 +134,7 @@ impl RedbStore {
             txn.open_table(SERVICES)?;
             txn.open_table(INSTANCES)?;
             txn.open_table(GROUPS)?;
+            txn.open_table(TOKENS)?;
             txn.open_table(META)?;
         }
         txn.commit()?;
@@ -191,6 +199,7 @@ impl Store for RedbStore {
             services: load_table_with(&txn, SERVICES, "services", Service::from_record)?,
             instances: load_table(&txn, INSTANCES, "instances")?,
             groups: load_table(&txn, GROUPS, "groups")?,
+            tokens: load_table(&txn, TOKENS, "tokens")?,
         })
     }
 
@@ -202,6 +211,7 @@ impl Store for RedbStore {
             let mut svc = txn.open_table(SERVICES)?;
             let mut inst = txn.open_table(INSTANCES)?;
             let mut grp = txn.open_table(GROUPS)?;
+            let mut tok = txn.open_table(TOKENS)?;
             let mut meta = txn.open_table(META)?;
             for m in batch {
                 match m {
@@ -238,6 +248,12 @@ impl Store for RedbStore {
                         name,
                     } => {
                         grp.remove(group_key(namespace, service, name).as_str())?;
+                    }
+                    Mutation::PutToken(t) => {
+                        tok.insert(t.id.as_str(), encode(t).as_slice())?;
+                    }
+                    Mutation::DeleteToken(id) => {
+                        tok.remove(id.as_str())?;
                     }
                 }
             }

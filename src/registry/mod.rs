@@ -16,7 +16,7 @@ mod writer;
 
 use health::{health_checker, new_slot};
 pub use health::{BeatSlot, EXPIRE_TTL_COUNT};
-pub use state::State;
+pub use state::{Credential, State};
 use writer::writer_loop;
 
 use std::collections::{BTreeMap, HashMap};
@@ -30,8 +30,8 @@ use tokio::time::Instant;
 
 use crate::metrics::Metrics;
 use crate::model::{
-    now_rfc3339, FieldError, Instance, InstanceGroup, InstanceInput, InstanceSelector, Namespace,
-    NamespaceInput, Service, ServiceInput, ServiceKey, BUILTIN_NAMESPACES,
+    now_rfc3339, AccessToken, FieldError, Instance, InstanceGroup, InstanceInput, InstanceSelector,
+    Namespace, NamespaceInput, Service, ServiceInput, ServiceKey, BUILTIN_NAMESPACES,
 };
 use crate::store::{self, Store};
 
@@ -124,6 +124,10 @@ pub enum Command {
         /// New health.
         healthy: bool,
     },
+    /// Create or replace access tokens (by id).
+    PutTokens(Vec<AccessToken>),
+    /// Revoke access tokens by id; missing ones are reported, not errors.
+    RevokeTokens(Vec<String>),
     /// Completes when every earlier command is committed.
     Flush,
 }
@@ -139,6 +143,8 @@ pub enum Item {
     Instance(Arc<Instance>),
     /// A group written or deleted.
     Group(InstanceGroup),
+    /// An access token written or revoked.
+    Token(Arc<AccessToken>),
     /// The named object did not exist (deletes are idempotent: this is a success).
     Missing(String),
     /// The item was not applied (the other items of the command were).
@@ -609,5 +615,84 @@ mod tests {
             .await
             .unwrap();
         assert!(!reg.read().services.contains_key(&key));
+    }
+
+    /// Secrets authenticate from the commit that creates them to the one that revokes or deletes
+    /// them, across restarts.
+    #[tokio::test]
+    async fn credentials_follow_tokens_namespaces_and_services() {
+        use crate::model::{token_hash, TokenInput};
+        let dir = tempfile::tempdir().unwrap();
+        let reg = open(dir.path()).await;
+        let tok = TokenInput {
+            name: Some("ci".into()),
+            role: Some("read".into()),
+            namespaces: None,
+        }
+        .validate(token_hash("secret-1"), "t")
+        .unwrap();
+        let ns = Namespace {
+            name: "shop".into(),
+            comment: String::new(),
+            owners: String::new(),
+            token_hash: token_hash("ns-secret"),
+            ctime: "t".into(),
+            mtime: "t".into(),
+        };
+        let mut svc = Service::bare("shop", "cart", "t");
+        svc.token_hash = token_hash("svc-secret");
+        reg.submit(Command::PutTokens(vec![tok.clone()]))
+            .await
+            .unwrap();
+        reg.submit(Command::CreateNamespaces(vec![ns]))
+            .await
+            .unwrap();
+        reg.submit(Command::CreateServices(vec![svc]))
+            .await
+            .unwrap();
+        let cred =
+            |reg: &Registry, secret: &str| reg.read().credential(&token_hash(secret)).cloned();
+        assert!(matches!(cred(&reg, "secret-1"), Some(Credential::Token(t)) if t.id == tok.id));
+        assert_eq!(
+            cred(&reg, "ns-secret"),
+            Some(Credential::Namespace("shop".into()))
+        );
+        assert_eq!(
+            cred(&reg, "svc-secret"),
+            Some(Credential::Service(ServiceKey::new("shop", "cart")))
+        );
+        // A service update keeps its token.
+        reg.submit(Command::UpdateServices(vec![ServiceInput {
+            namespace: Some("shop".into()),
+            name: Some("cart".into()),
+            comment: Some("c".into()),
+            ..Default::default()
+        }]))
+        .await
+        .unwrap();
+        assert!(cred(&reg, "svc-secret").is_some());
+        reg.close().await.unwrap();
+        let reg = open(dir.path()).await;
+        assert!(cred(&reg, "secret-1").is_some(), "tokens are durable");
+        assert!(cred(&reg, "svc-secret").is_some());
+        let items = reg
+            .submit(Command::RevokeTokens(vec![tok.id.clone(), "nope".into()]))
+            .await
+            .unwrap();
+        assert!(matches!(items[1], Item::Missing(_)));
+        assert_eq!(cred(&reg, "secret-1"), None, "revoked at once");
+        reg.submit(Command::DeleteServices(vec![ServiceKey::new(
+            "shop", "cart",
+        )]))
+        .await
+        .unwrap();
+        reg.submit(Command::DeleteNamespaces(vec!["shop".into()]))
+            .await
+            .unwrap();
+        assert_eq!(cred(&reg, "svc-secret"), None);
+        assert_eq!(cred(&reg, "ns-secret"), None);
+        reg.close().await.unwrap();
+        let reg = open(dir.path()).await;
+        assert_eq!(cred(&reg, "secret-1"), None, "revocation is durable");
     }
 }

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::ServiceEntry;
-use crate::model::{Instance, InstanceSelector, Namespace, ServiceKey};
+use crate::model::{AccessToken, Instance, InstanceSelector, Namespace, Service, ServiceKey};
 use crate::store;
 
 /// The in-memory state, read through [`Registry::read`].
@@ -16,8 +16,25 @@ pub struct State {
     pub namespaces: BTreeMap<String, Namespace>,
     /// Services by key.
     pub services: BTreeMap<ServiceKey, ServiceEntry>,
+    /// Access tokens by id.
+    pub tokens: BTreeMap<String, Arc<AccessToken>>,
     pub(super) instance_index: HashMap<String, ServiceKey>,
     pub(super) addr_index: HashMap<(ServiceKey, String, u16), String>,
+    /// Every secret's SHA-256 → what it authenticates: access tokens, and the tokens of
+    /// namespaces and services. Kept in step with them by the writer, so a revoked token or a
+    /// deleted service stops authenticating in the same commit.
+    credentials: HashMap<String, Credential>,
+}
+
+/// What a secret authenticates as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// An access token.
+    Token(Arc<AccessToken>),
+    /// A namespace's token: writes in that namespace.
+    Namespace(String),
+    /// A service's token: writes that service's instances.
+    Service(ServiceKey),
 }
 
 impl State {
@@ -40,6 +57,69 @@ impl State {
                 .get(&(service.clone(), host.clone(), *port))
                 .cloned(),
         }
+    }
+
+    /// What the secret whose SHA-256 is `hash` authenticates as.
+    pub fn credential(&self, hash: &str) -> Option<&Credential> {
+        self.credentials.get(hash)
+    }
+
+    fn index(&mut self, hash: &str, c: Option<Credential>) {
+        if hash.is_empty() {
+            return;
+        }
+        match c {
+            Some(c) => {
+                self.credentials.insert(hash.to_string(), c);
+            }
+            None => {
+                self.credentials.remove(hash);
+            }
+        }
+    }
+
+    /// Inserts or replaces a namespace (and its token).
+    pub(super) fn put_namespace(&mut self, ns: Namespace) {
+        if let Some(old) = self.namespaces.get(&ns.name) {
+            let h = old.token_hash.clone();
+            self.index(&h, None);
+        }
+        self.index(&ns.token_hash, Some(Credential::Namespace(ns.name.clone())));
+        self.namespaces.insert(ns.name.clone(), ns);
+    }
+
+    /// Removes a namespace (and its token).
+    pub(super) fn remove_namespace(&mut self, name: &str) -> Option<Namespace> {
+        let ns = self.namespaces.remove(name)?;
+        self.index(&ns.token_hash, None);
+        Some(ns)
+    }
+
+    /// Keeps a service's token in the index across a change of its record (`None`: absent).
+    pub(super) fn service_token_changed(&mut self, old: Option<&Service>, new: Option<&Service>) {
+        if let Some(o) = old {
+            let h = o.token_hash.clone();
+            self.index(&h, None);
+        }
+        if let Some(n) = new {
+            self.index(&n.token_hash, Some(Credential::Service(n.key())));
+        }
+    }
+
+    /// Inserts or replaces an access token.
+    pub(super) fn put_token(&mut self, t: Arc<AccessToken>) {
+        if let Some(old) = self.tokens.remove(&t.id) {
+            self.index(&old.hash, None);
+        }
+        self.index(&t.hash.clone(), Some(Credential::Token(t.clone())));
+        self.tokens.insert(t.id.clone(), t);
+    }
+
+    /// Removes an access token.
+    pub(super) fn remove_token(&mut self, id: &str) -> Option<Arc<AccessToken>> {
+        let t = self.tokens.remove(id)?;
+        self.index(&t.hash, None);
+        Some(t)
     }
 
     pub(super) fn insert_instance(&mut self, inst: Arc<Instance>) {
@@ -65,9 +145,13 @@ impl State {
             ..Default::default()
         };
         for ns in snap.namespaces {
-            s.namespaces.insert(ns.name.clone(), ns);
+            s.put_namespace(ns);
+        }
+        for t in snap.tokens {
+            s.put_token(Arc::new(t));
         }
         for svc in snap.services {
+            s.service_token_changed(None, Some(&svc));
             s.services.insert(
                 svc.key(),
                 ServiceEntry {

@@ -141,6 +141,25 @@ impl Tx<'_> {
             Command::PutGroups(list) => self.put_groups(list),
             Command::DeleteGroups(list) => self.delete_groups(list),
             Command::SetHealth { id, healthy } => self.set_health(&id, healthy),
+            Command::PutTokens(list) => Ok(list
+                .into_iter()
+                .map(|t| {
+                    let t = Arc::new(t);
+                    self.st.put_token(t.clone());
+                    self.muts.push(Mutation::PutToken((*t).clone()));
+                    Item::Token(t)
+                })
+                .collect()),
+            Command::RevokeTokens(ids) => Ok(ids
+                .into_iter()
+                .map(|id| match self.st.remove_token(&id) {
+                    Some(t) => {
+                        self.muts.push(Mutation::DeleteToken(id));
+                        Item::Token(t)
+                    }
+                    None => Item::Missing(id),
+                })
+                .collect()),
         }
     }
 
@@ -153,6 +172,8 @@ impl Tx<'_> {
     fn put_service(&mut self, svc: Service) -> Arc<Service> {
         let key = svc.key();
         let svc = Arc::new(svc);
+        let old = self.st.services.get(&key).map(|e| e.service.clone());
+        self.st.service_token_changed(old.as_deref(), Some(&svc));
         match self.st.services.get_mut(&key) {
             Some(e) => e.service = svc.clone(),
             None => {
@@ -203,7 +224,7 @@ impl Tx<'_> {
                 if self.st.namespaces.contains_key(&ns.name) {
                     return Item::rejected(Rejection::Exists, format!("namespace {}", ns.name));
                 }
-                self.st.namespaces.insert(ns.name.clone(), ns.clone());
+                self.st.put_namespace(ns.clone());
                 self.muts.push(Mutation::PutNamespace(ns.clone()));
                 self.keys.push(ChangeKey::Namespace(ns.name.clone()));
                 Item::Namespace(ns)
@@ -223,7 +244,7 @@ impl Tx<'_> {
                 continue;
             };
             let next = input.apply_to(cur, self.now).map_err(|e| at(i, e))?;
-            self.st.namespaces.insert(name.clone(), next.clone());
+            self.st.put_namespace(next.clone());
             self.muts.push(Mutation::PutNamespace(next.clone()));
             self.keys.push(ChangeKey::Namespace(name));
             out.push(Item::Namespace(next));
@@ -253,7 +274,7 @@ impl Tx<'_> {
                         format!("namespace {name} still has {services} service(s)"),
                     );
                 }
-                match self.st.namespaces.remove(&name) {
+                match self.st.remove_namespace(&name) {
                     Some(ns) => {
                         self.muts.push(Mutation::DeleteNamespace(name.clone()));
                         self.keys.push(ChangeKey::Namespace(name));
@@ -352,6 +373,7 @@ impl Tx<'_> {
 
     fn remove_service(&mut self, key: &ServiceKey) -> Item {
         let e = self.st.services.remove(key).expect("checked");
+        self.st.service_token_changed(Some(&e.service), None);
         for g in e.groups.values() {
             self.muts.push(Mutation::DeleteGroup {
                 namespace: g.namespace.clone(),

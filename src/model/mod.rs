@@ -3,6 +3,9 @@
 //! Everything a client sends passes through the `*Input` types and their `validate` functions here
 //! before it reaches the registry; stored types are always valid. No protobuf types live here.
 
+mod token;
+pub use token::*;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
@@ -103,7 +106,7 @@ impl FieldError {
     }
 }
 
-type VResult<T> = Result<T, FieldError>;
+pub(crate) type VResult<T> = Result<T, FieldError>;
 
 /// Key of a service: its namespace and name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -897,14 +900,14 @@ fn validate_health_check(hc: Option<&HealthCheckInput>) -> VResult<Option<Health
     }))
 }
 
-fn required<'a>(v: &'a Option<String>, field: &str) -> VResult<&'a str> {
+pub(crate) fn required<'a>(v: &'a Option<String>, field: &str) -> VResult<&'a str> {
     match v.as_deref() {
         Some(s) if !s.is_empty() => Ok(s),
         _ => Err(FieldError::new(field, "is required")),
     }
 }
 
-fn text(v: &Option<String>, field: &str) -> VResult<String> {
+pub(crate) fn text(v: &Option<String>, field: &str) -> VResult<String> {
     let s = v.clone().unwrap_or_default();
     if s.chars().count() > MAX_TEXT_LEN {
         return Err(FieldError::new(field, "longer than 1024 characters"));
