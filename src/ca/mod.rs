@@ -12,7 +12,6 @@ pub mod material;
 pub mod review;
 pub mod sign;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,9 +22,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use tokio::time::Instant;
 
 use crate::metrics::{CaDenial, Metrics};
 use review::{ReviewError, Reviewer};
@@ -75,38 +72,9 @@ pub struct Ca {
     config: Config,
     issuer: Issuer,
     reviewer: Arc<dyn Reviewer>,
-    limiter: Limiter,
+    /// Signs per identity.
+    limiter: crate::limit::Buckets<Identity>,
     metrics: Arc<Metrics>,
-}
-
-/// Per-identity token buckets, bounded in number.
-struct Limiter {
-    per_minute: u32,
-    buckets: Mutex<HashMap<Identity, (f64, Instant)>>,
-}
-
-impl Limiter {
-    fn allow(&self, id: &Identity) -> bool {
-        if self.per_minute == 0 {
-            return true;
-        }
-        let cap = f64::from(self.per_minute);
-        let rate = cap / 60.0;
-        let now = Instant::now();
-        let mut b = self.buckets.lock();
-        if b.len() > 100_000 {
-            b.retain(|_, (_, at)| now.duration_since(*at) < Duration::from_secs(60));
-        }
-        let (tokens, at) = b.entry(id.clone()).or_insert((cap, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(cap);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
 }
 
 /// The request, as PolarisMesh's agent sends it.
@@ -158,10 +126,7 @@ impl Ca {
         metrics: Arc<Metrics>,
     ) -> Ca {
         Ca {
-            limiter: Limiter {
-                per_minute: config.signs_per_minute,
-                buckets: Mutex::new(HashMap::new()),
-            },
+            limiter: crate::limit::Buckets::new(config.signs_per_minute),
             config,
             issuer,
             reviewer,
