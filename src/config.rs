@@ -46,6 +46,19 @@ pub enum LogFormat {
     Json,
 }
 
+/// Whether the REST API authenticates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// On when the REST port is bound to a non-loopback address.
+    #[default]
+    Auto,
+    /// Always on.
+    On,
+    /// Off, even on a non-loopback address (logged as a warning at every start).
+    Off,
+}
+
 /// The server's settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
@@ -112,6 +125,23 @@ pub struct ServerConfig {
     /// Kubeconfig for the Kubernetes API (TokenReview, secrets); default: in-cluster, then
     /// `$KUBECONFIG` / `~/.kube/config`.
     pub kubeconfig: Option<PathBuf>,
+    /// REST authentication (`X-Polaris-Token`): `auto` (on unless the REST port is loopback), `on`,
+    /// `off`.
+    pub auth: AuthMode,
+    /// File holding the bootstrap admin token's secret. Without it (and without
+    /// `POLARIS_ADMIN_TOKEN`), a secret is generated at the first start with auth on and written
+    /// to `<dataDir>/admin-token` (mode 0600).
+    pub admin_token_file: Option<PathBuf>,
+    /// The bootstrap admin secret from the environment (`POLARIS_ADMIN_TOKEN`); never from a file
+    /// of settings.
+    #[serde(skip)]
+    pub admin_token: Option<String>,
+    /// `/metrics` without a token when auth is on.
+    pub public_metrics: bool,
+    /// `/debug/*` without a token when auth is on.
+    pub public_debug: bool,
+    /// Failed authentications per minute per source address before they are answered 403001.
+    pub auth_failures_per_minute: u32,
     /// Test hooks (never in production): a service with metadata
     /// `polarismesh.cn/test-invalid-cluster: "true"` gets a cluster Envoy rejects.
     pub test_hooks: bool,
@@ -133,6 +163,12 @@ impl Default for ServerConfig {
             http_max_connections: 10_000,
             first_request_timeout_ms: 10_000,
             xds_tls_phase_ms: 400,
+            auth: AuthMode::Auto,
+            admin_token_file: None,
+            admin_token: None,
+            public_metrics: true,
+            public_debug: false,
+            auth_failures_per_minute: 30,
             trust_domain: "cluster.local".into(),
             ca_addr: None,
             ca_cert_file: None,
@@ -281,6 +317,42 @@ impl ServerConfig {
             source,
             dns_names: self.ca_dns_names.clone(),
         }))
+    }
+
+    /// The REST API's authentication settings.
+    pub fn api_auth(&self) -> crate::api::auth::Config {
+        crate::api::auth::Config {
+            enabled: match self.auth {
+                AuthMode::On => true,
+                AuthMode::Off => false,
+                AuthMode::Auto => !self.http_addr.ip().is_loopback(),
+            },
+            public_metrics: self.public_metrics,
+            public_debug: self.public_debug,
+            failures_per_minute: self.auth_failures_per_minute,
+        }
+    }
+
+    /// Where the bootstrap admin secret comes from (the environment, a file, or generated).
+    pub fn admin_secret(&self) -> Result<crate::api::auth::AdminSecret, Error> {
+        use crate::api::auth::AdminSecret;
+        if let Some(s) = self.admin_token.as_ref().filter(|s| !s.trim().is_empty()) {
+            return Ok(AdminSecret::Given(s.clone()));
+        }
+        if let Some(p) = &self.admin_token_file {
+            let s = std::fs::read_to_string(p).map_err(|source| Error::Read {
+                path: p.clone(),
+                source,
+            })?;
+            if s.trim().len() < 16 {
+                return Err(Error::Invalid {
+                    field: "adminTokenFile",
+                    reason: "the token must be at least 16 characters".into(),
+                });
+            }
+            return Ok(AdminSecret::Given(s.trim().to_string()));
+        }
+        Ok(AdminSecret::Generate(self.data_dir.join("admin-token")))
     }
 
     /// The snapshot builder's settings.

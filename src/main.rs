@@ -76,6 +76,13 @@ struct ServerArgs {
     /// Time each step of a TLS mode change has to reach every proxy, in milliseconds [default: 400].
     #[arg(long)]
     xds_tls_phase_ms: Option<u64>,
+    /// REST authentication (X-Polaris-Token) [default: auto: on unless the REST port is loopback].
+    #[arg(long, value_enum)]
+    auth: Option<polaris_mesh::config::AuthMode>,
+    /// File with the bootstrap admin token (else $POLARIS_ADMIN_TOKEN, else generated into
+    /// <data-dir>/admin-token at the first start with auth on).
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
     /// Serve the CA (polaris-security, HTTPS) on this address [default: off].
     #[arg(long)]
     ca_addr: Option<SocketAddr>,
@@ -217,6 +224,13 @@ fn main() -> anyhow::Result<()> {
             if let Some(v) = a.xds_tls_phase_ms {
                 cfg.xds_tls_phase_ms = v;
             }
+            if let Some(v) = a.auth {
+                cfg.auth = v;
+            }
+            if a.admin_token_file.is_some() {
+                cfg.admin_token_file = a.admin_token_file;
+            }
+            cfg.admin_token = std::env::var("POLARIS_ADMIN_TOKEN").ok();
             macro_rules! set_opt {
                 ($($f:ident),*) => {$( if a.$f.is_some() { cfg.$f = a.$f; } )*};
             }

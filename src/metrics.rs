@@ -134,6 +134,39 @@ impl CaDenial {
     }
 }
 
+/// Why the REST API refused a request's credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// No token (401).
+    Missing,
+    /// A token that authenticates nothing: unknown, revoked, deleted (401).
+    Unknown,
+    /// Too many failures from the address (403001).
+    RateLimited,
+    /// A valid token outside its scope (403).
+    Forbidden,
+}
+
+impl AuthFailure {
+    /// All reasons, in rendering order.
+    pub const ALL: [AuthFailure; 4] = [
+        AuthFailure::Missing,
+        AuthFailure::Unknown,
+        AuthFailure::RateLimited,
+        AuthFailure::Forbidden,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            AuthFailure::Missing => "missing",
+            AuthFailure::Unknown => "unknown",
+            AuthFailure::RateLimited => "rate_limited",
+            AuthFailure::Forbidden => "forbidden",
+        }
+    }
+}
+
 /// Upper bounds (seconds) of the latency buckets.
 const BUCKETS: [f64; 14] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
@@ -204,6 +237,7 @@ pub struct Metrics {
     /// Certificates the CA issued.
     pub ca_issued: Counter,
     ca_denied: [Counter; 6],
+    auth_failures: [Counter; 4],
     /// Connections of the REST port.
     pub http_conns: std::sync::Arc<ConnMetrics>,
     /// Connections of the xDS port.
@@ -241,6 +275,16 @@ impl Metrics {
     /// Counts a certificate the CA refused.
     pub fn ca_denied(&self, reason: CaDenial) {
         self.ca_denied[reason as usize].inc();
+    }
+
+    /// Counts a refused credential.
+    pub fn auth_failed(&self, reason: AuthFailure) {
+        self.auth_failures[reason as usize].inc();
+    }
+
+    /// Credentials refused for `reason`.
+    pub fn auth_failures(&self, reason: AuthFailure) -> u64 {
+        self.auth_failures[reason as usize].get()
     }
 
     /// Certificates refused for `reason`.
@@ -348,6 +392,18 @@ impl Metrics {
                 "polaris_ca_denied_total{{reason=\"{}\"}} {}",
                 r.label(),
                 self.ca_denials(r)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP polaris_auth_failures_total REST requests refused for their credentials, by reason.\n# TYPE polaris_auth_failures_total counter"
+        );
+        for r in AuthFailure::ALL {
+            let _ = writeln!(
+                out,
+                "polaris_auth_failures_total{{reason=\"{}\"}} {}",
+                r.label(),
+                self.auth_failures(r)
             );
         }
         counter(

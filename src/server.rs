@@ -121,10 +121,24 @@ pub async fn run(
     let ads =
         Ads::new(cache.clone(), metrics.clone(), nodes.clone()).with_shutdown(stop_rx.clone());
     let streams = nodes.clone();
+    let auth_cfg = cfg.api_auth();
+    if auth_cfg.enabled {
+        if let Some(path) = api::auth::ensure_admin(&registry, cfg.admin_secret()?).await? {
+            tracing::warn!(path = %path.display(), "REST authentication on: generated the admin token, readable only by this user, in this file");
+        }
+        tracing::info!(
+            public_metrics = auth_cfg.public_metrics,
+            public_debug = auth_cfg.public_debug,
+            "REST authentication on (X-Polaris-Token)"
+        );
+    } else if !cfg.http_addr.ip().is_loopback() {
+        tracing::warn!(http = %cfg.http_addr, "REST authentication is OFF on a non-loopback address (--auth off): anyone who reaches the port can change the registry");
+    }
     let state = AppState {
         registry: registry.clone(),
-        metrics,
+        metrics: metrics.clone(),
         xds_streams: Arc::new(move || streams.len() as u64),
+        auth: Arc::new(api::auth::Auth::new(auth_cfg, registry.clone(), metrics)),
     };
     let app = api::router(state, debug::routes(cache, nodes, registry.clone()));
     tracing::info!(http = %bound.http, xds = %bound.xds, ca = ?bound.ca, data_dir = %cfg.data_dir.display(), "polaris server started");

@@ -3,8 +3,10 @@
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::Response;
+use axum::Extension;
 use serde_json::json;
 
+use super::auth::{self, Principal};
 use super::code::Entity;
 use super::error::ApiError;
 use super::input::parse_json;
@@ -30,17 +32,27 @@ fn one(item: Item, echo: serde_json::Value) -> Answer {
 /// `POST /v1/RegisterInstance`.
 #[utoipa::path(post, path = "/v1/RegisterInstance", request_body = InstanceInput,
     responses((status = 200, description = "Response with the `instance` and its id"), (status = 400, description = "Bad input")))]
-pub(super) async fn register(State(st): State<AppState>, body: Bytes) -> ApiResult {
+pub(super) async fn register(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    body: Bytes,
+) -> ApiResult {
     let input: InstanceInput = parse_json(&body, Entity::Instance)?;
     let inst = input
         .validate(&now_rfc3339())
         .map_err(|e| ApiError::field(Entity::Instance, e))?;
     let echo = json!({"namespace": inst.namespace, "service": inst.service, "host": inst.host, "port": inst.port});
-    let items = st
-        .registry
-        .submit(Command::RegisterInstances(vec![inst]))
-        .await
-        .map_err(|e| ApiError::registry(Entity::Instance, strip_index(e)))?;
+    let items = auth::write(
+        &st.registry,
+        &st.metrics,
+        &who,
+        Command::RegisterInstances(vec![inst]),
+    )
+    .await
+    .map_err(|e| match e {
+        auth::Refused::Registry(e) => ApiError::registry(Entity::Instance, strip_index(e)),
+        e => e.into_api(Entity::Instance),
+    })?;
     st.metrics.registrations.inc();
     Ok(view::single(&one(
         items.into_iter().next().expect("one item"),
@@ -51,17 +63,24 @@ pub(super) async fn register(State(st): State<AppState>, body: Bytes) -> ApiResu
 /// `POST /v1/DeregisterInstance`.
 #[utoipa::path(post, path = "/v1/DeregisterInstance", request_body = InstanceRef,
     responses((status = 200, description = "Deregistered (also when it did not exist)")))]
-pub(super) async fn deregister(State(st): State<AppState>, body: Bytes) -> ApiResult {
+pub(super) async fn deregister(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    body: Bytes,
+) -> ApiResult {
     let r: InstanceRef = parse_json(&body, Entity::Instance)?;
     let sel = r
         .validate()
         .map_err(|e| ApiError::field(Entity::Instance, e))?;
     let echo = json!({"id": r.id, "namespace": r.namespace, "service": r.service, "host": r.host, "port": r.port});
-    let items = st
-        .registry
-        .submit(Command::DeregisterInstances(vec![sel]))
-        .await
-        .map_err(|e| ApiError::registry(Entity::Instance, e))?;
+    let items = auth::write(
+        &st.registry,
+        &st.metrics,
+        &who,
+        Command::DeregisterInstances(vec![sel]),
+    )
+    .await
+    .map_err(|e| e.into_api(Entity::Instance))?;
     let item = items.into_iter().next().expect("one item");
     if matches!(item, Item::Instance(_)) {
         st.metrics.deregistrations.inc();
@@ -72,11 +91,22 @@ pub(super) async fn deregister(State(st): State<AppState>, body: Bytes) -> ApiRe
 /// `POST /v1/Heartbeat`: only the beat time is recorded, in memory.
 #[utoipa::path(post, path = "/v1/Heartbeat", request_body = InstanceRef,
     responses((status = 200, description = "Accepted"), (status = 400, description = "No such instance (400202), or it has no heartbeat check (400141)")))]
-pub(super) async fn heartbeat(State(st): State<AppState>, body: Bytes) -> ApiResult {
+pub(super) async fn heartbeat(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    body: Bytes,
+) -> ApiResult {
     let r: InstanceRef = parse_json(&body, Entity::Instance)?;
     let sel = r
         .validate()
         .map_err(|e| ApiError::field(Entity::Instance, e))?;
+    // Heartbeats are liveness, not configuration: checked, not audited.
+    if who != Principal::Anyone {
+        let key = auth::selector_service(&sel, &st.registry.read());
+        if let Some(key) = key {
+            who.require(auth::Access::Instances(&key), &st.metrics)?;
+        }
+    }
     let id = st
         .registry
         .heartbeat(&sel)

@@ -81,6 +81,12 @@ pub const NOT_ALLOW_ALIAS_UPDATE: u32 = 400501;
 pub const NOT_ALLOW_ALIAS_INSTANCE: u32 = 400502;
 /// An alias of an alias.
 pub const NOT_ALLOW_ALIAS_OF_ALIAS: u32 = 400504;
+/// No token, or one that authenticates nothing (PolarisMesh's `Unauthorized`).
+pub const UNAUTHORIZED: u32 = 401000;
+/// The token is valid but may not do this (ours: PolarisMesh answers 401000 for both).
+pub const FORBIDDEN: u32 = 403000;
+/// Too many failed attempts from one address (PolarisMesh's `IPRateLimit`).
+pub const IP_RATE_LIMIT: u32 = 403001;
 /// Failure inside the server.
 pub const EXECUTE_EXCEPTION: u32 = 500000;
 /// The store failed.
@@ -130,6 +136,9 @@ pub fn info(code: u32) -> &'static str {
         NOT_ALLOW_ALIAS_UPDATE => "not allow service alias updating",
         NOT_ALLOW_ALIAS_INSTANCE => "not allow service alias creating instance",
         NOT_ALLOW_ALIAS_OF_ALIAS => "only source service can create alias",
+        UNAUTHORIZED => "unauthorized",
+        FORBIDDEN => "access is not allowed",
+        IP_RATE_LIMIT => "ip rate limit",
         EXECUTE_EXCEPTION => "execute exception",
         STORE_EXCEPTION => "store layer exception",
         _ => "bad request",

@@ -6,11 +6,13 @@
 //! was rejected and why. Inputs accept protobuf field names as well as camelCase ones
 //! ([`crate::protojson`]).
 
+pub mod auth;
 mod client;
 pub mod code;
 mod error;
 mod input;
 mod naming;
+mod tokens;
 pub mod view;
 
 use std::sync::Arc;
@@ -44,6 +46,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Extra gauges supplied by other layers (connected xDS streams).
     pub xds_streams: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// Authentication.
+    pub auth: Arc<auth::Auth>,
 }
 
 /// Builds the router with every REST route; `extra` adds routes from other layers.
@@ -90,12 +94,18 @@ pub fn router(state: AppState, extra: Extension) -> Router {
             get(naming::list_groups).post(naming::put_groups),
         )
         .route("/naming/v1/groups/delete", post(naming::delete_groups))
+        .route("/core/v1/tokens", get(tokens::list).post(tokens::create))
+        .route("/core/v1/tokens/delete", post(tokens::revoke))
         .route("/v1/RegisterInstance", post(client::register))
         .route("/v1/DeregisterInstance", post(client::deregister))
         .route("/v1/Heartbeat", post(client::heartbeat))
         .merge(extra)
         .fallback(unknown_path)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            state.auth.clone(),
+            auth::authenticate,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .layer(middleware::map_response(json_errors))
         .with_state(state)
@@ -281,7 +291,10 @@ async fn metrics(State(st): State<AppState>) -> Response {
         naming::delete_groups,
         client::register,
         client::deregister,
-        client::heartbeat
+        client::heartbeat,
+        tokens::create,
+        tokens::list,
+        tokens::revoke
     ),
     components(schemas(
         view::NamespaceOut,

@@ -8,10 +8,12 @@
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::Response;
+use axum::Extension;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use utoipa::ToSchema;
 
+use super::auth::{self, Principal};
 use super::code::{self, Entity};
 use super::error::ApiError;
 use super::input::{each, parse_batch, parse_json, Params};
@@ -25,11 +27,15 @@ use crate::registry::{self, Command, Item, ServiceEntry};
 
 type ApiResult = Result<Response, ApiError>;
 
-async fn submit(st: &AppState, entity: Entity, cmd: Command) -> Result<Vec<Item>, ApiError> {
-    st.registry
-        .submit(cmd)
+async fn submit(
+    st: &AppState,
+    who: &Principal,
+    entity: Entity,
+    cmd: Command,
+) -> Result<Vec<Item>, ApiError> {
+    auth::write(&st.registry, &st.metrics, who, cmd)
         .await
-        .map_err(|e| ApiError::registry(entity, e).in_batch())
+        .map_err(|e| e.into_api(entity).in_batch())
 }
 
 /// The answer of one registry item: `ok` builds the object of an applied item, `echo` the object
@@ -113,7 +119,11 @@ pub(super) async fn list_namespaces(State(st): State<AppState>, uri: axum::http:
 #[utoipa::path(post, path = "/naming/v1/namespaces", request_body = Vec<NamespaceInput>,
     responses((status = 200, description = "BatchWriteResponse; each created namespace carries its token"),
               (status = 400, description = "Bad input, or some items exist already (per item)")))]
-pub(super) async fn create_namespaces(State(st): State<AppState>, body: Bytes) -> ApiResult {
+pub(super) async fn create_namespaces(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    body: Bytes,
+) -> ApiResult {
     let list: Vec<NamespaceInput> = parse_batch(&body, Entity::Namespace)?;
     let now = now_rfc3339();
     let mut tokens = Vec::new();
@@ -131,7 +141,13 @@ pub(super) async fn create_namespaces(State(st): State<AppState>, body: Bytes) -
             (ns, echo)
         })
         .unzip();
-    let items = submit(&st, Entity::Namespace, Command::CreateNamespaces(list)).await?;
+    let items = submit(
+        &st,
+        &who,
+        Entity::Namespace,
+        Command::CreateNamespaces(list),
+    )
+    .await?;
     let answers: Vec<Answer> = items
         .into_iter()
         .zip(echo.into_iter().zip(tokens))
@@ -150,14 +166,24 @@ pub(super) async fn create_namespaces(State(st): State<AppState>, body: Bytes) -
 /// `PUT /naming/v1/namespaces`: comment and owners.
 #[utoipa::path(put, path = "/naming/v1/namespaces", request_body = Vec<NamespaceInput>,
     responses((status = 200, description = "BatchWriteResponse")))]
-pub(super) async fn update_namespaces(State(st): State<AppState>, body: Bytes) -> ApiResult {
+pub(super) async fn update_namespaces(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    body: Bytes,
+) -> ApiResult {
     let list: Vec<NamespaceInput> = parse_batch(&body, Entity::Namespace)?;
     let now = now_rfc3339();
     let echo = each(list.clone(), Entity::Namespace, |n| {
         n.validate(&now)?;
         Ok(json!({"name": n.name}))
     })?;
-    let items = submit(&st, Entity::Namespace, Command::UpdateNamespaces(list)).await?;
+    let items = submit(
+        &st,
+        &who,
+        Entity::Namespace,
+        Command::UpdateNamespaces(list),
+    )
+    .await?;
     Ok(view::batch_write(&namespace_answers(items, echo)))
 }
 
@@ -180,7 +206,11 @@ fn namespace_answers(items: Vec<Item>, echo: Vec<Value>) -> Vec<Answer> {
 #[utoipa::path(post, path = "/naming/v1/namespaces/delete", request_body = Vec<NameRef>,
     responses((status = 200, description = "BatchWriteResponse (a missing namespace is a success)"),
               (status = 400, description = "Some namespace still has services: 400203 for that item, the others are deleted")))]
-pub(super) async fn delete_namespaces(State(st): State<AppState>, body: Bytes) -> ApiResult {
+pub(super) async fn delete_namespaces(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    body: Bytes,
+) -> ApiResult {
     let list: Vec<NameRef> = parse_batch(&body, Entity::Namespace)?;
     let names = each(list, Entity::Namespace, |n| {
         let name = n.name.clone().unwrap_or_default();
@@ -188,7 +218,13 @@ pub(super) async fn delete_namespaces(State(st): State<AppState>, body: Bytes) -
         Ok(name)
     })?;
     let echo = names.iter().map(|n| json!({"name": n})).collect();
-    let items = submit(&st, Entity::Namespace, Command::DeleteNamespaces(names)).await?;
+    let items = submit(
+        &st,
+        &who,
+        Entity::Namespace,
+        Command::DeleteNamespaces(names),
+    )
+    .await?;
     Ok(view::batch_write(&namespace_answers(items, echo)))
 }
 
@@ -259,7 +295,11 @@ fn metadata_filter(p: &Params) -> Result<Vec<(&str, &str)>, ApiError> {
 #[utoipa::path(post, path = "/naming/v1/services", request_body = Vec<ServiceInput>,
     responses((status = 200, description = "BatchWriteResponse; each created service carries its token"),
               (status = 400, description = "Bad input, or per item: exists, namespace missing")))]
-pub(super) async fn create_services(State(st): State<AppState>, body: Bytes) -> ApiResult {
+pub(super) async fn create_services(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    body: Bytes,
+) -> ApiResult {
     let list: Vec<ServiceInput> = parse_batch(&body, Entity::Service)?;
     let now = now_rfc3339();
     let list = each(list, Entity::Service, |s| {
@@ -273,7 +313,7 @@ pub(super) async fn create_services(State(st): State<AppState>, body: Bytes) -> 
         .map(|(s, _)| json!({"namespace": s.namespace, "name": s.name}))
         .collect();
     let (list, tokens): (Vec<_>, Vec<_>) = list.into_iter().unzip();
-    let items = submit(&st, Entity::Service, Command::CreateServices(list)).await?;
+    let items = submit(&st, &who, Entity::Service, Command::CreateServices(list)).await?;
     let answers: Vec<Answer> = items
         .into_iter()
         .zip(echo.into_iter().zip(tokens))
@@ -305,7 +345,11 @@ fn service_answers(items: Vec<Item>, echo: Vec<Value>) -> Vec<Answer> {
 /// `PUT /naming/v1/services`: the fields that are set; `metadata` replaces.
 #[utoipa::path(put, path = "/naming/v1/services", request_body = Vec<ServiceInput>,
     responses((status = 200, description = "BatchWriteResponse"), (status = 400, description = "Bad input, or per item: no such service")))]
-pub(super) async fn update_services(State(st): State<AppState>, body: Bytes) -> ApiResult {
+pub(super) async fn update_services(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    body: Bytes,
+) -> ApiResult {
     let list: Vec<ServiceInput> = parse_batch(&body, Entity::Service)?;
     let now = now_rfc3339();
     // Every field validated up front, so a bad item rejects the whole request.
@@ -313,7 +357,7 @@ pub(super) async fn update_services(State(st): State<AppState>, body: Bytes) -> 
         s.validate(&now)?;
         Ok(json!({"namespace": s.namespace, "name": s.name}))
     })?;
-    let items = submit(&st, Entity::Service, Command::UpdateServices(list)).await?;
+    let items = submit(&st, &who, Entity::Service, Command::UpdateServices(list)).await?;
     Ok(view::batch_write(&service_answers(items, echo)))
 }
 
@@ -342,7 +386,11 @@ fn service_key(
 #[utoipa::path(post, path = "/naming/v1/services/delete", request_body = Vec<ServiceRef>,
     responses((status = 200, description = "BatchWriteResponse (a missing service is a success)"),
               (status = 400, description = "Per item: the service still has instances or aliases")))]
-pub(super) async fn delete_services(State(st): State<AppState>, body: Bytes) -> ApiResult {
+pub(super) async fn delete_services(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    body: Bytes,
+) -> ApiResult {
     let list: Vec<ServiceRef> = parse_batch(&body, Entity::Service)?;
     let keys = each(list, Entity::Service, |s| {
         service_key(&s.namespace, &s.name, "name")
@@ -351,7 +399,7 @@ pub(super) async fn delete_services(State(st): State<AppState>, body: Bytes) -> 
         .iter()
         .map(|k| json!({"namespace": k.namespace, "name": k.name}))
         .collect();
-    let items = submit(&st, Entity::Service, Command::DeleteServices(keys)).await?;
+    let items = submit(&st, &who, Entity::Service, Command::DeleteServices(keys)).await?;
     Ok(view::batch_write(&service_answers(items, echo)))
 }
 
@@ -361,17 +409,24 @@ pub(super) async fn delete_services(State(st): State<AppState>, body: Bytes) -> 
 #[utoipa::path(post, path = "/naming/v1/service/alias", request_body = AliasInput,
     responses((status = 200, description = "Response with the `alias`"),
               (status = 400, description = "Bad input; the service is missing (400301) or is an alias (400504); the alias exists (400201)")))]
-pub(super) async fn create_alias(State(st): State<AppState>, body: Bytes) -> ApiResult {
+pub(super) async fn create_alias(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    body: Bytes,
+) -> ApiResult {
     let input: AliasInput = parse_json(&body, Entity::Alias)?;
     let alias = input
         .validate(&now_rfc3339())
         .map_err(|e| ApiError::field(Entity::Alias, e))?;
     let echo = serde_json::to_value(view::alias(&alias)).unwrap_or_default();
-    let items = st
-        .registry
-        .submit(Command::CreateAlias(Box::new(alias)))
-        .await
-        .map_err(|e| ApiError::registry(Entity::Alias, e))?;
+    let items = auth::write(
+        &st.registry,
+        &st.metrics,
+        &who,
+        Command::CreateAlias(Box::new(alias)),
+    )
+    .await
+    .map_err(|e| e.into_api(Entity::Alias))?;
     let item = items.into_iter().next().expect("one item per alias");
     Ok(view::single(&answer(item, "alias", echo, |i| match i {
         Item::Service(s) => serde_json::to_value(view::alias(&s)).unwrap_or_default(),
@@ -425,7 +480,11 @@ pub(super) struct AliasRef {
 /// `POST /naming/v1/service/aliases/delete`.
 #[utoipa::path(post, path = "/naming/v1/service/aliases/delete", request_body = Vec<AliasRef>,
     responses((status = 200, description = "BatchWriteResponse (a missing alias is a success)")))]
-pub(super) async fn delete_aliases(State(st): State<AppState>, body: Bytes) -> ApiResult {
+pub(super) async fn delete_aliases(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    body: Bytes,
+) -> ApiResult {
     let list: Vec<AliasRef> = parse_batch(&body, Entity::Alias)?;
     let keys = each(list, Entity::Alias, |a| {
         let ns = a.alias_namespace.clone().unwrap_or_default();
@@ -438,7 +497,7 @@ pub(super) async fn delete_aliases(State(st): State<AppState>, body: Bytes) -> A
         .iter()
         .map(|k| json!({"alias": k.name, "alias_namespace": k.namespace}))
         .collect();
-    let items = submit(&st, Entity::Alias, Command::DeleteAliases(keys)).await?;
+    let items = submit(&st, &who, Entity::Alias, Command::DeleteAliases(keys)).await?;
     let answers: Vec<Answer> = items
         .into_iter()
         .zip(echo)
@@ -556,13 +615,23 @@ fn instance_answers(items: Vec<Item>, echo: Vec<Value>) -> Vec<Answer> {
 /// are created.
 #[utoipa::path(post, path = "/naming/v1/instances", request_body = Vec<InstanceInput>,
     responses((status = 200, description = "BatchWriteResponse"), (status = 400, description = "Bad input; names the field, nothing written")))]
-pub(super) async fn create_instances(State(st): State<AppState>, body: Bytes) -> ApiResult {
+pub(super) async fn create_instances(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    body: Bytes,
+) -> ApiResult {
     let list: Vec<InstanceInput> = parse_batch(&body, Entity::Instance)?;
     let now = now_rfc3339();
     let echo: Vec<Value> = list.iter().map(instance_echo).collect();
     let list = each(list, Entity::Instance, |i| i.validate(&now))?;
     let n = list.len() as u64;
-    let items = submit(&st, Entity::Instance, Command::RegisterInstances(list)).await?;
+    let items = submit(
+        &st,
+        &who,
+        Entity::Instance,
+        Command::RegisterInstances(list),
+    )
+    .await?;
     st.metrics.registrations.add(n);
     Ok(view::batch_write(&instance_answers(items, echo)))
 }
@@ -571,7 +640,11 @@ pub(super) async fn create_instances(State(st): State<AppState>, body: Bytes) ->
 /// namespace, service, host and port.
 #[utoipa::path(put, path = "/naming/v1/instances", request_body = Vec<InstanceInput>,
     responses((status = 200, description = "BatchWriteResponse"), (status = 400, description = "Bad input, or per item: no such instance")))]
-pub(super) async fn update_instances(State(st): State<AppState>, body: Bytes) -> ApiResult {
+pub(super) async fn update_instances(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    body: Bytes,
+) -> ApiResult {
     let list: Vec<Value> = parse_batch(&body, Entity::Instance)?;
     let echo: Vec<Value> = list.iter().map(Value::clone).collect();
     let list = each(list, Entity::Instance, |v| {
@@ -587,7 +660,7 @@ pub(super) async fn update_instances(State(st): State<AppState>, body: Bytes) ->
                 .unwrap_or_default()
         })
         .collect();
-    let items = submit(&st, Entity::Instance, Command::UpdateInstances(list)).await?;
+    let items = submit(&st, &who, Entity::Instance, Command::UpdateInstances(list)).await?;
     Ok(view::batch_write(&instance_answers(items, echo)))
 }
 
@@ -600,14 +673,24 @@ fn from_value<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, FieldError
 /// `POST /naming/v1/instances/delete`: by `id`, or by namespace, service, host and port.
 #[utoipa::path(post, path = "/naming/v1/instances/delete", request_body = Vec<InstanceRef>,
     responses((status = 200, description = "BatchWriteResponse (a missing instance is a success)")))]
-pub(super) async fn delete_instances(State(st): State<AppState>, body: Bytes) -> ApiResult {
+pub(super) async fn delete_instances(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    body: Bytes,
+) -> ApiResult {
     let list: Vec<InstanceRef> = parse_batch(&body, Entity::Instance)?;
     let echo: Vec<Value> = list
         .iter()
         .map(|r| json!({"id": r.id, "namespace": r.namespace, "service": r.service, "host": r.host, "port": r.port}))
         .collect();
     let sels = each(list, Entity::Instance, |r| r.validate())?;
-    let items = submit(&st, Entity::Instance, Command::DeregisterInstances(sels)).await?;
+    let items = submit(
+        &st,
+        &who,
+        Entity::Instance,
+        Command::DeregisterInstances(sels),
+    )
+    .await?;
     st.metrics.deregistrations.add(
         items
             .iter()
@@ -647,14 +730,18 @@ pub(super) async fn list_groups(State(st): State<AppState>, uri: axum::http::Uri
 /// `POST /naming/v1/groups`: create or replace.
 #[utoipa::path(post, path = "/naming/v1/groups", request_body = Vec<InstanceGroup>,
     responses((status = 200, description = "BatchWriteResponse with `group`s"), (status = 400, description = "Bad matcher")))]
-pub(super) async fn put_groups(State(st): State<AppState>, body: Bytes) -> ApiResult {
+pub(super) async fn put_groups(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    body: Bytes,
+) -> ApiResult {
     let list: Vec<InstanceGroup> = parse_batch(&body, Entity::Other)?;
     let list = each(list, Entity::Other, |g| g.validate().map(|_| g.clone()))?;
     let echo = list
         .iter()
         .map(|g| json!({"namespace": g.namespace, "service": g.service, "name": g.name}))
         .collect();
-    let items = submit(&st, Entity::Other, Command::PutGroups(list)).await?;
+    let items = submit(&st, &who, Entity::Other, Command::PutGroups(list)).await?;
     Ok(view::batch_write(&group_answers(items, echo)))
 }
 
@@ -685,7 +772,11 @@ pub(super) struct GroupRef {
 /// `POST /naming/v1/groups/delete`.
 #[utoipa::path(post, path = "/naming/v1/groups/delete", request_body = Vec<GroupRef>,
     responses((status = 200, description = "BatchWriteResponse")))]
-pub(super) async fn delete_groups(State(st): State<AppState>, body: Bytes) -> ApiResult {
+pub(super) async fn delete_groups(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    body: Bytes,
+) -> ApiResult {
     let list: Vec<GroupRef> = parse_batch(&body, Entity::Other)?;
     let refs = each(list, Entity::Other, |g| {
         let key = service_key(&g.namespace, &g.service, "service")?;
@@ -697,6 +788,6 @@ pub(super) async fn delete_groups(State(st): State<AppState>, body: Bytes) -> Ap
         .iter()
         .map(|(k, n)| json!({"namespace": k.namespace, "service": k.name, "name": n}))
         .collect();
-    let items = submit(&st, Entity::Other, Command::DeleteGroups(refs)).await?;
+    let items = submit(&st, &who, Entity::Other, Command::DeleteGroups(refs)).await?;
     Ok(view::batch_write(&group_answers(items, echo)))
 }

@@ -132,6 +132,31 @@ pub enum Command {
     Flush,
 }
 
+impl Command {
+    /// The command's name, for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::CreateNamespaces(_) => "create namespaces",
+            Command::UpdateNamespaces(_) => "update namespaces",
+            Command::DeleteNamespaces(_) => "delete namespaces",
+            Command::CreateServices(_) => "create services",
+            Command::UpdateServices(_) => "update services",
+            Command::DeleteServices(_) => "delete services",
+            Command::CreateAlias(_) => "create alias",
+            Command::DeleteAliases(_) => "delete aliases",
+            Command::RegisterInstances(_) => "register instances",
+            Command::UpdateInstances(_) => "update instances",
+            Command::DeregisterInstances(_) => "deregister instances",
+            Command::PutGroups(_) => "put groups",
+            Command::DeleteGroups(_) => "delete groups",
+            Command::SetHealth { .. } => "set health",
+            Command::PutTokens(_) => "put tokens",
+            Command::RevokeTokens(_) => "revoke tokens",
+            Command::Flush => "flush",
+        }
+    }
+}
+
 /// Per-item outcome of a command.
 #[derive(Debug, Clone)]
 pub enum Item {
