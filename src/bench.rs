@@ -58,6 +58,13 @@ struct RegistryArgs {
     /// Benchmark an already running server at this base URL instead of starting one.
     #[arg(long)]
     target: Option<String>,
+    /// Send this token (`X-Polaris-Token`) to the target.
+    #[arg(long)]
+    token: Option<String>,
+    /// Run twice with the in-process server, authentication off then on (a write token), twice
+    /// over, and print every run: what authentication costs.
+    #[arg(long, conflicts_with = "target")]
+    compare_auth: bool,
 }
 
 /// Runs the chosen benchmark.
@@ -111,7 +118,41 @@ impl Phase {
 }
 
 async fn registry(a: RegistryArgs) -> anyhow::Result<()> {
-    let (base, _server, _dir) = match &a.target {
+    println!(
+        "registry benchmark: {} clients, {} registrations (durable, heartbeat TTL 60 s) over {} services, {} heartbeats, loopback HTTP/1.1{}",
+        a.clients,
+        a.registrations,
+        a.services.max(1),
+        a.heartbeats,
+        if a.target.is_some() { "" } else { ", server in the same process" }
+    );
+    println!("| phase         | requests |    req/s  | p50 ms   | p99 ms   | max ms   |");
+    println!("|---------------|----------|-----------|----------|----------|----------|");
+    let runs: &[bool] = if a.compare_auth {
+        &[false, true, false, true]
+    } else {
+        &[false]
+    };
+    for &auth in runs {
+        let (reg, hb) = registry_once(&a, auth).await?;
+        for mut p in [reg, hb] {
+            if a.compare_auth {
+                p.name = match (p.name, auth) {
+                    ("register", true) => "register auth",
+                    ("heartbeat", true) => "heartbeat auth",
+                    (n, _) => n,
+                };
+            }
+            println!("{}", p.row());
+        }
+    }
+    Ok(())
+}
+
+/// One run; `auth`: the in-process server authenticates, and the clients send a write token.
+async fn registry_once(a: &RegistryArgs, auth: bool) -> anyhow::Result<(Phase, Phase)> {
+    const ADMIN: &str = "bench-admin-secret-0123456789";
+    let (base, server, dir) = match &a.target {
         Some(t) => (t.trim_end_matches('/').to_string(), None, None),
         None => {
             let dir = tempfile_dir()?;
@@ -120,6 +161,12 @@ async fn registry(a: RegistryArgs) -> anyhow::Result<()> {
                 data_dir: dir.clone(),
                 http_addr: "127.0.0.1:0".parse()?,
                 log_level: "warn".into(),
+                auth: if auth {
+                    crate::config::AuthMode::On
+                } else {
+                    crate::config::AuthMode::Off
+                },
+                admin_token: auth.then(|| ADMIN.to_string()),
                 ..Default::default()
             };
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -139,6 +186,12 @@ async fn registry(a: RegistryArgs) -> anyhow::Result<()> {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(a.clients)
         .build_http();
+    // With auth, the clients use a write token of `default`, as an application would.
+    let token = match (&a.token, auth) {
+        (Some(t), _) => Some(t.clone()),
+        (None, true) => Some(write_token(&client, &base, ADMIN).await?),
+        (None, false) => None,
+    };
     let n = a.registrations;
     let svc = a.services.max(1);
     let inst = move |i: usize| -> (String, String, u16) {
@@ -146,7 +199,7 @@ async fn registry(a: RegistryArgs) -> anyhow::Result<()> {
         (format!("bench-{}", i % svc), host, 8080)
     };
     let reg_url: hyper::Uri = format!("{base}/v1/RegisterInstance").parse()?;
-    let reg = drive("register", a.clients, n, client.clone(), reg_url, move |i| {
+    let reg = drive("register", a.clients, n, client.clone(), reg_url, token.clone(), move |i| {
         let (s, h, p) = inst(i);
         format!(
             r#"{{"namespace":"default","service":"{s}","host":"{h}","port":{p},"enableHealthCheck":true,"healthCheck":{{"type":"HEARTBEAT","heartbeat":{{"ttl":60}}}}}}"#
@@ -160,32 +213,38 @@ async fn registry(a: RegistryArgs) -> anyhow::Result<()> {
         a.heartbeats,
         client.clone(),
         hb_url,
+        token,
         move |i| {
             let (s, h, p) = inst(i % n.max(1));
             format!(r#"{{"id":"{}"}}"#, instance_id("default", &s, &h, p))
         },
     )
     .await?;
-    println!(
-        "registry benchmark: {} clients, {} registrations (durable, heartbeat TTL 60 s) over {} services, {} heartbeats, loopback HTTP/1.1{}",
-        a.clients,
-        n,
-        svc,
-        a.heartbeats,
-        if a.target.is_some() { "" } else { ", server in the same process" }
-    );
-    println!("| phase         | requests |    req/s  | p50 ms   | p99 ms   | max ms   |");
-    println!("|---------------|----------|-----------|----------|----------|----------|");
-    println!("{}", reg.row());
-    println!("{}", hb.row());
-    if let Some((h, stop)) = _server {
+    if let Some((h, stop)) = server {
         let _ = stop.send(());
         h.await??;
     }
-    if let Some(d) = _dir {
+    if let Some(d) = dir {
         let _ = std::fs::remove_dir_all(d);
     }
-    Ok(())
+    Ok((reg, hb))
+}
+
+/// Creates a write token of namespace `default` with the admin token; returns its secret.
+async fn write_token(client: &HttpClient, base: &str, admin: &str) -> anyhow::Result<String> {
+    let req = hyper::Request::post(format!("{base}/core/v1/tokens"))
+        .header("content-type", "application/json")
+        .header("x-polaris-token", admin)
+        .body(Full::new(Bytes::from(
+            r#"[{"name":"bench","role":"write","namespaces":["default"]}]"#,
+        )))?;
+    let resp = client.request(req).await?;
+    let body = resp.into_body().collect().await?.to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body)?;
+    v["responses"][0]["token"]["secret"]
+        .as_str()
+        .map(str::to_string)
+        .with_context(|| format!("no token created: {v}"))
 }
 
 fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
@@ -206,6 +265,7 @@ async fn drive(
     total: usize,
     client: HttpClient,
     url: hyper::Uri,
+    token: Option<String>,
     body: impl Fn(usize) -> String + Send + Sync + 'static,
 ) -> anyhow::Result<Phase> {
     let next = Arc::new(AtomicUsize::new(0));
@@ -213,7 +273,13 @@ async fn drive(
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..clients {
-        let (next, body, client, url) = (next.clone(), body.clone(), client.clone(), url.clone());
+        let (next, body, client, url, token) = (
+            next.clone(),
+            body.clone(),
+            client.clone(),
+            url.clone(),
+            token.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             loop {
@@ -221,9 +287,12 @@ async fn drive(
                 if i >= total {
                     break;
                 }
-                let req = hyper::Request::post(url.clone())
-                    .header("content-type", "application/json")
-                    .body(Full::new(Bytes::from(body(i))))?;
+                let mut req =
+                    hyper::Request::post(url.clone()).header("content-type", "application/json");
+                if let Some(t) = &token {
+                    req = req.header("x-polaris-token", t.as_str());
+                }
+                let req = req.body(Full::new(Bytes::from(body(i))))?;
                 let t = Instant::now();
                 let resp = client.request(req).await?;
                 let status = resp.status();
