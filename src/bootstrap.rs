@@ -58,6 +58,43 @@ pub struct BootstrapArgs {
     /// The sidecar agent's SDS socket (with `--tls`).
     #[arg(long, default_value = DEFAULT_SDS_SOCKET)]
     pub sds_socket: PathBuf,
+    /// With `--tls`: ADS in plaintext (a development control plane on loopback) instead of mTLS.
+    #[arg(long, requires = "tls")]
+    pub xds_plaintext: bool,
+}
+
+/// The ADS cluster's mTLS: the agent's certificate, the control plane checked against the roots
+/// and its name (an IP address or a DNS name, as `--xds-addr` gives it).
+fn xds_tls(host: &str) -> String {
+    let (san_type, sni) = match host.parse::<IpAddr>() {
+        Ok(_) => ("IP_ADDRESS", String::new()),
+        Err(_) => ("DNS", format!("\n        sni: \"{host}\"")),
+    };
+    let sds = |name: &str| {
+        format!(
+            "name: {name}\n              sds_config: {{ resource_api_version: V3, api_config_source: {{ api_type: GRPC, transport_api_version: V3, grpc_services: [{{ envoy_grpc: {{ cluster_name: sds-grpc }} }}] }} }}"
+        )
+    };
+    format!(
+        r#"    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext{sni}
+        common_tls_context:
+          alpn_protocols: [h2]
+          tls_certificate_sds_secret_configs:
+            - {cert}
+          combined_validation_context:
+            default_validation_context:
+              match_typed_subject_alt_names:
+              - san_type: {san_type}
+                matcher: {{ exact: "{host}" }}
+            validation_context_sds_secret_config:
+              {root}
+"#,
+        cert = sds("default"),
+        root = sds("ROOTCA"),
+    )
 }
 
 /// Bootstrap errors.
@@ -156,7 +193,15 @@ pub fn render(a: &BootstrapArgs) -> Result<String, Error> {
         .replace("{{XDS_CLUSTER_TYPE}}", cluster_type)
         .replace("{{XDS_HOST}}", host)
         .replace("{{XDS_PORT}}", &port.to_string())
-        .replace("{{SDS_SOCKET}}", sds_socket))
+        .replace("{{SDS_SOCKET}}", sds_socket)
+        .replace(
+            "{{XDS_TRANSPORT_SOCKET}}\n",
+            &if a.xds_plaintext {
+                String::new()
+            } else {
+                xds_tls(host)
+            },
+        ))
 }
 
 #[cfg(test)]
@@ -176,6 +221,7 @@ mod tests {
             template: None,
             tls: false,
             sds_socket: DEFAULT_SDS_SOCKET.into(),
+            xds_plaintext: false,
         }
     }
 
@@ -214,15 +260,14 @@ mod tests {
         let got = render(&a).unwrap();
         let want = include_str!("../tests/golden/bootstrap-tls.yaml");
         assert_eq!(got, want);
-        // Only the SDS cluster differs from the plaintext bootstrap.
-        let plain = render(&BootstrapArgs { tls: false, ..a }).unwrap();
-        let body = |s: &str| {
-            s.lines()
-                .filter(|l| !l.starts_with('#'))
-                .collect::<Vec<_>>()
-                .join("\n")
-        };
-        assert!(body(&got).starts_with(&body(&plain)));
+        assert!(!got.contains("{{"), "a placeholder is left");
+        // For a development control plane the ADS connection can stay plaintext.
+        let plain = render(&BootstrapArgs {
+            xds_plaintext: true,
+            ..a
+        })
+        .unwrap();
+        assert!(!plain.contains("UpstreamTlsContext") && plain.contains("sds-grpc"));
     }
 
     #[test]

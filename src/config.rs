@@ -142,6 +142,24 @@ pub struct ServerConfig {
     pub public_debug: bool,
     /// Failed authentications per minute per source address before they are answered 403001.
     pub auth_failures_per_minute: u32,
+    /// ADS authentication: `auto` (on unless the xDS port is loopback), `on`, `off`. On, the port
+    /// speaks TLS and each stream proves a workload identity (client certificate, or a
+    /// ServiceAccount token); `off` on a non-loopback address is for development and logged.
+    pub xds_auth: AuthMode,
+    /// The ADS port's certificate chain (PEM); with `xdsKeyFile`. Without them, the CA (which
+    /// must be on) issues one.
+    pub xds_cert_file: Option<PathBuf>,
+    /// The ADS port's key (PEM).
+    pub xds_key_file: Option<PathBuf>,
+    /// Roots client certificates must chain to (PEM) [default: the CA's root].
+    pub xds_client_ca_file: Option<PathBuf>,
+    /// More names for the ADS port's certificate (besides `localhost` and its address).
+    pub xds_dns_names: Vec<String>,
+    /// Audiences a ServiceAccount token presented on the ADS port must be for.
+    pub xds_audiences: Vec<String>,
+    /// Namespace of an authenticated identity → the other namespaces its nodes may see (`*`:
+    /// all). Unlisted namespaces see only themselves.
+    pub xds_visibility: std::collections::BTreeMap<String, Vec<String>>,
     /// Test hooks (never in production): a service with metadata
     /// `polarismesh.cn/test-invalid-cluster: "true"` gets a cluster Envoy rejects.
     pub test_hooks: bool,
@@ -164,6 +182,13 @@ impl Default for ServerConfig {
             first_request_timeout_ms: 10_000,
             xds_tls_phase_ms: 400,
             auth: AuthMode::Auto,
+            xds_auth: AuthMode::Auto,
+            xds_cert_file: None,
+            xds_key_file: None,
+            xds_client_ca_file: None,
+            xds_dns_names: vec![],
+            xds_audiences: vec!["polaris-ca".into()],
+            xds_visibility: Default::default(),
             admin_token_file: None,
             admin_token: None,
             public_metrics: true,
@@ -252,6 +277,21 @@ impl ServerConfig {
                 reason: "must be a non-empty name of a-z, 0-9, '-', '.', '_' (SPIFFE)".into(),
             });
         }
+        for (ns, seen) in &self.xds_visibility {
+            let ok = |n: &str| crate::model::validate_namespace_name(n, "xdsVisibility").is_ok();
+            if !ok(ns) || seen.iter().any(|n| n != "*" && !ok(n)) {
+                return Err(Error::Invalid {
+                    field: "xdsVisibility",
+                    reason: format!("{ns}: keys and values are namespace names (or *)"),
+                });
+            }
+        }
+        if self.xds_cert_file.is_some() != self.xds_key_file.is_some() {
+            return Err(Error::Invalid {
+                field: "xdsCertFile",
+                reason: "give xdsCertFile and xdsKeyFile together".into(),
+            });
+        }
         if self.xds_tls_phase_ms > 60_000 {
             return Err(Error::Invalid {
                 field: "xdsTlsPhaseMs",
@@ -317,6 +357,15 @@ impl ServerConfig {
             source,
             dns_names: self.ca_dns_names.clone(),
         }))
+    }
+
+    /// Whether the ADS port authenticates.
+    pub fn xds_auth_on(&self) -> bool {
+        match self.xds_auth {
+            AuthMode::On => true,
+            AuthMode::Off => false,
+            AuthMode::Auto => !self.xds_addr.ip().is_loopback(),
+        }
     }
 
     /// The REST API's authentication settings.

@@ -79,6 +79,15 @@ struct ServerArgs {
     /// REST authentication (X-Polaris-Token) [default: auto: on unless the REST port is loopback].
     #[arg(long, value_enum)]
     auth: Option<polaris_mesh::config::AuthMode>,
+    /// ADS authentication (TLS, workload identity) [default: auto: on unless the xDS port is loopback].
+    #[arg(long, value_enum)]
+    xds_auth: Option<polaris_mesh::config::AuthMode>,
+    /// The ADS port's certificate chain (PEM) [default: issued by the CA].
+    #[arg(long)]
+    xds_cert_file: Option<PathBuf>,
+    /// The ADS port's key (PEM).
+    #[arg(long)]
+    xds_key_file: Option<PathBuf>,
     /// File with the bootstrap admin token (else $POLARIS_ADMIN_TOKEN, else generated into
     /// <data-dir>/admin-token at the first start with auth on).
     #[arg(long)]
@@ -226,6 +235,15 @@ fn main() -> anyhow::Result<()> {
             }
             if let Some(v) = a.auth {
                 cfg.auth = v;
+            }
+            if let Some(v) = a.xds_auth {
+                cfg.xds_auth = v;
+            }
+            if a.xds_cert_file.is_some() {
+                cfg.xds_cert_file = a.xds_cert_file;
+            }
+            if a.xds_key_file.is_some() {
+                cfg.xds_key_file = a.xds_key_file;
             }
             if a.admin_token_file.is_some() {
                 cfg.admin_token_file = a.admin_token_file;

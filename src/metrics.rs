@@ -232,6 +232,8 @@ pub struct Metrics {
     pub xds_bytes: Counter,
     /// xDS requests that ended their stream undecoded, by [`RequestError`].
     xds_request_errors: [Counter; 4],
+    /// xDS streams refused for their credentials.
+    pub xds_auth_refused: Counter,
     /// xDS requests that waited for the decode budget (bytes of requests being decoded at once).
     pub xds_decode_waits: Counter,
     /// Certificates the CA issued.
@@ -406,6 +408,12 @@ impl Metrics {
                 self.auth_failures(r)
             );
         }
+        counter(
+            &mut out,
+            "polaris_xds_auth_refused_total",
+            "xDS streams refused for their credentials (none, unknown, expired, wrong trust domain).",
+            self.xds_auth_refused.get(),
+        );
         counter(
             &mut out,
             "polaris_xds_decode_budget_waits_total",

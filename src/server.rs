@@ -17,6 +17,7 @@ use crate::metrics::Metrics;
 use crate::net::Acceptor;
 use crate::registry::{self, Registry};
 use crate::store::RedbStore;
+use crate::xds::auth::Authenticator;
 use crate::xds::debug;
 use crate::xds::server::{Ads, Nodes};
 use crate::xds::snapshot::{self, Cache};
@@ -95,7 +96,12 @@ pub async fn run(
     };
     raise_fd_limit(&cfg);
     let http = Acceptor::new(http, cfg.http_limits(), metrics.http_conns.clone(), "http");
-    let xds = Acceptor::new(xds, cfg.xds_limits(), metrics.xds_conns.clone(), "xds");
+    let xds_bound = xds.local_addr()?;
+    let xds_security = xds_security(&cfg, ca.as_ref().map(|(c, _)| c), xds_bound).await?;
+    let mut xds = Acceptor::new(xds, cfg.xds_limits(), metrics.xds_conns.clone(), "xds");
+    if let Some((tls, _)) = &xds_security {
+        xds = xds.with_tls(tls.clone());
+    }
     let bound = Bound {
         http: http.local_addr()?.expect("a TCP listener"),
         xds: xds.local_addr()?.expect("a TCP listener"),
@@ -118,8 +124,11 @@ pub async fn run(
         cfg.snapshot_config(),
     ));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let ads =
+    let mut ads =
         Ads::new(cache.clone(), metrics.clone(), nodes.clone()).with_shutdown(stop_rx.clone());
+    if let Some((_, auth)) = xds_security {
+        ads = ads.with_auth(auth);
+    }
     let streams = nodes.clone();
     let auth_cfg = cfg.api_auth();
     if auth_cfg.enabled {
@@ -164,6 +173,85 @@ pub async fn run(
     registry.close().await?;
     tracing::info!("polaris server stopped");
     Ok(())
+}
+
+/// The ADS port's TLS and authenticator, when it authenticates: its certificate from files or
+/// the CA, client roots from a file or the CA, ServiceAccount tokens reviewed when a Kubernetes
+/// API is configured.
+async fn xds_security(
+    cfg: &ServerConfig,
+    ca: Option<&Arc<crate::ca::Ca>>,
+    bound: std::net::SocketAddr,
+) -> anyhow::Result<Option<(Arc<rustls::ServerConfig>, Arc<Authenticator>)>> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    if !cfg.xds_auth_on() {
+        if !cfg.xds_addr.ip().is_loopback() {
+            tracing::warn!(xds = %cfg.xds_addr, "ADS authentication is OFF on a non-loopback address (--xds-auth off): any client can read every namespace's configuration");
+        }
+        return Ok(None);
+    }
+    let read_certs = |p: &std::path::Path| -> anyhow::Result<Vec<CertificateDer<'static>>> {
+        CertificateDer::pem_file_iter(p)
+            .with_context(|| format!("reading {}", p.display()))?
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("certificates in {}", p.display()))
+    };
+    let (chain, key) = match (&cfg.xds_cert_file, &cfg.xds_key_file, ca) {
+        (Some(c), Some(k), _) => (
+            read_certs(c)?,
+            PrivateKeyDer::from_pem_file(k).with_context(|| format!("key in {}", k.display()))?,
+        ),
+        (None, None, Some(ca)) => {
+            let mut names = vec!["localhost".to_string(), bound.ip().to_string()];
+            if !bound.ip().is_loopback() {
+                names.push("127.0.0.1".into());
+            }
+            names.extend(cfg.xds_dns_names.iter().cloned());
+            ca.serving_cert(&names, "polaris-xds")?
+        }
+        _ => anyhow::bail!(
+            "ADS authentication is on (--xds-auth, or a non-loopback xdsAddr) but the ADS port has no certificate: give xdsCertFile and xdsKeyFile, or turn the CA on (--ca-addr)"
+        ),
+    };
+    let roots = match (&cfg.xds_client_ca_file, ca) {
+        (Some(f), _) => read_certs(f)?,
+        (None, Some(ca)) => CertificateDer::pem_slice_iter(ca.root_pem().as_bytes())
+            .collect::<Result<_, _>>()
+            .context("the CA's root")?,
+        (None, None) => anyhow::bail!(
+            "ADS authentication needs the roots client certificates chain to: xdsClientCaFile, or the CA (--ca-addr)"
+        ),
+    };
+    let tls = crate::xds::auth::tls_config(chain, key, roots)?;
+    let reviewer: Option<Arc<dyn crate::ca::review::Reviewer>> = match kube_client(
+        cfg.kubeconfig.as_deref(),
+    )
+    .await
+    {
+        Ok(kube) => Some(Arc::new(crate::ca::review::Cached::new(
+            crate::ca::review::KubeReviewer::new(
+                kube,
+                cfg.xds_audiences.clone(),
+                Duration::from_secs(5),
+            ),
+            Duration::from_secs(cfg.ca_review_cache_secs),
+            10_000,
+        ))),
+        Err(e) => {
+            tracing::info!(error = %e, "ADS: no Kubernetes API, so only client certificates authenticate (no ServiceAccount tokens)");
+            None
+        }
+    };
+    let auth = Authenticator::new(
+        crate::xds::auth::Config {
+            trust_domain: cfg.trust_domain.clone(),
+            visibility: cfg.xds_visibility.clone(),
+        },
+        reviewer,
+    );
+    tracing::info!(tokens = auth.accepts_tokens(), "ADS authentication on: TLS, client certificates of the trust domain or ServiceAccount tokens");
+    Ok(Some((tls, Arc::new(auth))))
 }
 
 /// Raises the soft limit on open files to the hard limit: every connection is a descriptor, and the

@@ -1,6 +1,7 @@
 //! The Envoy xDS control plane: translation ([`resources`]), the shared cache ([`snapshot`]) and the
 //! ADS server ([`server`]). Type URLs live here and nowhere else.
 
+pub mod auth;
 pub mod debug;
 pub mod names;
 pub mod node;

@@ -489,7 +489,7 @@ async fn wrong_tokens_are_rate_limited_per_address_and_the_right_one_still_works
 async fn a_public_port_needs_tokens_by_default_and_the_first_admin_token_is_generated() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("d");
-    let s = Server::start_on(&data, "0.0.0.0", &[]).await;
+    let s = Server::start_on(&data, "0.0.0.0", "127.0.0.1", &[]).await;
     let c = reqwest::Client::new();
     let (st, _) = post(
         &c,
@@ -520,7 +520,7 @@ async fn a_public_port_needs_tokens_by_default_and_the_first_admin_token_is_gene
     assert!(!log.contains(&admin), "the generated secret is not logged");
     drop(s);
     // Restarted: the same token works and the file is not rewritten.
-    let s = Server::start_on(&data, "0.0.0.0", &[]).await;
+    let s = Server::start_on(&data, "0.0.0.0", "127.0.0.1", &[]).await;
     assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), admin);
     assert_eq!(
         post(
@@ -535,7 +535,7 @@ async fn a_public_port_needs_tokens_by_default_and_the_first_admin_token_is_gene
         200
     );
     drop(s);
-    let s = Server::start_on(&data, "0.0.0.0", &["--auth", "off"]).await;
+    let s = Server::start_on(&data, "0.0.0.0", "127.0.0.1", &["--auth", "off"]).await;
     assert_eq!(
         post(
             &c,

@@ -90,7 +90,13 @@ impl Mesh {
             std::fs::write(&f, token).unwrap();
             token_files.push(f);
         }
-        let cp = CaServer::start(dir.path(), &kube, &["--ca-signs-per-minute", "600"]).await;
+        // The control plane as deployed: ADS over mTLS, streams scoped by the identity they prove.
+        let cp = CaServer::start(
+            dir.path(),
+            &kube,
+            &["--ca-signs-per-minute", "600", "--xds-auth", "on"],
+        )
+        .await;
         let caller_agent = Agent::start(
             dir.path(),
             &cp,
@@ -366,6 +372,21 @@ async fn strict_is_mtls_only_and_refuses_plaintext() {
         m.caller_handshakes().await >= 1,
         "the caller sidecar did TLS"
     );
+    // Both sidecars reached ADS over mTLS with their agents' certificates.
+    let (_, nodes) = get(&m.c, &m.cp.server.url("/debug/xds/nodes")).await;
+    let echo_node = format!("sidecar~{}/echo-0~127.0.0.1", m.ns);
+    for (id, sa) in [(&m.caller_node, "caller"), (&echo_node, "echo")] {
+        let n = nodes["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| &n["node"]["id"] == id)
+            .unwrap_or_else(|| panic!("{id} not connected: {nodes}"));
+        assert_eq!(
+            n["node"]["identity"],
+            format!("spiffe://cluster.local/ns/{}/sa/{sa}", m.ns)
+        );
+    }
     // Plaintext straight to the inbound port: no filter chain takes it, no HTTP answer at all.
     let r = m.direct(&[]).await;
     assert!(r.is_err(), "plaintext answered in strict mode: {r:?}");

@@ -259,11 +259,12 @@ fn issuer(p: Pems) -> Result<Issuer, MaterialError> {
     })
 }
 
-/// A TLS server certificate for the CA's own HTTPS port, signed by the issuer, for `names`
-/// (DNS names or IP addresses): its chain (PEM) and key.
+/// A TLS server certificate signed by the issuer (for the CA's own HTTPS port, and the ADS port),
+/// named `common_name`, for `names` (DNS names or IP addresses): its chain and key.
 pub fn serving_cert(
     issuer: &Issuer,
     names: &[String],
+    common_name: &str,
 ) -> Result<
     (
         Vec<CertificateDer<'static>>,
@@ -273,8 +274,7 @@ pub fn serving_cert(
 > {
     let key = KeyPair::generate()?;
     let mut p = CertificateParams::new(names.to_vec())?;
-    p.distinguished_name
-        .push(DnType::CommonName, "polaris-security");
+    p.distinguished_name.push(DnType::CommonName, common_name);
     let now = std::time::SystemTime::now();
     p.not_before = (now - super::sign::SKEW).into();
     p.not_after = (now + std::time::Duration::from_secs(365 * 86400)).into();

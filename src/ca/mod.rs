@@ -139,6 +139,21 @@ impl Ca {
         &self.issuer.root_pem
     }
 
+    /// A server certificate for another port of the control plane (the ADS port), for `names`.
+    pub fn serving_cert(
+        &self,
+        names: &[String],
+        common_name: &str,
+    ) -> Result<
+        (
+            Vec<rustls_pki_types::CertificateDer<'static>>,
+            rustls_pki_types::PrivateKeyDer<'static>,
+        ),
+        Error,
+    > {
+        Ok(material::serving_cert(&self.issuer, names, common_name)?)
+    }
+
     /// The TLS configuration of the CA's own port.
     pub fn tls_config(&self) -> Result<Arc<rustls::ServerConfig>, Error> {
         let mut names = self.config.dns_names.clone();
@@ -147,7 +162,7 @@ impl Ca {
         if !self.config.addr.ip().is_loopback() {
             names.push("127.0.0.1".into());
         }
-        let (chain, key) = material::serving_cert(&self.issuer, &names)?;
+        let (chain, key) = material::serving_cert(&self.issuer, &names, "polaris-security")?;
         let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))

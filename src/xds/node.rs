@@ -30,6 +30,12 @@ pub struct NodeInfo {
     pub on_demand: bool,
     /// Other namespaces whose services this node also sees (`*`: all).
     pub extra_namespaces: Vec<String>,
+    /// The SPIFFE id the stream proved (authenticated ADS only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// What the node claimed beyond its identity and policy (it gets the narrowed settings).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub narrowed: Option<super::auth::Narrowed>,
 }
 
 fn meta_str(node: &Node, key: &str) -> Option<String> {
@@ -103,6 +109,8 @@ impl NodeInfo {
             user_agent: node.user_agent_name.clone(),
             on_demand: meta_str(node, r::NODE_ON_DEMAND_KEY).is_some_and(|v| v == "true"),
             extra_namespaces,
+            identity: None,
+            narrowed: None,
         })
     }
 }

@@ -427,11 +427,25 @@ impl AdsService {
     pub fn new(ads: Ads, limits: std::sync::Arc<RequestLimits>) -> Self {
         AdsService { ads, limits }
     }
+
+    /// The identity in a connection's verified client certificate chain, when streams are
+    /// authenticated.
+    fn client_identity(
+        &self,
+        chain: &[rustls_pki_types::CertificateDer<'_>],
+    ) -> Option<crate::ca::sign::Identity> {
+        self.ads.auth.as_ref()?.certificate_identity(chain)
+    }
 }
 
 /// The client's address, put in each request's extensions by [`serve`].
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub crate::net::Peer);
+
+/// The identity of the connection's verified client certificate, put in each request's
+/// extensions by [`serve`] (TLS with a client certificate only).
+#[derive(Debug, Clone)]
+pub struct ClientIdentity(pub crate::ca::sign::Identity);
 
 fn plain_response(status: http::StatusCode, text: &'static str) -> http::Response<Body> {
     let mut resp = http::Response::new(Body::new(http_body_util::Full::new(Bytes::from_static(
@@ -480,15 +494,37 @@ impl tower::Service<http::Request<Body>> for AdsService {
             }
             let path = req.uri().path().to_string();
             let peer = req.extensions().get::<PeerAddr>().map(|p| p.0);
+            let caller = match &ads.auth {
+                None => None,
+                Some(auth) => {
+                    let cert = req
+                        .extensions()
+                        .get::<ClientIdentity>()
+                        .map(|c| c.0.clone());
+                    let bearer = req
+                        .headers()
+                        .get(http::header::AUTHORIZATION)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.strip_prefix("Bearer "))
+                        .map(str::trim);
+                    match auth.authenticate(cert, bearer).await {
+                        Ok(c) => Some(c),
+                        Err(status) => {
+                            ads.auth_refused(peer, &status);
+                            return Ok(status.into_http());
+                        }
+                    }
+                }
+            };
             let (tx, rx) = mpsc::channel::<Result<Box<Msg>, Box<Status>>>(2);
             let driver = match path.as_str() {
                 SOTW_PATH | SDS_SOTW_PATH => {
                     let inbound = Requests::<DiscoveryRequest>::new(req.into_body(), limits);
-                    ads.sotw_stream(inbound, tx, peer)
+                    ads.sotw_stream(inbound, tx, peer, caller)
                 }
                 DELTA_PATH | SDS_DELTA_PATH => {
                     let inbound = Requests::<DeltaDiscoveryRequest>::new(req.into_body(), limits);
-                    ads.delta_stream(inbound, tx, peer)
+                    ads.delta_stream(inbound, tx, peer, caller)
                 }
                 _ => return Ok(Status::unimplemented(format!("{path} is not served")).into_http()),
             };
@@ -658,10 +694,17 @@ pub async fn serve(
         };
         let (svc, http2, watcher) = (service.clone(), http2.clone(), graceful.watcher());
         acceptor.spawn(stream, peer, slot, move |io, first| {
+            let client = io
+                .peer_certificates()
+                .and_then(|chain| svc.client_identity(chain))
+                .map(ClientIdentity);
             let hyper_svc =
                 hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
                     first.seen();
                     req.extensions_mut().insert(PeerAddr(peer));
+                    if let Some(c) = &client {
+                        req.extensions_mut().insert(c.clone());
+                    }
                     let mut svc = svc.clone();
                     tower::Service::call(&mut svc, req.map(Body::new))
                 });

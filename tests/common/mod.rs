@@ -33,11 +33,17 @@ impl Server {
     /// by binding and releasing; if another socket grabs one meanwhile, the server exits and this
     /// starts it again on new ports.
     pub async fn start(data_dir: &Path, extra: &[&str]) -> Server {
-        Self::start_on(data_dir, "127.0.0.1", extra).await
+        Self::start_on(data_dir, "127.0.0.1", "127.0.0.1", extra).await
     }
 
-    /// [`Server::start`] with the REST port bound to `host` (still reached on 127.0.0.1).
-    pub async fn start_on(data_dir: &Path, host: &str, extra: &[&str]) -> Server {
+    /// [`Server::start`] with the REST and xDS ports bound to these hosts (still reached on
+    /// 127.0.0.1).
+    pub async fn start_on(
+        data_dir: &Path,
+        http_host: &str,
+        xds_host: &str,
+        extra: &[&str],
+    ) -> Server {
         for _ in 0..5 {
             let http_port = free_port();
             let xds_port = free_port();
@@ -45,8 +51,8 @@ impl Server {
             let child = Command::new(env!("CARGO_BIN_EXE_polaris"))
                 .args(["server", "--data-dir"])
                 .arg(data_dir)
-                .args(["--http-addr", &format!("{host}:{http_port}")])
-                .args(["--xds-addr", &format!("127.0.0.1:{xds_port}")])
+                .args(["--http-addr", &format!("{http_host}:{http_port}")])
+                .args(["--xds-addr", &format!("{xds_host}:{xds_port}")])
                 .args(extra)
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(&log).unwrap())

@@ -50,13 +50,25 @@ impl RawConn {
 
     /// Opens a stream, or `None` if the connection no longer takes one.
     pub async fn try_stream(&mut self, path: &str, content_type: &str) -> Option<RawStream> {
-        let req = http::Request::builder()
+        self.try_stream_with(path, content_type, &[]).await
+    }
+
+    /// [`RawConn::try_stream`] with extra headers (gRPC metadata).
+    pub async fn try_stream_with(
+        &mut self,
+        path: &str,
+        content_type: &str,
+        headers: &[(&str, &str)],
+    ) -> Option<RawStream> {
+        let mut req = http::Request::builder()
             .method("POST")
             .uri(format!("http://localhost{path}"))
             .header("content-type", content_type)
-            .header("te", "trailers")
-            .body(())
-            .unwrap();
+            .header("te", "trailers");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(()).unwrap();
         let mut send = self.send.clone().ready().await.ok()?;
         let (resp, stream) = send.send_request(req, false).ok()?;
         Some(RawStream {
@@ -76,6 +88,43 @@ impl RawConn {
             let _ = conn.await;
         });
         RawConn { send }
+    }
+
+    /// An HTTP/2 connection over TLS with `cfg` (which must offer ALPN `h2`), or the handshake's
+    /// error.
+    pub async fn tls(
+        port: u16,
+        cfg: std::sync::Arc<rustls::ClientConfig>,
+    ) -> Result<RawConn, String> {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| e.to_string())?;
+        let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS handshake: {e}"))?;
+        let (send, conn) = h2::client::handshake(tls)
+            .await
+            .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(RawConn { send })
+    }
+
+    /// An HTTP/2 connection in plaintext, or the handshake's error.
+    pub async fn try_connect(port: u16) -> Result<RawConn, String> {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| e.to_string())?;
+        let (send, conn) = h2::client::handshake(tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(RawConn { send })
     }
 
     pub async fn connect(port: u16) -> RawConn {
@@ -126,6 +175,21 @@ impl RawStream {
                 message: format!("stream reset: {e}"),
             })?;
             self.http_status = Some(r.status().as_u16());
+            // A trailers-only response carries its status in the headers.
+            if let Some(code) = r
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+            {
+                let message = r
+                    .headers()
+                    .get("grpc-message")
+                    .and_then(|v| v.to_str().ok())
+                    .map(percent_decode)
+                    .unwrap_or_default();
+                return Err(Ended { code, message });
+            }
             self.recv = Some(r.into_body());
         }
         Ok(())

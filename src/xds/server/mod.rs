@@ -25,6 +25,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, Disc
 pub use super::node::NodeInfo;
 pub use super::status::{NodeStatus, Nodes, TypeStatus};
 
+use super::auth::{Authenticator, Caller};
 use super::names::NameSets;
 use super::snapshot::{Cache, Res};
 use super::transport::{AdsService, Driver, RequestLimits, Requests, Tx};
@@ -36,6 +37,8 @@ use state::StreamState;
 #[derive(Clone)]
 pub struct Ads {
     pub(super) cache: Arc<Cache>,
+    /// Authenticates streams (`None`: every stream is served as its node claims).
+    pub(super) auth: Option<Arc<Authenticator>>,
     metrics: Arc<Metrics>,
     nodes: Arc<Nodes>,
     sets: Arc<NameSets>,
@@ -47,6 +50,7 @@ impl Ads {
     pub fn new(cache: Arc<Cache>, metrics: Arc<Metrics>, nodes: Arc<Nodes>) -> Self {
         Ads {
             cache,
+            auth: None,
             metrics,
             nodes,
             sets: Arc::default(),
@@ -61,6 +65,18 @@ impl Ads {
         self
     }
 
+    /// Streams must prove an identity, which scopes what their nodes get.
+    pub fn with_auth(mut self, auth: Arc<Authenticator>) -> Self {
+        self.auth = Some(auth);
+        self
+    }
+
+    /// Counts and logs a stream refused for its credentials (never the credentials).
+    pub(crate) fn auth_refused(&self, peer: Option<crate::net::Peer>, status: &tonic::Status) {
+        self.metrics.xds_auth_refused.inc();
+        tracing::warn!(peer = ?peer, code = ?status.code(), "xDS stream refused: {}", status.message());
+    }
+
     /// The tonic service.
     pub fn into_service(self, limits: Arc<RequestLimits>) -> AdsService {
         AdsService::new(self, limits)
@@ -72,9 +88,10 @@ impl Ads {
         inbound: Requests<DiscoveryRequest>,
         tx: Tx,
         peer: Option<crate::net::Peer>,
+        caller: Option<Caller>,
     ) -> Driver {
         // The state lives in its own allocation: the future stays small.
-        let st = StreamState::new(self, "sotw", peer);
+        let st = StreamState::new(self, "sotw", peer, caller);
         Box::pin(Box::new(st).run(
             inbound,
             tx,
@@ -89,8 +106,9 @@ impl Ads {
         inbound: Requests<DeltaDiscoveryRequest>,
         tx: Tx,
         peer: Option<crate::net::Peer>,
+        caller: Option<Caller>,
     ) -> Driver {
-        let st = StreamState::new(self, "delta", peer);
+        let st = StreamState::new(self, "delta", peer, caller);
         Box::pin(Box::new(st).run(
             inbound,
             tx,
@@ -119,7 +137,7 @@ pub fn resources_for(cache: &Arc<Cache>, node: &NodeInfo) -> Vec<(TypeKind, Res)
         Arc::new(Metrics::default()),
         Arc::new(Nodes::default()),
     );
-    let mut st = StreamState::new(&ads, "view", None);
+    let mut st = StreamState::new(&ads, "view", None, None);
     st.node = Some(node.clone());
     st.rebuild_locals();
     let mut out = Vec::new();

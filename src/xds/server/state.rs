@@ -8,6 +8,7 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use tonic::Status;
 use xxhash_rust::xxh3::xxh3_64;
 
+use super::super::auth::{Authenticator, Caller};
 use super::super::names::{NameSets, Names};
 use super::super::node::NodeInfo;
 use super::super::snapshot::{Cache, Res, Snapshot};
@@ -117,6 +118,8 @@ pub(super) struct StreamState {
     pub(super) locals: Locals,
     /// Delta: load assignments to re-send because their cluster was just updated (warming).
     pub(super) rewarm: HashSet<Arc<str>>,
+    /// The proven caller and who scopes its node (authenticated ADS).
+    pub(super) caller: Option<Box<(Arc<Authenticator>, Caller)>>,
 }
 
 /// A response ready for the wire.
@@ -137,8 +140,17 @@ impl Drop for StreamState {
 }
 
 impl StreamState {
-    pub(super) fn new(ads: &Ads, protocol: &'static str, peer: Option<crate::net::Peer>) -> Self {
+    pub(super) fn new(
+        ads: &Ads,
+        protocol: &'static str,
+        peer: Option<crate::net::Peer>,
+        caller: Option<Caller>,
+    ) -> Self {
         StreamState {
+            caller: match (&ads.auth, caller) {
+                (Some(a), Some(c)) => Some(Box::new((a.clone(), c))),
+                _ => None,
+            },
             shutdown: ads.shutdown.clone(),
             cache: ads.cache.clone(),
             metrics: ads.metrics.clone(),
@@ -165,7 +177,13 @@ impl StreamState {
     pub(super) fn check_node(&mut self, node: Option<&Node>) -> Result<(), Status> {
         match (&self.node, node) {
             (None, Some(n)) => {
-                let info = NodeInfo::from_node(n)?;
+                let mut info = NodeInfo::from_node(n)?;
+                if let Some(c) = &self.caller {
+                    info.narrowed = c.0.scope(&c.1, &mut info);
+                    if let Some(claim) = &info.narrowed {
+                        tracing::info!(node = %info.id, identity = ?info.identity, claimed_namespace = %claim.namespace, claimed_visible = ?claim.visible_namespaces, namespace = %info.namespace, visible = ?info.extra_namespaces, "node claims narrowed to its identity and policy");
+                    }
+                }
                 *self.status.node.lock() = Some(info.clone());
                 self.node = Some(info);
                 self.rebuild_locals();
