@@ -65,6 +65,10 @@ pub struct XdsArgs {
     /// brings a new port, as VMs and random ports do).
     #[arg(long)]
     same_port: bool,
+    /// Clients reach ADS over mTLS with a client certificate, and streams are authenticated (as
+    /// `--xds-auth` does): what authenticated ADS costs the sync and the push.
+    #[arg(long)]
+    xds_tls: bool,
     /// TLS mode of every service (`polarismesh.cn/tls-mode`): what mTLS costs the push.
     #[arg(long, default_value = "none", value_parser = parse_tls_mode)]
     tls_mode: TlsMode,
@@ -89,6 +93,75 @@ pub struct ClientArgs {
     /// Protocol.
     #[arg(long, value_enum)]
     mode: Mode,
+    /// Connect over mTLS with `client.pem`, `client-key.pem` and the root `ca.pem` in this
+    /// directory.
+    #[arg(long)]
+    tls_dir: Option<std::path::PathBuf>,
+}
+
+/// The clients' TLS, when the server authenticates (set once at the client process's start).
+static CLIENT_TLS: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+
+/// A CA, the server's certificate for 127.0.0.1 and one client certificate for
+/// `spiffe://cluster.local/ns/default/sa/bench`, written to `dir` for the client process; returns
+/// the server's TLS and authenticator.
+fn bench_pki(
+    dir: &std::path::Path,
+) -> anyhow::Result<(
+    Arc<rustls::ServerConfig>,
+    Arc<crate::xds::auth::Authenticator>,
+)> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let ca_key = KeyPair::generate()?;
+    let mut p = CertificateParams::default();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = p.self_signed(&ca_key)?;
+    let leaf = |sans: Vec<SanType>| -> anyhow::Result<(rcgen::Certificate, KeyPair)> {
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = sans;
+        Ok((p.signed_by(&key, &ca, &ca_key)?, key))
+    };
+    let (server, server_key) = leaf(vec![SanType::IpAddress("127.0.0.1".parse()?)])?;
+    let (client, client_key) = leaf(vec![SanType::URI(
+        "spiffe://cluster.local/ns/default/sa/bench".try_into()?,
+    )])?;
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("ca.pem"), ca.pem())?;
+    std::fs::write(dir.join("client.pem"), client.pem())?;
+    std::fs::write(dir.join("client-key.pem"), client_key.serialize_pem())?;
+    let tls = crate::xds::auth::tls_config(
+        vec![server.der().clone()],
+        PrivateKeyDer::try_from(server_key.serialize_der()).map_err(anyhow::Error::msg)?,
+        vec![CertificateDer::from(ca.der().to_vec())],
+    )?;
+    let auth = crate::xds::auth::Authenticator::new(
+        crate::xds::auth::Config {
+            trust_domain: "cluster.local".into(),
+            visibility: Default::default(),
+        },
+        None,
+    );
+    Ok((tls, Arc::new(auth)))
+}
+
+fn client_tls(dir: &std::path::Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_file(dir.join("ca.pem"))?)?;
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_client_auth_cert(
+        vec![CertificateDer::from_pem_file(dir.join("client.pem"))?],
+        PrivateKeyDer::from_pem_file(dir.join("client-key.pem"))?,
+    )?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
 }
 
 fn now_ns() -> u128 {
@@ -155,6 +228,7 @@ async fn run_each_mode(a: XdsArgs) -> anyhow::Result<()> {
             .args(["--changes", &a.changes.to_string()])
             .args(["--debounce-ms", &a.debounce_ms.to_string()])
             .args(a.same_port.then_some("--same-port"))
+            .args(a.xds_tls.then_some("--xds-tls"))
             .args(["--tls-mode", a.tls_mode.as_str()])
             .stderr(Stdio::inherit())
             .output()
@@ -270,13 +344,26 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
     let nodes = Arc::new(Nodes::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let ads = Ads::new(cache.clone(), metrics.clone(), nodes.clone());
+    let tls_dir = dir.join("tls");
+    let mut ads = Ads::new(cache.clone(), metrics.clone(), nodes.clone());
+    let security = if a.xds_tls {
+        Some(bench_pki(&tls_dir)?)
+    } else {
+        None
+    };
+    if let Some((_, auth)) = &security {
+        ads = ads.with_auth(auth.clone());
+    }
     let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // The server's defaults, with room for every simulated client.
     let cfg = crate::config::ServerConfig::default();
     let mut limits = cfg.xds_limits();
     limits.max_connections = limits.max_connections.max(a.clients + 100);
-    let acceptor = crate::net::Acceptor::new(listener, limits, metrics.xds_conns.clone(), "xds");
+    let mut acceptor =
+        crate::net::Acceptor::new(listener, limits, metrics.xds_conns.clone(), "xds");
+    if let Some((tls, _)) = &security {
+        acceptor = acceptor.with_tls(tls.clone());
+    }
     let request_limits = Arc::new(crate::xds::transport::RequestLimits::new(
         cfg.xds_max_request_bytes,
         cfg.xds_decode_budget_bytes,
@@ -334,13 +421,17 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
             ])
             .args(["--clusters", &a.services.to_string()])
             .args(["--mode", mode_name(*mode)])
+            .args(a.xds_tls.then_some("--tls-dir"))
+            .args(a.xds_tls.then(|| tls_dir.clone()))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()?;
         let mut stdin = child.stdin.take().context("child stdin")?;
         let mut lines = BufReader::new(child.stdout.take().context("child stdout")?).lines();
+        let sync_cpu0 = cpu_ms();
         let ready = lines.next_line().await?.context("client process ended")?;
+        let sync_cpu_s = (cpu_ms() - sync_cpu0) / 1e3;
         let sync_s: f64 = ready
             .strip_prefix("READY ")
             .context("expected READY")?
@@ -445,6 +536,18 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
             per_client(rss_idle, rss_before) * 1024.0,
             bytes as f64 / (a.changes * a.clients) as f64
         );
+        println!(
+            "  {} initial sync of {} clients{}: {:.2} s, {:.2} s of server CPU",
+            mode_name(*mode),
+            a.clients,
+            if a.xds_tls {
+                " over mTLS, authenticated"
+            } else {
+                ""
+            },
+            sync_s,
+            sync_cpu_s
+        );
         // Wait for the streams to close before the next mode.
         let t = Instant::now();
         while !nodes.is_empty() && t.elapsed() < Duration::from_secs(10) {
@@ -462,6 +565,9 @@ type Event = (usize, String, u128);
 /// The client process: C simulated proxies.
 pub async fn clients(a: ClientArgs) -> anyhow::Result<()> {
     raise_fd_limit();
+    if let Some(dir) = &a.tls_dir {
+        let _ = CLIENT_TLS.set(client_tls(dir)?);
+    }
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Event>();
     let synced = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
@@ -566,9 +672,28 @@ fn bench_node(id: usize) -> Node {
 async fn connect(
     addr: &str,
 ) -> anyhow::Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>> {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .connect()
-        .await?;
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?;
+    let ch = match CLIENT_TLS.get() {
+        None => endpoint.connect().await?,
+        Some(tls) => {
+            let (tls, addr) = (tls.clone(), addr.to_string());
+            endpoint
+                .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                    let (tls, addr) = (tls.clone(), addr.clone());
+                    async move {
+                        let tcp = tokio::net::TcpStream::connect(&addr).await?;
+                        tcp.set_nodelay(true)?;
+                        let name = rustls_pki_types::ServerName::try_from("127.0.0.1")
+                            .map_err(std::io::Error::other)?;
+                        let s = tokio_rustls::TlsConnector::from(tls)
+                            .connect(name, tcp)
+                            .await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                    }
+                }))
+                .await?
+        }
+    };
     Ok(AggregatedDiscoveryServiceClient::new(ch).max_decoding_message_size(64 << 20))
 }
 
