@@ -8,6 +8,7 @@ use std::path::Path;
 
 use redb::{Database, Durability, ReadableTable, TableDefinition};
 
+use crate::model::rules::{Rule, RuleKey};
 use crate::model::{AccessToken, Instance, InstanceGroup, Namespace, Service};
 
 const NAMESPACES: TableDefinition<&str, &[u8]> = TableDefinition::new("namespaces");
@@ -15,6 +16,7 @@ const SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("services");
 const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
 const GROUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("groups");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+const RULES: TableDefinition<&str, &[u8]> = TableDefinition::new("rules");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const REVISION_KEY: &str = "revision";
 
@@ -82,6 +84,10 @@ pub enum Mutation {
     PutToken(AccessToken),
     /// Delete (revoke) an access token by id.
     DeleteToken(String),
+    /// Create or replace a governance rule.
+    PutRule(std::sync::Arc<Rule>),
+    /// Delete a governance rule.
+    DeleteRule(RuleKey),
     /// Delete an instance group.
     DeleteGroup {
         /// Namespace.
@@ -108,6 +114,8 @@ pub struct Snapshot {
     pub groups: Vec<InstanceGroup>,
     /// Access tokens.
     pub tokens: Vec<AccessToken>,
+    /// Governance rules.
+    pub rules: Vec<Rule>,
 }
 
 /// Durable storage of registry records.
@@ -135,6 +143,7 @@ impl RedbStore {
             txn.open_table(INSTANCES)?;
             txn.open_table(GROUPS)?;
             txn.open_table(TOKENS)?;
+            txn.open_table(RULES)?;
             txn.open_table(META)?;
         }
         txn.commit()?;
@@ -144,6 +153,10 @@ impl RedbStore {
 
 fn service_key(ns: &str, name: &str) -> String {
     format!("{ns}/{name}")
+}
+
+fn rule_key((kind, id): &RuleKey) -> String {
+    format!("{}/{id}", kind.as_str())
 }
 
 fn group_key(ns: &str, svc: &str, name: &str) -> String {
@@ -200,6 +213,7 @@ impl Store for RedbStore {
             instances: load_table(&txn, INSTANCES, "instances")?,
             groups: load_table(&txn, GROUPS, "groups")?,
             tokens: load_table(&txn, TOKENS, "tokens")?,
+            rules: load_table(&txn, RULES, "rules")?,
         })
     }
 
@@ -212,6 +226,7 @@ impl Store for RedbStore {
             let mut inst = txn.open_table(INSTANCES)?;
             let mut grp = txn.open_table(GROUPS)?;
             let mut tok = txn.open_table(TOKENS)?;
+            let mut rules = txn.open_table(RULES)?;
             let mut meta = txn.open_table(META)?;
             for m in batch {
                 match m {
@@ -254,6 +269,12 @@ impl Store for RedbStore {
                     }
                     Mutation::DeleteToken(id) => {
                         tok.remove(id.as_str())?;
+                    }
+                    Mutation::PutRule(r) => {
+                        rules.insert(rule_key(&r.key()).as_str(), encode(r.as_ref()).as_slice())?;
+                    }
+                    Mutation::DeleteRule(k) => {
+                        rules.remove(rule_key(k).as_str())?;
                     }
                 }
             }

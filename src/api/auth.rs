@@ -186,6 +186,20 @@ pub fn accesses(cmd: &Command, st: &registry::State) -> Vec<Needed> {
         Command::SetHealth { .. } | Command::PutTokens(_) | Command::RevokeTokens(_) => {
             vec![Needed::Admin]
         }
+        Command::PutRules { rules, .. } => rules
+            .iter()
+            .flat_map(|r| [ns(r.namespace()), ns(&r.target().namespace)])
+            .collect(),
+        Command::DeleteRules(keys) => keys
+            .iter()
+            .filter_map(|k| st.rules.get(k))
+            .flat_map(|r| [ns(r.namespace()), ns(&r.target().namespace)])
+            .collect(),
+        Command::EnableRules(list) => list
+            .iter()
+            .filter_map(|(k, _)| st.rules.get(k))
+            .flat_map(|r| [ns(r.namespace()), ns(&r.target().namespace)])
+            .collect(),
         Command::Flush => vec![],
     };
     out.sort();

@@ -203,6 +203,7 @@ pub fn for_field(entity: Entity, field: &str) -> u32 {
 /// PolarisMesh's code for an item the registry did not apply.
 pub fn for_rejection(r: Rejection) -> u32 {
     match r {
+        Rejection::RuleMissing => NOT_FOUND,
         Rejection::Exists => EXISTED,
         Rejection::NamespaceMissing => NOT_FOUND_NAMESPACE,
         Rejection::ServiceMissing => NOT_FOUND_SERVICE,

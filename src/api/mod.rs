@@ -12,6 +12,7 @@ pub mod code;
 mod error;
 mod input;
 mod naming;
+mod rules;
 mod tokens;
 pub mod view;
 
@@ -99,6 +100,7 @@ pub fn router(state: AppState, extra: Extension) -> Router {
         .route("/v1/RegisterInstance", post(client::register))
         .route("/v1/DeregisterInstance", post(client::deregister))
         .route("/v1/Heartbeat", post(client::heartbeat))
+        .merge(rules::routes())
         .merge(extra)
         .fallback(unknown_path)
         .method_not_allowed_fallback(method_not_allowed)

@@ -3,6 +3,7 @@
 //! Everything a client sends passes through the `*Input` types and their `validate` functions here
 //! before it reaches the registry; stored types are always valid. No protobuf types live here.
 
+pub mod rules;
 mod token;
 pub use token::*;
 
@@ -45,6 +46,51 @@ pub const TLS_MODE_KEY: &str = "polarismesh.cn/tls-mode";
 /// run as. Callers then accept only those SPIFFE identities from its endpoints; without it, any
 /// identity of the service's namespace.
 pub const SERVICE_ACCOUNT_KEY: &str = "polarismesh.cn/service-account";
+
+/// Service metadata key: what ring hash and maglev hash on (`header:<name>`, `cookie:<name>`,
+/// `source-ip`).
+pub const LB_HASH_KEY: &str = "polarismesh.cn/lbHashKey";
+/// Service metadata key: the load-balancing policy (`ROUND_ROBIN`, `LEAST_REQUEST`, `RANDOM`,
+/// `RING_HASH`, `MAGLEV`).
+pub const LB_POLICY_KEY: &str = "polarismesh.cn/lbPolicy";
+/// Service metadata keys of the cluster's connection limits (Envoy's circuit-breaker thresholds).
+pub const MAX_CONNECTIONS_KEY: &str = "polarismesh.cn/maxConnections";
+/// See [`MAX_CONNECTIONS_KEY`].
+pub const MAX_PENDING_KEY: &str = "polarismesh.cn/maxPendingRequests";
+/// See [`MAX_CONNECTIONS_KEY`].
+pub const MAX_REQUESTS_KEY: &str = "polarismesh.cn/maxRequests";
+/// See [`MAX_CONNECTIONS_KEY`].
+pub const MAX_RETRIES_KEY: &str = "polarismesh.cn/maxRetries";
+
+/// The mesh's own metadata keys with constrained values: the key, and the check of its value.
+fn mesh_key_check(k: &str, v: &str) -> Option<Result<(), String>> {
+    let uint = |v: &str| {
+        v.parse::<u32>()
+            .map(|_| ())
+            .map_err(|_| format!("{v:?} is not a whole number"))
+    };
+    Some(match k {
+        TLS_MODE_KEY => TlsMode::parse(v)
+            .map(|_| ())
+            .ok_or_else(|| format!("{v:?} is not one of none, permissive, strict")),
+        SERVICE_ACCOUNT_KEY => validate_service_accounts(v),
+        LB_POLICY_KEY => match v.to_ascii_uppercase().as_str() {
+            "ROUND_ROBIN" | "LEAST_REQUEST" | "RANDOM" | "RING_HASH" | "MAGLEV" => Ok(()),
+            _ => Err(format!(
+                "{v:?} is not one of ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH, MAGLEV"
+            )),
+        },
+        LB_HASH_KEY => match v.split_once(':') {
+            Some(("header" | "cookie", name)) if !name.is_empty() => Ok(()),
+            None if v == "source-ip" => Ok(()),
+            _ => Err(format!(
+                "{v:?} is not header:<name>, cookie:<name> or source-ip"
+            )),
+        },
+        MAX_CONNECTIONS_KEY | MAX_PENDING_KEY | MAX_REQUESTS_KEY | MAX_RETRIES_KEY => uint(v),
+        _ => return None,
+    })
+}
 
 /// How sidecars of a service talk to each other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize)]
@@ -1032,14 +1078,8 @@ pub fn validate_metadata(
                 "value longer than 4096 characters",
             ));
         }
-        if k == TLS_MODE_KEY && TlsMode::parse(v).is_none() {
-            return Err(FieldError::new(
-                format!("{field}.{k}"),
-                format!("{v:?} is not one of none, permissive, strict"),
-            ));
-        }
-        if k == SERVICE_ACCOUNT_KEY {
-            validate_service_accounts(v).map_err(|r| FieldError::new(format!("{field}.{k}"), r))?;
+        if let Some(Err(r)) = mesh_key_check(k, v) {
+            return Err(FieldError::new(format!("{field}.{k}"), r));
         }
     }
     Ok(m.clone())
@@ -1091,6 +1131,9 @@ pub struct MatchString {
     pub kind: MatchType,
     /// The value (a regex, a list, or `lo~hi` depending on the type).
     pub value: String,
+    /// PolarisMesh's `value_type` (`TEXT`, `PARAMETER`, `VARIABLE`); only `TEXT` is translated.
+    #[serde(rename = "valueType", default, skip_serializing_if = "Option::is_none")]
+    pub value_type: Option<String>,
     /// The regex of a `REGEX` matcher, compiled once (by `validate`, or at the first match of a
     /// matcher loaded from the store).
     #[serde(skip)]
@@ -1120,6 +1163,7 @@ impl MatchString {
         MatchString {
             kind,
             value: value.into(),
+            value_type: None,
             compiled: CompiledRegex::default(),
         }
     }

@@ -29,6 +29,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
+use crate::model::rules::{Rule, RuleKey};
 use crate::model::{
     now_rfc3339, AccessToken, FieldError, Instance, InstanceGroup, InstanceInput, InstanceSelector,
     Namespace, NamespaceInput, Service, ServiceInput, ServiceKey, BUILTIN_NAMESPACES,
@@ -128,6 +129,17 @@ pub enum Command {
     PutTokens(Vec<AccessToken>),
     /// Revoke access tokens by id; missing ones are reported, not errors.
     RevokeTokens(Vec<String>),
+    /// Create rules (`create`: their ids are new) or replace existing ones (others are rejected).
+    PutRules {
+        /// The rules, validated and stamped.
+        rules: Vec<Rule>,
+        /// Create, or update.
+        create: bool,
+    },
+    /// Delete rules; missing ones are reported, not errors.
+    DeleteRules(Vec<RuleKey>),
+    /// Turn rules on or off.
+    EnableRules(Vec<(RuleKey, bool)>),
     /// Completes when every earlier command is committed.
     Flush,
 }
@@ -152,6 +164,10 @@ impl Command {
             Command::SetHealth { .. } => "set health",
             Command::PutTokens(_) => "put tokens",
             Command::RevokeTokens(_) => "revoke tokens",
+            Command::PutRules { create: true, .. } => "create rules",
+            Command::PutRules { create: false, .. } => "update rules",
+            Command::DeleteRules(_) => "delete rules",
+            Command::EnableRules(_) => "enable rules",
             Command::Flush => "flush",
         }
     }
@@ -170,6 +186,8 @@ pub enum Item {
     Group(InstanceGroup),
     /// An access token written or revoked.
     Token(Arc<AccessToken>),
+    /// A rule written or deleted.
+    Rule(Arc<Rule>),
     /// The named object did not exist (deletes are idempotent: this is a success).
     Missing(String),
     /// The item was not applied (the other items of the command were).
@@ -218,6 +236,8 @@ pub enum Rejection {
     NotAnAlias,
     /// The instance id is taken by an instance of another service.
     IdOfAnotherService,
+    /// The rule does not exist.
+    RuleMissing,
 }
 
 type Reply = oneshot::Sender<Result<Vec<Item>, Error>>;

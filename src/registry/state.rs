@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::ServiceEntry;
+use crate::model::rules::{Rule, RuleKey};
 use crate::model::{AccessToken, Instance, InstanceSelector, Namespace, Service, ServiceKey};
 use crate::store;
 
@@ -18,6 +19,10 @@ pub struct State {
     pub services: BTreeMap<ServiceKey, ServiceEntry>,
     /// Access tokens by id.
     pub tokens: BTreeMap<String, Arc<AccessToken>>,
+    /// Governance rules by kind and id.
+    pub rules: BTreeMap<RuleKey, Arc<Rule>>,
+    /// The rules acting on each service.
+    rules_by_target: BTreeMap<ServiceKey, std::collections::BTreeSet<RuleKey>>,
     pub(super) instance_index: HashMap<String, ServiceKey>,
     pub(super) addr_index: HashMap<(ServiceKey, String, u16), String>,
     /// Every secret's SHA-256 → what it authenticates: access tokens, and the tokens of
@@ -122,6 +127,43 @@ impl State {
         Some(t)
     }
 
+    /// The rules acting on `svc` (enabled or not), in key order.
+    pub fn rules_of(&self, svc: &ServiceKey) -> Vec<Arc<Rule>> {
+        self.rules_by_target
+            .get(svc)
+            .map(|keys| {
+                keys.iter()
+                    .filter_map(|k| self.rules.get(k).cloned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Inserts or replaces a rule; returns the one it replaced.
+    pub(super) fn put_rule(&mut self, r: Arc<Rule>) -> Option<Arc<Rule>> {
+        let key = r.key();
+        let old = self.remove_rule(&key);
+        self.rules_by_target
+            .entry(r.target())
+            .or_default()
+            .insert(key.clone());
+        self.rules.insert(key, r);
+        old
+    }
+
+    /// Removes a rule.
+    pub(super) fn remove_rule(&mut self, key: &RuleKey) -> Option<Arc<Rule>> {
+        let r = self.rules.remove(key)?;
+        let target = r.target();
+        if let Some(set) = self.rules_by_target.get_mut(&target) {
+            set.remove(key);
+            if set.is_empty() {
+                self.rules_by_target.remove(&target);
+            }
+        }
+        Some(r)
+    }
+
     pub(super) fn insert_instance(&mut self, inst: Arc<Instance>) {
         let key = inst.service_key();
         self.instance_index.insert(inst.id.clone(), key.clone());
@@ -149,6 +191,9 @@ impl State {
         }
         for t in snap.tokens {
             s.put_token(Arc::new(t));
+        }
+        for r in snap.rules {
+            s.put_rule(Arc::new(r));
         }
         for svc in snap.services {
             s.service_token_changed(None, Some(&svc));

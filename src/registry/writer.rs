@@ -11,6 +11,7 @@ use super::health::{apply_beat_ops, BeatOp};
 use super::{
     Change, ChangeKey, Command, Error, Inner, Item, Job, Rejection, Reply, ServiceEntry, State,
 };
+use crate::model::rules::Rule;
 use crate::model::{
     now_rfc3339, FieldError, Instance, InstanceGroup, InstanceInput, InstanceSelector, Namespace,
     NamespaceInput, Service, ServiceInput, ServiceKey, SYSTEM_NAMESPACES,
@@ -150,6 +151,36 @@ impl Tx<'_> {
                     Item::Token(t)
                 })
                 .collect()),
+            Command::PutRules { rules, create } => Ok(rules
+                .into_iter()
+                .map(|r| self.put_rule(r, create))
+                .collect()),
+            Command::DeleteRules(keys) => Ok(keys
+                .into_iter()
+                .map(|k| match self.st.remove_rule(&k) {
+                    Some(old) => {
+                        self.keys.push(ChangeKey::Service(old.target()));
+                        self.muts.push(Mutation::DeleteRule(k));
+                        Item::Rule(old)
+                    }
+                    None => Item::Missing(format!("{} rule {}", k.0.as_str(), k.1)),
+                })
+                .collect()),
+            Command::EnableRules(list) => Ok(list
+                .into_iter()
+                .map(|(k, on)| match self.st.rules.get(&k) {
+                    Some(cur) => {
+                        let mut r = (**cur).clone();
+                        r.set_enabled(on);
+                        r.stamp(&k.1, self.now);
+                        self.put_rule(r, false)
+                    }
+                    None => Item::rejected(
+                        Rejection::RuleMissing,
+                        format!("{} rule {}", k.0.as_str(), k.1),
+                    ),
+                })
+                .collect()),
             Command::RevokeTokens(ids) => Ok(ids
                 .into_iter()
                 .map(|id| match self.st.remove_token(&id) {
@@ -161,6 +192,48 @@ impl Tx<'_> {
                 })
                 .collect()),
         }
+    }
+
+    /// Creates or replaces a rule: both its old and its new target are re-translated.
+    fn put_rule(&mut self, mut r: Rule, create: bool) -> Item {
+        let key = r.key();
+        match (self.st.rules.get(&key), create) {
+            (Some(_), true) => {
+                return Item::rejected(
+                    Rejection::Exists,
+                    format!("{} rule {}", key.0.as_str(), key.1),
+                )
+            }
+            (None, false) => {
+                return Item::rejected(
+                    Rejection::RuleMissing,
+                    format!("{} rule {}", key.0.as_str(), key.1),
+                )
+            }
+            (Some(cur), false) => {
+                // An update keeps the creation time.
+                let ctime = match cur.as_ref() {
+                    Rule::Routing(c) => c.ctime.clone(),
+                    Rule::RateLimit(c) => c.ctime.clone(),
+                    Rule::CircuitBreaker(c) => c.ctime.clone(),
+                    Rule::FaultDetect(c) => c.ctime.clone(),
+                };
+                match &mut r {
+                    Rule::Routing(n) => n.ctime = ctime,
+                    Rule::RateLimit(n) => n.ctime = ctime,
+                    Rule::CircuitBreaker(n) => n.ctime = ctime,
+                    Rule::FaultDetect(n) => n.ctime = ctime,
+                }
+            }
+            (None, true) => {}
+        }
+        let r = Arc::new(r);
+        if let Some(old) = self.st.put_rule(r.clone()) {
+            self.keys.push(ChangeKey::Service(old.target()));
+        }
+        self.keys.push(ChangeKey::Service(r.target()));
+        self.muts.push(Mutation::PutRule(r.clone()));
+        Item::Rule(r)
     }
 
     fn touch(&mut self, key: &ServiceKey) {

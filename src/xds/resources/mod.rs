@@ -5,14 +5,18 @@
 mod cluster;
 mod endpoint;
 mod listener;
+mod resilience;
 mod route;
+mod routing;
 mod secret;
 mod tls;
 
 pub use cluster::*;
 pub use endpoint::*;
 pub use listener::*;
+pub use resilience::*;
 pub use route::*;
+pub use routing::*;
 pub use secret::*;
 pub use tls::*;
 
@@ -34,8 +38,7 @@ pub const NODE_VISIBLE_NAMESPACES_KEY: &str = "sidecar.polarismesh.cn/visibleNam
 /// Node metadata key: `"true"` turns on on-demand virtual hosts (VHDS).
 pub const NODE_ON_DEMAND_KEY: &str = "sidecar.polarismesh.cn/openOnDemand";
 
-/// Service metadata key choosing the cluster's load-balancing policy.
-pub const LB_POLICY_KEY: &str = "polarismesh.cn/lbPolicy";
+pub use crate::model::LB_POLICY_KEY;
 
 /// Service metadata key for the connect timeout in milliseconds.
 pub const CONNECT_TIMEOUT_KEY: &str = "polarismesh.cn/connectTimeoutMs";
