@@ -195,7 +195,7 @@ pub fn consistent(ns: &str, view: &snapshot::NamespaceView) -> Result<(), Incons
             return Err(Inconsistency::MissingEndpoints(n.to_string()));
         }
     }
-    if let Some(route) = &view.route {
+    for route in view.route.iter().chain(view.caller_routes.values()) {
         let rc = RouteConfiguration::decode(route.any.value.as_slice())
             .map_err(|e| Inconsistency::Duplicate(format!("undecodable route: {e}")))?;
         let mut vhosts = HashSet::new();
@@ -213,16 +213,24 @@ pub fn consistent(ns: &str, view: &snapshot::NamespaceView) -> Result<(), Incons
                 }
             }
             for r in &vh.routes {
-                if let Some(Action::Route(a)) = &r.action {
-                    if let Some(ClusterSpecifier::Cluster(c)) = &a.cluster_specifier {
-                        // Aliases may route to another namespace's cluster; check our own.
-                        let same_ns = c.split('|').nth(1) == Some(ns);
-                        if same_ns && !view.clusters.contains_key(c.as_str()) {
-                            return Err(Inconsistency::DanglingRoute {
-                                route: rc.name.clone(),
-                                cluster: c.clone(),
-                            });
-                        }
+                let Some(Action::Route(a)) = &r.action else {
+                    continue;
+                };
+                let targets: Vec<&String> = match &a.cluster_specifier {
+                    Some(ClusterSpecifier::Cluster(c)) => vec![c],
+                    Some(ClusterSpecifier::WeightedClusters(w)) => {
+                        w.clusters.iter().map(|c| &c.name).collect()
+                    }
+                    _ => vec![],
+                };
+                for c in targets {
+                    // Aliases may route to another namespace's cluster; check our own.
+                    let same_ns = c.split('|').nth(1) == Some(ns);
+                    if same_ns && !view.clusters.contains_key(c.as_str()) {
+                        return Err(Inconsistency::DanglingRoute {
+                            route: rc.name.clone(),
+                            cluster: c.clone(),
+                        });
                     }
                 }
             }

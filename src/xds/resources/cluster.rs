@@ -104,6 +104,15 @@ pub fn with_tls(mut c: Cluster, svc: &Service, mode: TlsMode, trust_domain: &str
     c
 }
 
+/// The same cluster under another name (a destination group's), with its own load assignment.
+pub fn renamed(mut c: Cluster, name: &str) -> Cluster {
+    c.name = name.to_string();
+    if let Some(eds) = c.eds_cluster_config.as_mut() {
+        eds.service_name = name.to_string();
+    }
+    c
+}
+
 /// Turns an EDS cluster into a `STRICT_DNS` cluster whose load assignment is `endpoints`, inline:
 /// Envoy resolves hostnames itself (EDS carries only IP addresses). IPv4 is preferred, with IPv6
 /// as the fallback: `localhost` and dual-stack names reach servers that listen on IPv4 only.

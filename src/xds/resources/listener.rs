@@ -97,12 +97,17 @@ fn hcm_listener(name: String, ip: &str, port: u16, stat_prefix: &str, route: &st
 
 /// The outbound listener: HTTP on `port`, routing by Host through [`OUTBOUND_ROUTE`].
 pub fn outbound_listener(ip: &str, port: u16) -> Listener {
+    outbound_listener_to(ip, port, OUTBOUND_ROUTE)
+}
+
+/// [`outbound_listener`] through the route configuration `route` (a caller's own).
+pub fn outbound_listener_to(ip: &str, port: u16, route: &str) -> Listener {
     hcm_listener(
         outbound_listener_name(port),
         ip,
         port,
         "OUTBOUND_HTTP",
-        OUTBOUND_ROUTE,
+        route,
     )
 }
 

@@ -101,6 +101,24 @@ pub fn service_virtual_host(svc: &Service) -> VirtualHost {
     )
 }
 
+/// The virtual host of a service (or alias) with `routes` (from its routing rules).
+pub fn service_virtual_host_with(svc: &Service, routes: Vec<Route>) -> VirtualHost {
+    if svc.alias_for.is_some() {
+        return service_virtual_host(svc);
+    }
+    VirtualHost {
+        name: outbound_name(&svc.namespace, &svc.name),
+        domains: domains(&svc.namespace, &svc.name),
+        routes,
+        ..Default::default()
+    }
+}
+
+/// The outbound route configuration of callers (`ns/svc`) that routing rules name.
+pub fn caller_route_name(caller: &str) -> String {
+    format!("{}|{caller}", super::OUTBOUND_ROUTE)
+}
+
 /// A route configuration from prebuilt virtual hosts. Envoy rejects the whole configuration when
 /// two virtual hosts share a domain (compared case-insensitively), which names with dots can cause
 /// (service `echo.default` in `default` and service `echo`): a domain goes to the first virtual

@@ -54,6 +54,35 @@ impl StreamState {
         v
     }
 
+    /// The caller key (`ns/svc`) routing rules may name this node by.
+    pub(super) fn caller(&self) -> Option<String> {
+        let n = self.node.as_ref()?;
+        Some(format!("{}/{}", n.namespace, n.service.as_ref()?))
+    }
+
+    /// The own route configuration routing rules give this node's service, if any (its
+    /// namespace's; widened and on-demand nodes build theirs locally).
+    pub(super) fn caller_route(&self) -> Option<&Res> {
+        if self.local_route() {
+            return None;
+        }
+        let caller = self.caller()?;
+        self.view()?.caller_routes.get(caller.as_str())
+    }
+
+    /// A namespace's virtual hosts as this node sees them (with the ones rules give its caller).
+    fn vhosts_of(
+        &self,
+        v: &NamespaceView,
+    ) -> Vec<envoy_types::pb::envoy::config::route::v3::VirtualHost> {
+        let caller = self.caller();
+        let overrides = caller.as_deref().and_then(|c| v.caller_vhosts.get(c));
+        v.vhosts
+            .iter()
+            .map(|(svc, vh)| overrides.and_then(|o| o.get(svc)).unwrap_or(vh).clone())
+            .collect()
+    }
+
     pub(super) fn rebuild_locals(&mut self) {
         let Some(node) = self.node.clone() else {
             return;
@@ -62,13 +91,10 @@ impl StreamState {
         if self.widened() && !node.on_demand {
             // Own services answer every name; other namespaces' only their qualified names, so the
             // bare `svc` of two namespaces never collides.
-            let mut vhosts: Vec<_> = self
-                .view()
-                .map(|v| v.vhosts.values().cloned().collect())
-                .unwrap_or_default();
+            let mut vhosts: Vec<_> = self.view().map(|v| self.vhosts_of(v)).unwrap_or_default();
             for (_, v) in self.extra_views() {
-                for vh in v.vhosts.values() {
-                    let mut vh = vh.clone();
+                for vh in self.vhosts_of(v) {
+                    let mut vh = vh;
                     vh.domains
                         .retain(|d| d.split(':').next().is_some_and(|h| h.contains('.')));
                     vhosts.push(vh);
@@ -86,7 +112,10 @@ impl StreamState {
                 .push(Encoded::new(Arc::from(rc.name.as_str()), &rc));
             r::on_demand_outbound_listener("0.0.0.0", node.outbound_port)
         } else {
-            r::outbound_listener("0.0.0.0", node.outbound_port)
+            match self.caller_route() {
+                Some(rc) => r::outbound_listener_to("0.0.0.0", node.outbound_port, &rc.name),
+                None => r::outbound_listener("0.0.0.0", node.outbound_port),
+            }
         };
         by_kind
             .get_or_default(TypeKind::Listener)
@@ -145,7 +174,8 @@ impl StreamState {
             TypeKind::Cluster | TypeKind::Endpoint => self.shared_res(kind, name).cloned(),
             TypeKind::Route => view
                 .and_then(|v| v.route.clone())
-                .filter(|rt| &*rt.name == name),
+                .filter(|rt| &*rt.name == name)
+                .or_else(|| self.caller_route().filter(|rt| &*rt.name == name).cloned()),
             TypeKind::VirtualHost => {
                 let (rc, host) = r::parse_vhds_name(name)?;
                 if rc != r::ON_DEMAND_ROUTE {
@@ -228,7 +258,7 @@ impl StreamState {
                 TypeKind::Endpoint => out.extend(v.endpoints.values().cloned()),
                 TypeKind::Route => {
                     if !self.local_route() {
-                        out.extend(v.route.clone())
+                        out.extend(self.caller_route().or(v.route.as_ref()).cloned())
                     }
                 }
                 TypeKind::Listener | TypeKind::VirtualHost | TypeKind::Secret => {}
@@ -268,8 +298,8 @@ impl StreamState {
             TypeKind::Route => {
                 !self.local_route()
                     && self
-                        .view()
-                        .and_then(|v| v.route.as_ref())
+                        .caller_route()
+                        .or_else(|| self.view().and_then(|v| v.route.as_ref()))
                         .is_some_and(|rt| &*rt.name == name)
             }
             TypeKind::Listener | TypeKind::VirtualHost => false,

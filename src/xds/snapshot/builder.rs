@@ -10,6 +10,7 @@ use tokio::sync::broadcast;
 use super::encoded::content_version;
 use super::tls::TlsState;
 use super::{Cache, Changed, Encoded, NamespaceView, ServiceView, Snapshot};
+use crate::model::rules::{Rule, RuleKind};
 use crate::model::{Instance, Service, ServiceKey};
 use crate::registry::{ChangeKey, Registry};
 use crate::xds::resources as r;
@@ -103,7 +104,11 @@ impl Builder {
             let Some(cur) = self.namespaces.get(&ns) else {
                 continue;
             };
-            if cur.services.contains_key(&svc) {
+            if cur
+                .services
+                .get(&svc)
+                .is_some_and(|sv| sv.clusters.contains(&cname))
+            {
                 continue;
             }
             let mut view = (**cur).clone();
@@ -301,16 +306,21 @@ impl Builder {
     ) {
         // Copy the inputs (Arcs) and release the registry lock before translating: the writer
         // must not wait on encoding.
-        type Input = Option<(Arc<Service>, Vec<Arc<Instance>>)>;
+        type Input = Option<(Arc<Service>, Vec<Arc<Instance>>, Vec<Arc<Rule>>)>;
         let (exists, inputs): (bool, Vec<Input>) = {
             let st = reg.read();
             (
                 st.namespaces.contains_key(ns),
                 svcs.iter()
                     .map(|n| {
-                        st.services
-                            .get(&ServiceKey::new(ns, n))
-                            .map(|e| (e.service.clone(), e.instances.values().cloned().collect()))
+                        let key = ServiceKey::new(ns, n);
+                        st.services.get(&key).map(|e| {
+                            (
+                                e.service.clone(),
+                                e.instances.values().cloned().collect(),
+                                st.rules_of(&key),
+                            )
+                        })
                     })
                     .collect(),
             )
@@ -340,6 +350,8 @@ impl Builder {
             .unwrap_or_default();
         let is_new = !self.namespaces.contains_key(ns);
         let mut route_dirty = is_new;
+        // Callers whose own route configuration must be rebuilt.
+        let mut dirty_callers: std::collections::BTreeSet<Arc<str>> = Default::default();
         for (name, input) in svcs.iter().zip(inputs) {
             let name_arc: Arc<str> = Arc::from(name.as_str());
             let cname: Arc<str> = Arc::from(r::outbound_name(ns, name).as_str());
@@ -370,15 +382,19 @@ impl Builder {
                         name: name_arc.clone(),
                     });
                 }
-                Some((svc, insts)) => {
+                Some((svc, insts, rules)) => {
                     let instances: Vec<&Instance> = insts.iter().map(|i| i.as_ref()).collect();
                     let ports = r::service_ports(&svc, instances.iter().copied());
                     let discovery = match svc.alias_for {
                         Some(_) => r::Discovery::Eds,
                         None => r::discovery(instances.iter().copied()),
                     };
-                    // Depends on the service record only (not on instances or their ports).
-                    let vhost = r::service_virtual_host(&svc);
+                    let rules: Vec<Arc<Rule>> = rules.into_iter().filter(|r| r.enabled()).collect();
+                    let routing = r::routing_rules(&rules);
+                    // Depends on the service record and its routing rules (not on instances or
+                    // their ports).
+                    let vhost =
+                        r::service_virtual_host_with(&svc, r::service_routes(&svc, &routing, None));
                     if view.vhosts.get(name.as_str()) != Some(&vhost) {
                         Arc::make_mut(&mut view.vhosts).insert(name_arc.clone(), vhost);
                         route_dirty = true;
@@ -388,26 +404,80 @@ impl Builder {
                             name: name_arc.clone(),
                         });
                     }
+                    // Callers some rule names see the service through routes of their own.
+                    let callers: Vec<Arc<str>> = r::named_callers(&routing)
+                        .into_iter()
+                        .map(Arc::from)
+                        .collect();
+                    let prev_callers = view
+                        .services
+                        .get(name.as_str())
+                        .map(|p| p.callers.clone())
+                        .unwrap_or_default();
+                    for c in prev_callers.iter().filter(|c| !callers.contains(c)) {
+                        if let Some(m) = Arc::make_mut(&mut view.caller_vhosts).get_mut(c) {
+                            m.remove(name.as_str());
+                        }
+                        dirty_callers.insert(c.clone());
+                    }
+                    for c in &callers {
+                        let vh = r::service_virtual_host_with(
+                            &svc,
+                            r::service_routes(&svc, &routing, Some(c)),
+                        );
+                        let cur = view.caller_vhosts.get(c).and_then(|m| m.get(name.as_str()));
+                        if cur != Some(&vh) {
+                            Arc::make_mut(&mut view.caller_vhosts)
+                                .entry(c.clone())
+                                .or_default()
+                                .insert(name_arc.clone(), vh);
+                            dirty_callers.insert(c.clone());
+                        }
+                    }
+                    let limits: Vec<Arc<Rule>> = rules
+                        .iter()
+                        .filter(|r| r.kind() == RuleKind::RateLimit)
+                        .cloned()
+                        .collect();
+                    let groups = if svc.alias_for.is_some() {
+                        vec![]
+                    } else {
+                        r::groups(&routing)
+                    };
+                    let mut cluster_names: Vec<Arc<str>> = vec![cname.clone()];
+                    cluster_names.extend(
+                        groups
+                            .iter()
+                            .map(|g| Arc::from(r::group_cluster_name(ns, name, g).as_str())),
+                    );
                     let prev = view.services.get(name.as_str());
                     let tls = self.tls_state(ns, name, &svc, prev.map(|p| p.tls));
                     let service_changed = prev.is_none_or(|p| p.service != svc);
                     // The service's own sidecars serve its ports (inbound cluster) in its server
-                    // TLS mode (inbound listener).
-                    let local_changed =
-                        prev.is_some_and(|p| p.ports != ports || p.tls.server != tls.server);
-                    if service_changed
-                        || local_changed
-                        || prev.is_some_and(|p| p.discovery != discovery || p.tls != tls)
-                    {
-                        Arc::make_mut(&mut view.services).insert(
-                            name_arc.clone(),
-                            ServiceView {
-                                service: svc.clone(),
-                                ports,
-                                discovery,
-                                tls,
-                            },
-                        );
+                    // TLS mode (inbound listener), within its rate limits.
+                    let local_changed = prev.is_some_and(|p| {
+                        p.ports != ports || p.tls.server != tls.server || *p.limits != limits
+                    });
+                    let next = ServiceView {
+                        service: svc.clone(),
+                        ports,
+                        discovery,
+                        tls,
+                        clusters: Arc::from(cluster_names.clone()),
+                        callers: Arc::from(callers),
+                        limits: Arc::new(limits),
+                    };
+                    let retired: Vec<Arc<str>> = prev
+                        .map(|p| {
+                            p.clusters
+                                .iter()
+                                .filter(|c| !cluster_names.contains(c))
+                                .cloned()
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    if prev.is_none_or(|p| !p.same(&next)) {
+                        Arc::make_mut(&mut view.services).insert(name_arc.clone(), next);
                     }
                     if service_changed || local_changed {
                         changes.push(Changed {
@@ -416,65 +486,48 @@ impl Builder {
                             name: name_arc.clone(),
                         });
                     }
+                    // Make before break: clusters of groups no rule routes to any longer go
+                    // after the routes that named them.
+                    for c in retired {
+                        self.retiring.push((ns_arc.clone(), c, name_arc.clone()));
+                    }
                     if svc.alias_for.is_some() {
                         continue;
                     }
-                    let base = r::with_tls(
-                        r::outbound_cluster_with_hooks(&svc, self.cfg.test_hooks),
+                    let base = r::with_resilience(
+                        r::with_tls(
+                            r::outbound_cluster_with_hooks(&svc, self.cfg.test_hooks),
+                            &svc,
+                            tls.client,
+                            &self.cfg.trust_domain,
+                        ),
                         &svc,
-                        tls.client,
-                        &self.cfg.trust_domain,
+                        &rules,
                     );
-                    let cluster = match discovery {
-                        r::Discovery::Eds => Encoded::new(cname.clone(), &base),
-                        r::Discovery::StrictDns => {
-                            // The inline load assignment has maps (metadata) that encode in
-                            // random order: version the canonical parts.
-                            let dns = r::LoadAssignmentSpec::dns(
-                                &cname,
-                                instances.iter().copied(),
-                                tls.server,
-                            );
-                            let version = content_version(&[
-                                &base.encode_to_vec(),
-                                &dns.version().to_le_bytes(),
-                            ]);
-                            Encoded::with_version(
-                                cname.clone(),
-                                &r::with_dns_endpoints(base, &dns),
-                                version,
-                            )
-                        }
-                    };
-                    if view
-                        .clusters
-                        .get(&cname)
-                        .is_none_or(|c| c.version != cluster.version)
-                    {
-                        Arc::make_mut(&mut view.clusters).insert(cname.clone(), cluster);
-                        changes.push(Changed {
-                            namespace: ns_arc.clone(),
-                            kind: TypeKind::Cluster,
-                            name: cname.clone(),
-                        });
-                    }
-                    let eds =
-                        r::LoadAssignmentSpec::eds(&cname, instances.iter().copied(), tls.server);
-                    let version = eds.version();
-                    if view
-                        .endpoints
-                        .get(&cname)
-                        .is_none_or(|c| c.version != version)
-                    {
-                        Arc::make_mut(&mut view.endpoints).insert(
-                            cname.clone(),
-                            Encoded::with_version(cname.clone(), &eds.to_proto(), version),
+                    put_cluster(
+                        &mut view,
+                        changes,
+                        &ns_arc,
+                        base.clone(),
+                        &instances,
+                        discovery,
+                        tls.server,
+                    );
+                    for (g, gname) in groups.iter().zip(cluster_names.iter().skip(1)) {
+                        let members: Vec<&Instance> = instances
+                            .iter()
+                            .copied()
+                            .filter(|i| g.iter().all(|(k, v)| i.metadata.get(k) == Some(v)))
+                            .collect();
+                        put_cluster(
+                            &mut view,
+                            changes,
+                            &ns_arc,
+                            r::renamed(base.clone(), gname),
+                            &members,
+                            discovery,
+                            tls.server,
                         );
-                        changes.push(Changed {
-                            namespace: ns_arc.clone(),
-                            kind: TypeKind::Endpoint,
-                            name: cname.clone(),
-                        });
                     }
                 }
             }
@@ -503,7 +556,119 @@ impl Builder {
                 });
             }
         }
+        if route_dirty {
+            // Every caller's configuration holds the shared virtual hosts too.
+            dirty_callers.extend(view.caller_vhosts.keys().cloned());
+        }
+        for caller in dirty_callers {
+            let name: Arc<str> = Arc::from(r::caller_route_name(&caller).as_str());
+            let overrides = view.caller_vhosts.get(&caller).filter(|m| !m.is_empty());
+            match overrides {
+                None => {
+                    Arc::make_mut(&mut view.caller_vhosts).remove(&caller);
+                    if Arc::make_mut(&mut view.caller_routes)
+                        .remove(&caller)
+                        .is_some()
+                    {
+                        changes.push(Changed {
+                            namespace: ns_arc.clone(),
+                            kind: TypeKind::Route,
+                            name: name.clone(),
+                        });
+                    }
+                }
+                Some(m) => {
+                    let vhosts = view
+                        .vhosts
+                        .iter()
+                        .map(|(svc, vh)| m.get(svc).unwrap_or(vh).clone())
+                        .collect();
+                    let enc = Encoded::new(name.clone(), &r::route_configuration(&name, vhosts));
+                    if view
+                        .caller_routes
+                        .get(&caller)
+                        .is_none_or(|o| o.version != enc.version)
+                    {
+                        Arc::make_mut(&mut view.caller_routes).insert(caller.clone(), enc);
+                        changes.push(Changed {
+                            namespace: ns_arc.clone(),
+                            kind: TypeKind::Route,
+                            name: name.clone(),
+                        });
+                    }
+                }
+            }
+            // The caller's sidecars switch between the shared and their own configuration in
+            // their node-local listener.
+            if let Some((cns, csvc)) = caller.split_once('/') {
+                if cns == ns {
+                    changes.push(Changed {
+                        namespace: ns_arc.clone(),
+                        kind: TypeKind::Listener,
+                        name: Arc::from(csvc),
+                    });
+                }
+            }
+        }
         self.namespaces.insert(ns_arc, Arc::new(view));
+    }
+}
+
+/// Puts one cluster of a service (its own, or one of its groups') and its endpoints into the
+/// view, recording what changed.
+fn put_cluster(
+    view: &mut NamespaceView,
+    changes: &mut Vec<Changed>,
+    ns: &Arc<str>,
+    cluster: envoy_types::pb::envoy::config::cluster::v3::Cluster,
+    instances: &[&Instance],
+    discovery: r::Discovery,
+    server_tls: crate::model::TlsMode,
+) {
+    let cname: Arc<str> = Arc::from(cluster.name.as_str());
+    let enc = match discovery {
+        r::Discovery::Eds => Encoded::new(cname.clone(), &cluster),
+        r::Discovery::StrictDns => {
+            // The inline load assignment has maps (metadata) that encode in random order:
+            // version the canonical parts.
+            let dns = r::LoadAssignmentSpec::dns(&cname, instances.iter().copied(), server_tls);
+            let version =
+                content_version(&[&cluster.encode_to_vec(), &dns.version().to_le_bytes()]);
+            Encoded::with_version(
+                cname.clone(),
+                &r::with_dns_endpoints(cluster, &dns),
+                version,
+            )
+        }
+    };
+    if view
+        .clusters
+        .get(&cname)
+        .is_none_or(|c| c.version != enc.version)
+    {
+        Arc::make_mut(&mut view.clusters).insert(cname.clone(), enc);
+        changes.push(Changed {
+            namespace: ns.clone(),
+            kind: TypeKind::Cluster,
+            name: cname.clone(),
+        });
+    }
+    let eds = r::LoadAssignmentSpec::eds(&cname, instances.iter().copied(), server_tls);
+    let version = eds.version();
+    if view
+        .endpoints
+        .get(&cname)
+        .is_none_or(|c| c.version != version)
+    {
+        Arc::make_mut(&mut view.endpoints).insert(
+            cname.clone(),
+            Encoded::with_version(cname.clone(), &eds.to_proto(), version),
+        );
+        changes.push(Changed {
+            namespace: ns.clone(),
+            kind: TypeKind::Endpoint,
+            name: cname,
+        });
     }
 }
 

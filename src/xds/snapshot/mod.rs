@@ -37,6 +37,25 @@ pub struct ServiceView {
     pub discovery: r::Discovery,
     /// The TLS modes its callers and its sidecars are translated in.
     pub tls: tls::TlsState,
+    /// Its clusters: its own, then one per destination group of its routing rules.
+    pub clusters: Arc<[Arc<str>]>,
+    /// Callers (`ns/svc`) its routing rules name: they get routes of their own.
+    pub callers: Arc<[Arc<str>]>,
+    /// Its rate-limit rules (enabled), applied by its own sidecars.
+    pub limits: Arc<Vec<Arc<crate::model::rules::Rule>>>,
+}
+
+impl ServiceView {
+    /// Whether `other` translates the same (cheap: `Arc`s compared by content).
+    pub fn same(&self, other: &ServiceView) -> bool {
+        self.service == other.service
+            && self.ports == other.ports
+            && self.discovery == other.discovery
+            && self.tls == other.tls
+            && self.clusters == other.clusters
+            && self.callers == other.callers
+            && self.limits == other.limits
+    }
 }
 
 /// Resources of one namespace, shared by every node in it.
@@ -53,6 +72,11 @@ pub struct NamespaceView {
     pub endpoints: Arc<BTreeMap<Arc<str>, Res>>,
     /// Virtual hosts by service name (kept decoded to rebuild the route cheaply, and for VHDS).
     pub vhosts: Arc<BTreeMap<Arc<str>, VirtualHost>>,
+    /// Caller (`ns/svc`) → the virtual hosts that differ for it (routing rules naming it), by
+    /// service.
+    pub caller_vhosts: Arc<BTreeMap<Arc<str>, BTreeMap<Arc<str>, VirtualHost>>>,
+    /// Caller → its own outbound route configuration (the shared one with its virtual hosts).
+    pub caller_routes: Arc<BTreeMap<Arc<str>, Res>>,
     /// Exact host (lowercase domain without port) → service name, for VHDS lookups.
     pub hosts: Arc<HashMap<String, Arc<str>>>,
     /// The outbound route configuration.
