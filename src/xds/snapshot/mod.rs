@@ -58,6 +58,9 @@ impl ServiceView {
     }
 }
 
+/// Virtual hosts by service name.
+pub type VirtualHosts = BTreeMap<Arc<str>, VirtualHost>;
+
 /// Resources of one namespace, shared by every node in it.
 ///
 /// Each map is shared between generations and copied only when a change touches it: an endpoint
@@ -74,7 +77,7 @@ pub struct NamespaceView {
     pub vhosts: Arc<BTreeMap<Arc<str>, VirtualHost>>,
     /// Caller (`ns/svc`) → the virtual hosts that differ for it (routing rules naming it), by
     /// service.
-    pub caller_vhosts: Arc<BTreeMap<Arc<str>, BTreeMap<Arc<str>, VirtualHost>>>,
+    pub caller_vhosts: Arc<BTreeMap<Arc<str>, VirtualHosts>>,
     /// Caller → its own outbound route configuration (the shared one with its virtual hosts).
     pub caller_routes: Arc<BTreeMap<Arc<str>, Res>>,
     /// Exact host (lowercase domain without port) → service name, for VHDS lookups.
