@@ -160,6 +160,13 @@ pub struct ServerConfig {
     /// Namespace of an authenticated identity → the other namespaces its nodes may see (`*`:
     /// all). Unlisted namespaces see only themselves.
     pub xds_visibility: std::collections::BTreeMap<String, Vec<String>>,
+    /// Serve the global rate-limit service on this address [default: off; global rate-limit
+    /// rules are then refused].
+    pub rls_addr: Option<SocketAddr>,
+    /// The address sidecars reach the rate-limit service at [default: `rlsAddr`].
+    pub rls_advertise_addr: Option<SocketAddr>,
+    /// Buckets of distinct request values per rule amount in the rate-limit service.
+    pub rls_max_values: usize,
     /// Test hooks (never in production): a service with metadata
     /// `polarismesh.cn/test-invalid-cluster: "true"` gets a cluster Envoy rejects.
     pub test_hooks: bool,
@@ -189,6 +196,9 @@ impl Default for ServerConfig {
             xds_dns_names: vec![],
             xds_audiences: vec!["polaris-ca".into()],
             xds_visibility: Default::default(),
+            rls_addr: None,
+            rls_advertise_addr: None,
+            rls_max_values: 10_000,
             admin_token_file: None,
             admin_token: None,
             public_metrics: true,
@@ -285,6 +295,22 @@ impl ServerConfig {
                     reason: format!("{ns}: keys and values are namespace names (or *)"),
                 });
             }
+        }
+        if let (Some(a), None) = (self.rls_addr, self.rls_advertise_addr) {
+            if a.ip().is_unspecified() {
+                return Err(Error::Invalid {
+                    field: "rlsAdvertiseAddr",
+                    reason: format!(
+                        "rlsAddr {a} is not an address sidecars can reach: give rlsAdvertiseAddr"
+                    ),
+                });
+            }
+        }
+        if !(1..=10_000_000).contains(&self.rls_max_values) {
+            return Err(Error::Invalid {
+                field: "rlsMaxValues",
+                reason: "must be 1..=10000000".into(),
+            });
         }
         if self.xds_cert_file.is_some() != self.xds_key_file.is_some() {
             return Err(Error::Invalid {
@@ -410,6 +436,7 @@ impl ServerConfig {
             debounce: Duration::from_millis(self.xds_debounce_ms),
             tls_phase: Duration::from_millis(self.xds_tls_phase_ms),
             trust_domain: std::sync::Arc::from(self.trust_domain.as_str()),
+            rls: self.rls_advertise_addr.or(self.rls_addr),
             test_hooks: self.test_hooks,
         }
     }

@@ -15,6 +15,7 @@ pub mod model;
 pub mod net;
 pub mod protojson;
 pub mod registry;
+pub mod rls;
 pub mod server;
 pub mod store;
 pub mod xds;

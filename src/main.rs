@@ -88,6 +88,12 @@ struct ServerArgs {
     /// The ADS port's key (PEM).
     #[arg(long)]
     xds_key_file: Option<PathBuf>,
+    /// Serve the global rate-limit service (gRPC) on this address [default: off].
+    #[arg(long)]
+    rls_addr: Option<SocketAddr>,
+    /// The address sidecars reach the rate-limit service at [default: --rls-addr].
+    #[arg(long)]
+    rls_advertise_addr: Option<SocketAddr>,
     /// File with the bootstrap admin token (else $POLARIS_ADMIN_TOKEN, else generated into
     /// <data-dir>/admin-token at the first start with auth on).
     #[arg(long)]
@@ -238,6 +244,12 @@ fn main() -> anyhow::Result<()> {
             }
             if let Some(v) = a.xds_auth {
                 cfg.xds_auth = v;
+            }
+            if a.rls_addr.is_some() {
+                cfg.rls_addr = a.rls_addr;
+            }
+            if a.rls_advertise_addr.is_some() {
+                cfg.rls_advertise_addr = a.rls_advertise_addr;
             }
             if a.xds_cert_file.is_some() {
                 cfg.xds_cert_file = a.xds_cert_file;

@@ -232,6 +232,8 @@ pub struct Metrics {
     pub xds_bytes: Counter,
     /// xDS requests that ended their stream undecoded, by [`RequestError`].
     xds_request_errors: [Counter; 4],
+    /// Rate-limit decisions by rule: (allowed, limited).
+    rls: RwLock<BTreeMap<String, (Counter, Counter)>>,
     /// xDS streams refused for their credentials.
     pub xds_auth_refused: Counter,
     /// xDS requests that waited for the decode budget (bytes of requests being decoded at once).
@@ -277,6 +279,25 @@ impl Metrics {
     /// Counts a certificate the CA refused.
     pub fn ca_denied(&self, reason: CaDenial) {
         self.ca_denied[reason as usize].inc();
+    }
+
+    /// Counts a rate-limit decision of `rule`.
+    pub fn rls_decision(&self, rule: &str, allowed: bool) {
+        let pick = |c: &(Counter, Counter)| if allowed { c.0.inc() } else { c.1.inc() };
+        if let Some(c) = self.rls.read().get(rule) {
+            pick(c);
+            return;
+        }
+        let mut m = self.rls.write();
+        pick(m.entry(rule.to_string()).or_default());
+    }
+
+    /// Rate-limit decisions of `rule`: (allowed, limited).
+    pub fn rls_decisions(&self, rule: &str) -> (u64, u64) {
+        self.rls
+            .read()
+            .get(rule)
+            .map_or((0, 0), |c| (c.0.get(), c.1.get()))
     }
 
     /// Counts a refused credential.
@@ -406,6 +427,18 @@ impl Metrics {
                 "polaris_auth_failures_total{{reason=\"{}\"}} {}",
                 r.label(),
                 self.auth_failures(r)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP polaris_rls_decisions_total Global rate-limit decisions, by rule.\n# TYPE polaris_rls_decisions_total counter"
+        );
+        for (rule, (ok, limited)) in self.rls.read().iter() {
+            let _ = writeln!(
+                out,
+                "polaris_rls_decisions_total{{rule=\"{rule}\",decision=\"ok\"}} {}\npolaris_rls_decisions_total{{rule=\"{rule}\",decision=\"over_limit\"}} {}",
+                ok.get(),
+                limited.get()
             );
         }
         counter(

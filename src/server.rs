@@ -94,6 +94,14 @@ pub async fn run(
         }
         None => None,
     };
+    let rls_listener = match cfg.rls_addr {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding the rate-limit service on {a}"))?,
+        ),
+        None => None,
+    };
     raise_fd_limit(&cfg);
     let http = Acceptor::new(http, cfg.http_limits(), metrics.http_conns.clone(), "http");
     let xds_bound = xds.local_addr()?;
@@ -147,7 +155,12 @@ pub async fn run(
         registry: registry.clone(),
         metrics: metrics.clone(),
         xds_streams: Arc::new(move || streams.len() as u64),
-        auth: Arc::new(api::auth::Auth::new(auth_cfg, registry.clone(), metrics)),
+        auth: Arc::new(api::auth::Auth::new(
+            auth_cfg,
+            registry.clone(),
+            metrics.clone(),
+        )),
+        global_limits: cfg.rls_addr.is_some(),
     };
     let app = api::router(state, debug::routes(cache, nodes, registry.clone()));
     tracing::info!(http = %bound.http, xds = %bound.xds, ca = ?bound.ca, data_dir = %cfg.data_dir.display(), "polaris server started");
@@ -156,6 +169,13 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
+    let rls = match rls_listener {
+        Some(l) => {
+            let rls = crate::rls::Rls::new(registry.clone(), metrics.clone(), cfg.rls_max_values);
+            Some(tokio::spawn(crate::rls::serve(rls, l, stop_rx.clone())))
+        }
+        None => None,
+    };
     let grpc = crate::xds::transport::serve(xds, ads.into_service(request_limits), stop_rx.clone());
     let rest = api::serve(http, app, stop_rx.clone());
     let ca = async move {
@@ -168,6 +188,11 @@ pub async fn run(
     g.context("xDS server")?;
     h.context("REST API server")?;
     c.context("CA server")?;
+    if let Some(r) = rls {
+        r.await
+            .context("rate-limit service task")?
+            .context("rate-limit service")?;
+    }
     builder.abort();
     tracing::info!("draining: waiting for queued writes to commit");
     registry.close().await?;

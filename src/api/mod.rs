@@ -49,6 +49,8 @@ pub struct AppState {
     pub xds_streams: Arc<dyn Fn() -> u64 + Send + Sync>,
     /// Authentication.
     pub auth: Arc<auth::Auth>,
+    /// Whether the rate-limit service runs (global rate-limit rules are refused otherwise).
+    pub global_limits: bool,
 }
 
 /// Builds the router with every REST route; `extra` adds routes from other layers.

@@ -137,6 +137,7 @@ async fn write(
 ) -> ApiResult {
     let list = parse(&body, kind)?;
     let now = now_rfc3339();
+    let global = st.global_limits;
     let rules = each(list, Entity::Other, |r| {
         let mut r = r.clone();
         let id = if create {
@@ -148,6 +149,14 @@ async fn write(
         };
         r.stamp(&id, &now);
         r.validate()?;
+        if let Rule::RateLimit(l) = &r {
+            if l.kind == crate::model::rules::ratelimit::LimitType::Global && !global {
+                return Err(FieldError::new(
+                    "type",
+                    "GLOBAL needs the rate-limit service, which this server does not run (--rls-addr)",
+                ));
+            }
+        }
         Ok(r)
     })?;
     let echo: Vec<Value> = rules.iter().map(Rule::to_json).collect();

@@ -19,6 +19,18 @@ use super::{
 };
 use crate::model::{Service, TlsMode};
 
+/// Upstream HTTP/2 (gRPC).
+pub fn http2_options() -> HttpProtocolOptions {
+    HttpProtocolOptions {
+        upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
+            ExplicitHttpConfig {
+                protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(Default::default())),
+            },
+        )),
+        ..Default::default()
+    }
+}
+
 /// Whether a service speaks HTTP/2 upstream (gRPC, h2, h2c).
 pub fn is_h2(protocol: &str) -> bool {
     matches!(
@@ -62,16 +74,8 @@ fn eds_cluster(name: String, svc: &Service) -> Cluster {
         ..Default::default()
     };
     if svc.protocol().is_some_and(is_h2) {
-        let opts = HttpProtocolOptions {
-            upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
-                ExplicitHttpConfig {
-                    protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(Default::default())),
-                },
-            )),
-            ..Default::default()
-        };
         c.typed_extension_protocol_options
-            .insert(HTTP_OPTIONS_EXT.to_string(), pack_any(opts));
+            .insert(HTTP_OPTIONS_EXT.to_string(), pack_any(http2_options()));
     }
     c
 }

@@ -37,6 +37,13 @@ fn router_filter() -> HttpFilter {
 
 /// An HTTP connection manager fetching `route` over ADS.
 pub fn hcm(stat_prefix: &str, route: &str) -> HttpConnectionManager {
+    hcm_with(stat_prefix, route, &[])
+}
+
+/// [`hcm`] with `filters` before the router.
+pub fn hcm_with(stat_prefix: &str, route: &str, filters: &[HttpFilter]) -> HttpConnectionManager {
+    let mut http_filters = filters.to_vec();
+    http_filters.push(router_filter());
     HttpConnectionManager {
         stat_prefix: stat_prefix.to_string(),
         codec_type: CodecType::Auto as i32,
@@ -44,7 +51,7 @@ pub fn hcm(stat_prefix: &str, route: &str) -> HttpConnectionManager {
             config_source: Some(ads()),
             route_config_name: route.to_string(),
         })),
-        http_filters: vec![router_filter()],
+        http_filters,
         ..Default::default()
     }
 }
@@ -132,19 +139,25 @@ pub fn inbound_listener(
     port: u16,
     mode: TlsMode,
     trust_domain: &str,
+    filters: &[HttpFilter],
 ) -> Listener {
     let route = inbound_route_name(ns, svc);
-    let mut l = hcm_listener(
-        inbound_listener_name(ns, svc, port),
-        "0.0.0.0",
-        port,
-        INBOUND_STAT_PREFIX,
-        &route,
-    );
+    let mut h = hcm_with(INBOUND_STAT_PREFIX, &route, filters);
+    let mut l = Listener {
+        name: inbound_listener_name(ns, svc, port),
+        address: Some(socket("0.0.0.0", port)),
+        filter_chains: vec![FilterChain {
+            filters: vec![Filter {
+                name: HCM_FILTER.to_string(),
+                config_type: Some(filter::ConfigType::TypedConfig(pack_any(h.clone()))),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
     if mode == TlsMode::None {
         return l;
     }
-    let mut h = hcm(INBOUND_STAT_PREFIX, &route);
     h.forward_client_cert_details = ForwardClientCertDetails::SanitizeSet as i32;
     h.set_current_client_cert_details = Some(SetCurrentClientCertDetails {
         uri: true,
@@ -230,7 +243,7 @@ mod tests {
         let l = outbound_listener("0.0.0.0", 15001);
         assert_eq!(l.name, "OUTBOUND_15001");
         assert_eq!(l.filter_chains[0].filters[0].name, HCM_FILTER);
-        let i = inbound_listener("default", "echo", 15006, TlsMode::None, "td");
+        let i = inbound_listener("default", "echo", 15006, TlsMode::None, "td", &[]);
         assert_eq!(i.name, "echo.default_INBOUND_15006");
         assert!(i.listener_filters.is_empty());
         assert!(i.filter_chains[0].transport_socket.is_none());
@@ -246,7 +259,7 @@ mod tests {
 
     #[test]
     fn strict_inbound_takes_only_mtls() {
-        let l = inbound_listener("default", "echo", 15006, TlsMode::Strict, "td");
+        let l = inbound_listener("default", "echo", 15006, TlsMode::Strict, "td", &[]);
         assert_eq!(l.listener_filters[0].name, TLS_INSPECTOR);
         assert_eq!(l.filter_chains.len(), 1, "no plaintext chain");
         let c = &l.filter_chains[0];
@@ -269,7 +282,7 @@ mod tests {
 
     #[test]
     fn permissive_inbound_routes_both_chains_through_http() {
-        let l = inbound_listener("default", "echo", 15006, TlsMode::Permissive, "td");
+        let l = inbound_listener("default", "echo", 15006, TlsMode::Permissive, "td", &[]);
         let protocols: Vec<_> = l
             .filter_chains
             .iter()

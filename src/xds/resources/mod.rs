@@ -5,6 +5,7 @@
 mod cluster;
 mod endpoint;
 mod listener;
+mod ratelimit;
 mod resilience;
 mod route;
 mod routing;
@@ -14,6 +15,7 @@ mod tls;
 pub use cluster::*;
 pub use endpoint::*;
 pub use listener::*;
+pub use ratelimit::*;
 pub use resilience::*;
 pub use route::*;
 pub use routing::*;

@@ -165,8 +165,26 @@ pub const INBOUND_HEADER: &str = "x-polaris-inbound";
 /// The inbound route configuration: everything to the inbound cluster, marked with
 /// [`INBOUND_HEADER`] = `<svc>.<ns>`.
 pub fn inbound_route(ns: &str, svc: &str) -> RouteConfiguration {
+    inbound_route_limited(ns, svc, &[], 1)
+}
+
+/// [`inbound_route`] within the service's rate-limit rules (`instances` share equally divided
+/// amounts).
+pub fn inbound_route_limited(
+    ns: &str,
+    svc: &str,
+    limits: &[&crate::model::rules::RateLimitRule],
+    instances: u32,
+) -> RouteConfiguration {
     let cluster = inbound_name(ns, svc);
     let mut vh = virtual_host(cluster.clone(), vec!["*".into()], cluster);
+    if !limits.is_empty() {
+        vh.routes = vh
+            .routes
+            .into_iter()
+            .map(|r| super::with_limits(r, limits, instances))
+            .collect();
+    }
     vh.request_headers_to_add = vec![HeaderValueOption {
         header: Some(HeaderValue {
             key: INBOUND_HEADER.to_string(),

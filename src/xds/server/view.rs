@@ -124,9 +124,18 @@ impl StreamState {
             self.view()
                 .and_then(|v| v.services.get(svc.as_str()))
                 .filter(|sv| sv.service.alias_for.is_none())
-                .map(|sv| (sv.service.clone(), sv.ports.clone(), sv.tls.server))
+                .map(|sv| {
+                    (
+                        sv.service.clone(),
+                        sv.ports.clone(),
+                        sv.tls.server,
+                        sv.limits.clone(),
+                        sv.share,
+                    )
+                })
         });
-        if let Some((svc, ports, tls_mode)) = own {
+        if let Some((svc, ports, tls_mode, limits, share)) = own {
+            let limits = r::limit_rules(&limits);
             let ports = if node.bind_ports.is_empty() {
                 ports
             } else {
@@ -146,11 +155,21 @@ impl StreamState {
                 node.inbound_port,
                 tls_mode,
                 &self.snap.trust_domain,
+                &r::inbound_filters(&svc.namespace, &svc.name, &limits),
             );
             by_kind
                 .get_or_default(TypeKind::Listener)
                 .push(Encoded::new(Arc::from(l.name.as_str()), &l));
-            let rc = r::inbound_route(&svc.namespace, &svc.name);
+            let global = limits
+                .iter()
+                .any(|l| l.kind == crate::model::rules::ratelimit::LimitType::Global);
+            if let (true, Some(addr)) = (global, self.snap.rls) {
+                let c = r::rls_cluster(addr);
+                by_kind
+                    .get_or_default(TypeKind::Cluster)
+                    .push(Encoded::new(Arc::from(c.name.as_str()), &c));
+            }
+            let rc = r::inbound_route_limited(&svc.namespace, &svc.name, &limits, share);
             by_kind
                 .get_or_default(TypeKind::Route)
                 .push(Encoded::new(Arc::from(rc.name.as_str()), &rc));

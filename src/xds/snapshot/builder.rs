@@ -27,6 +27,8 @@ pub struct Config {
     pub tls_phase: Duration,
     /// SPIFFE trust domain of workload identities.
     pub trust_domain: Arc<str>,
+    /// The rate-limit service's address as sidecars reach it (global rate limits).
+    pub rls: Option<std::net::SocketAddr>,
     /// Honour [`r::TEST_INVALID_KEY`] (for end-to-end NACK tests only).
     pub test_hooks: bool,
 }
@@ -37,6 +39,7 @@ impl Default for Config {
             debounce: Duration::from_millis(5),
             tls_phase: Duration::from_millis(400),
             trust_domain: Arc::from(r::DEFAULT_TRUST_DOMAIN),
+            rls: None,
             test_hooks: false,
         }
     }
@@ -147,6 +150,7 @@ impl Builder {
                 namespaces: self.namespaces.clone(),
                 secrets: Default::default(),
                 trust_domain: self.cfg.trust_domain.clone(),
+                rls: self.cfg.rls,
             },
             changes,
         );
@@ -243,6 +247,7 @@ impl Builder {
                 namespaces: self.namespaces.clone(),
                 secrets: Default::default(),
                 trust_domain: self.cfg.trust_domain.clone(),
+                rls: self.cfg.rls,
             },
             std::mem::take(changes),
         );
@@ -455,8 +460,22 @@ impl Builder {
                     let service_changed = prev.is_none_or(|p| p.service != svc);
                     // The service's own sidecars serve its ports (inbound cluster) in its server
                     // TLS mode (inbound listener), within its rate limits.
+                    let share = if r::limit_rules(&limits).iter().any(|l| {
+                        l.amount_mode == crate::model::rules::ratelimit::AmountMode::ShareEqually
+                    }) {
+                        instances
+                            .iter()
+                            .filter(|i| r::takes_traffic(i))
+                            .count()
+                            .max(1) as u32
+                    } else {
+                        1
+                    };
                     let local_changed = prev.is_some_and(|p| {
-                        p.ports != ports || p.tls.server != tls.server || *p.limits != limits
+                        p.ports != ports
+                            || p.tls.server != tls.server
+                            || *p.limits != limits
+                            || p.share != share
                     });
                     let next = ServiceView {
                         service: svc.clone(),
@@ -466,6 +485,7 @@ impl Builder {
                         clusters: Arc::from(cluster_names.clone()),
                         callers: Arc::from(callers),
                         limits: Arc::new(limits),
+                        share,
                     };
                     let retired: Vec<Arc<str>> = prev
                         .map(|p| {

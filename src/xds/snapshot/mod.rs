@@ -43,6 +43,9 @@ pub struct ServiceView {
     pub callers: Arc<[Arc<str>]>,
     /// Its rate-limit rules (enabled), applied by its own sidecars.
     pub limits: Arc<Vec<Arc<crate::model::rules::Rule>>>,
+    /// Instances that divide amounts shared equally (1 when no rule shares: instance changes
+    /// then leave its sidecars' configuration alone).
+    pub share: u32,
 }
 
 impl ServiceView {
@@ -55,6 +58,7 @@ impl ServiceView {
             && self.clusters == other.clusters
             && self.callers == other.callers
             && self.limits == other.limits
+            && self.share == other.share
     }
 }
 
@@ -110,6 +114,8 @@ pub struct Snapshot {
     pub secrets: Arc<BTreeMap<Arc<str>, Res>>,
     /// SPIFFE trust domain of workload identities (inbound listeners check callers against it).
     pub trust_domain: Arc<str>,
+    /// The control plane's rate-limit service, as sidecars reach it (global rate limits).
+    pub rls: Option<std::net::SocketAddr>,
 }
 
 /// The cache streams read: the latest snapshot and recent change lists.
@@ -233,6 +239,7 @@ impl Cache {
                 namespaces: cur.namespaces.clone(),
                 secrets: Arc::new(next),
                 trust_domain: cur.trust_domain.clone(),
+                rls: cur.rls,
             },
             changes,
         );
