@@ -344,4 +344,25 @@ mod tests {
         rls.decide(&d, 1, Instant::now());
         assert_eq!(rls.buckets(), 1, "room again after the sweep");
     }
+
+    #[tokio::test]
+    async fn a_burst_takes_the_amount_in_real_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_reg, rls) = with_rule(dir.path(), 20).await;
+        let req = RateLimitRequest {
+            domain: "echo.default".into(),
+            descriptors: vec![envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor {
+                entries: vec![envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry {
+                    key: "rule".into(),
+                    value: "g#0".into(),
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let ok = (0..40)
+            .filter(|_| rls.answer(&req).overall_code == Code::Ok as i32)
+            .count();
+        assert_eq!(ok, 20);
+    }
 }

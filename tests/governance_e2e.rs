@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{post, put, Backend, Envoy, Server};
+use common::{free_port, post, put, Backend, Envoy, Server};
 use serde_json::{json, Value};
 
 struct Mesh {
@@ -20,8 +20,13 @@ struct Mesh {
 impl Mesh {
     /// A server and `echo` instances named `<version>-<n>` with metadata `version`.
     async fn start(instances: &[(&str, usize)]) -> Mesh {
+        Self::start_with(instances, &[]).await
+    }
+
+    /// [`Mesh::start`] with extra server flags.
+    async fn start_with(instances: &[(&str, usize)], flags: &[&str]) -> Mesh {
         let dir = tempfile::tempdir().unwrap();
-        let s = Server::start(&dir.path().join("d"), &[]).await;
+        let s = Server::start(&dir.path().join("d"), flags).await;
         let c = reqwest::Client::new();
         let mut backends = vec![];
         for (version, n) in instances {
@@ -327,4 +332,410 @@ async fn rules_envoy_cannot_express_are_refused_naming_the_field() {
         "{v}"
     );
     let _ = put;
+}
+
+/// A backend answering `/health` with `health` and everything else with `status` and its name.
+struct Faulty {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Faulty {
+    async fn start(name: &str, status: u16, health: u16) -> Faulty {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let name = name.to_string();
+        let app = axum::Router::new()
+            .route(
+                "/health",
+                axum::routing::get(move || async move {
+                    axum::http::StatusCode::from_u16(health).unwrap()
+                }),
+            )
+            .fallback(move || {
+                let name = name.clone();
+                async move { (axum::http::StatusCode::from_u16(status).unwrap(), name) }
+            });
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Faulty { port, task }
+    }
+}
+
+impl Drop for Faulty {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn register(m: &Mesh, svc: &str, port: u16, metadata: Value) {
+    let (st, v) = post(
+        &m.c,
+        &m.s.url("/naming/v1/instances"),
+        json!([{"namespace": "default", "service": svc, "host": "127.0.0.1", "port": port, "metadata": metadata}]),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+}
+
+/// Counts the answers of `n` concurrent-ish requests through the sidecar: body (or status).
+async fn tally(
+    e: &Envoy,
+    c: &reqwest::Client,
+    host: &str,
+    headers: &[(&str, &str)],
+    n: usize,
+) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for _ in 0..n {
+        let mut rq = c
+            .get(format!("http://127.0.0.1:{}/", e.outbound_port))
+            .header("host", host)
+            .timeout(Duration::from_secs(5));
+        for (k, v) in headers {
+            rq = rq.header(*k, *v);
+        }
+        let key = match rq.send().await {
+            Ok(r) if r.status().as_u16() == 200 => r.text().await.unwrap_or_default(),
+            Ok(r) => format!("status {}", r.status().as_u16()),
+            Err(e) => format!("error {e}"),
+        };
+        *out.entry(key).or_default() += 1;
+    }
+    out
+}
+
+#[tokio::test]
+async fn ring_hash_and_maglev_keep_a_user_on_one_instance() {
+    let m = Mesh::start(&[]).await;
+    let mut backends = vec![];
+    for svc in ["ring", "mag"] {
+        for k in 0..4 {
+            let b = Backend::start(&format!("{svc}-{k}")).await;
+            register(&m, svc, b.port, json!({})).await;
+            backends.push(b);
+        }
+    }
+    for (svc, policy) in [("ring", "RING_HASH"), ("mag", "MAGLEV")] {
+        let (st, v) = put(
+            &m.c,
+            &m.s.url("/naming/v1/services"),
+            json!([{"namespace": "default", "name": svc, "metadata": {"polarismesh.cn/lbPolicy": policy, "polarismesh.cn/lbHashKey": "header:x-user"}}]),
+        )
+        .await;
+        assert_eq!(st, 200, "{v}");
+    }
+    let web = m.sidecar("web").await;
+    for svc in ["ring", "mag"] {
+        let host = format!("{svc}.default");
+        // Wait for the service (and its policy) to reach the sidecar.
+        let start = Instant::now();
+        while tally(&web, &m.c, &host, &[], 1)
+            .await
+            .keys()
+            .any(|k| k.starts_with("status") || k.starts_with("error"))
+        {
+            assert!(start.elapsed() < Duration::from_secs(10));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut seen_overall = std::collections::BTreeSet::new();
+        for user in ["alice", "bob", "carol", "dave", "erin", "frank"] {
+            let got = tally(&web, &m.c, &host, &[("x-user", user)], 100 / 6 + 1).await;
+            assert_eq!(got.len(), 1, "{svc}: {user} spread over {got:?}");
+            seen_overall.extend(got.into_keys());
+        }
+        assert!(
+            seen_overall.len() >= 2,
+            "{svc}: every user on one instance: {seen_overall:?}"
+        );
+        let same = tally(&web, &m.c, &host, &[("x-user", "alice")], 100).await;
+        assert_eq!(same.len(), 1, "{svc}: {same:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_failing_instance_is_ejected_and_comes_back_after_the_sleep_window() {
+    let m = Mesh::start(&[]).await;
+    let good = Faulty::start("good", 200, 200).await;
+    let bad = Faulty::start("bad", 503, 200).await;
+    register(&m, "cb", good.port, json!({})).await;
+    register(&m, "cb", bad.port, json!({})).await;
+    m.rules(
+        reqwest::Method::POST,
+        "/naming/v1/circuitbreaker/rules",
+        json!([{"name": "eject", "namespace": "default", "enable": true, "level": "INSTANCE",
+                "ruleMatcher": {"source": {"service": "*", "namespace": "*"}, "destination": {"service": "cb", "namespace": "default"}},
+                "errorConditions": [{"inputType": "RET_CODE", "condition": {"type": "RANGE", "value": "500~599"}}],
+                "triggerCondition": [{"triggerType": "CONSECUTIVE_ERROR", "errorCount": 3, "interval": 1}],
+                "recoverCondition": {"sleepWindow": 3, "consecutiveSuccess": 1}}]),
+    )
+    .await;
+    let web = m.sidecar("web").await;
+    let host = "cb.default";
+    // Until the rule's cluster is in place and the bad instance ejected.
+    let start = Instant::now();
+    loop {
+        let got = tally(&web, &m.c, host, &[], 20).await;
+        if got.get("good") == Some(&20) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "never ejected: {got:?}"
+        );
+    }
+    let errors_before = web
+        .stat("cluster.OUTBOUND|default|cb.outlier_detection.ejections_enforced_consecutive_5xx")
+        .await
+        .unwrap_or(0);
+    assert!(errors_before >= 1, "ejected by consecutive 5xx");
+    // While ejected, everything goes to the good instance.
+    let got = tally(&web, &m.c, host, &[], 40).await;
+    assert_eq!(got.get("good"), Some(&40), "{got:?}");
+    // After the sleep window it is back in rotation (and gets ejected again).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let start = Instant::now();
+    let mut back = false;
+    while start.elapsed() < Duration::from_secs(6) && !back {
+        back = tally(&web, &m.c, host, &[], 10)
+            .await
+            .contains_key("status 503");
+    }
+    assert!(back, "the instance never came back");
+}
+
+#[tokio::test]
+async fn active_health_checks_stop_traffic_to_an_instance_the_registry_calls_healthy() {
+    let m = Mesh::start(&[]).await;
+    let ok = Faulty::start("ok", 200, 200).await;
+    let sick = Faulty::start("sick", 200, 500).await;
+    register(&m, "hc", ok.port, json!({})).await;
+    register(&m, "hc", sick.port, json!({})).await;
+    let web = m.sidecar("web").await;
+    let host = "hc.default";
+    let start = Instant::now();
+    loop {
+        let got = tally(&web, &m.c, host, &[], 20).await;
+        if got.contains_key("sick") && got.contains_key("ok") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{got:?}");
+    }
+    m.rules(
+        reqwest::Method::POST,
+        "/naming/v1/faultdetectors",
+        json!([{"name": "probe", "namespace": "default", "targetService": {"service": "hc", "namespace": "default"},
+                "interval": 1, "timeout": 1, "protocol": "HTTP", "httpConfig": {"method": "GET", "url": "/health"}}]),
+    )
+    .await;
+    let start = Instant::now();
+    loop {
+        let got = tally(&web, &m.c, host, &[], 20).await;
+        if got.get("ok") == Some(&20) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "still {got:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, insts) = common::get(
+        &m.c,
+        &m.s.url("/naming/v1/instances?namespace=default&service=hc"),
+    )
+    .await;
+    assert!(
+        insts["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["healthy"] == true),
+        "the registry still calls both healthy: {insts}"
+    );
+    assert!(
+        web.stat("cluster.OUTBOUND|default|hc.health_check.failure")
+            .await
+            .unwrap_or(0)
+            >= 1
+    );
+}
+
+/// The `echo` service's own sidecar (its inbound listener in front of `app_port`) and its
+/// inbound port.
+async fn server_sidecar(m: &Mesh, name: &str, app_port: u16) -> (Envoy, u16) {
+    let inbound = free_port();
+    let e = Envoy::start_with(
+        m._dir.path(),
+        &format!("sidecar~default/{name}~127.0.0.1"),
+        m.s.xds_port,
+        false,
+        &[
+            "sidecar.polarismesh.cn/serviceName=echo",
+            &format!("polarismesh.cn/inboundPort={inbound}"),
+            &format!("sidecar.polarismesh.cn/bindPorts={app_port}"),
+        ],
+    )
+    .await;
+    (e, inbound)
+}
+
+/// Fires `n` requests at once at `port` (path, headers); returns (200s, 429s, others).
+async fn burst(
+    c: &reqwest::Client,
+    port: u16,
+    path: &str,
+    headers: &[(&str, &str)],
+    n: usize,
+) -> (usize, usize, usize) {
+    let calls = (0..n).map(|_| {
+        let mut rq = c
+            .get(format!("http://127.0.0.1:{port}{path}"))
+            .timeout(Duration::from_secs(5));
+        for (k, v) in headers {
+            rq = rq.header(*k, *v);
+        }
+        rq.send()
+    });
+    let mut out = (0, 0, 0);
+    for r in futures::future::join_all(calls).await {
+        match r.map(|r| r.status().as_u16()) {
+            Ok(200) => out.0 += 1,
+            Ok(429) => out.1 += 1,
+            _ => out.2 += 1,
+        }
+    }
+    out
+}
+
+/// Waits until the inbound port answers 200 (the sidecar has its listener).
+async fn ready(c: &reqwest::Client, port: u16) {
+    let start = Instant::now();
+    loop {
+        if let Ok(r) = c
+            .get(format!("http://127.0.0.1:{port}/ready-probe"))
+            .send()
+            .await
+        {
+            if r.status().as_u16() == 200 {
+                return;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "inbound listener never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn limit(name: &str, kind: &str, max: u32, extra: Value) -> Value {
+    let mut r = json!({"name": name, "namespace": "default", "service": "echo", "type": kind, "resource": "QPS",
+                       "amounts": [{"maxAmount": max, "validDuration": "1s"}], "action": "REJECT"});
+    if let (Some(o), Some(e)) = (r.as_object_mut(), extra.as_object()) {
+        o.extend(e.clone());
+    }
+    r
+}
+
+#[tokio::test]
+async fn local_rate_limits_hold_each_rule() {
+    let m = Mesh::start(&[]).await;
+    let app = Backend::start("app").await;
+    let (_e, inbound) = server_sidecar(&m, "echo-0", app.port).await;
+    register(&m, "echo", inbound, json!({})).await;
+    ready(&m.c, inbound).await;
+    m.rules(
+        reqwest::Method::POST,
+        "/naming/v1/ratelimits",
+        json!([
+            limit("ten", "LOCAL", 10, json!({"method": {"type": "EXACT", "value": "/a"}})),
+            limit("five", "LOCAL", 5, json!({"arguments": [{"type": "HEADER", "key": "x-b", "value": {"type": "EXACT", "value": "1"}}]})),
+        ]),
+    )
+    .await;
+    // Until the limits are in place (a burst sees 429s).
+    let start = Instant::now();
+    while burst(&m.c, inbound, "/a", &[], 30).await.1 == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no limit in force"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let t = Instant::now();
+    let (ok, limited, other) = burst(&m.c, inbound, "/a", &[], 50).await;
+    // A bucket of 10 refills 10 a second: a slow burst (a loaded machine) may get a few more.
+    let most = 10 + (t.elapsed().as_secs_f64() * 10.0).ceil() as usize;
+    assert!(
+        (10..=most).contains(&ok) && ok + limited == 50 && other == 0,
+        "/a: {ok} ok, {limited} limited, {other} other"
+    );
+    let t = Instant::now();
+    let (ok, limited, _) = burst(&m.c, inbound, "/b", &[("x-b", "1")], 50).await;
+    let most = 5 + (t.elapsed().as_secs_f64() * 5.0).ceil() as usize;
+    assert!(
+        (5..=most).contains(&ok) && ok + limited == 50,
+        "x-b: {ok} ok, {limited} limited"
+    );
+    let (ok, limited, _) = burst(&m.c, inbound, "/c", &[], 50).await;
+    assert_eq!((ok, limited), (50, 0), "unmatched requests are not limited");
+}
+
+#[tokio::test]
+async fn a_global_limit_is_shared_by_sidecars_and_its_failover_decides_when_the_service_is_down() {
+    for (failover, down_ok) in [("FAILOVER_PASS", 50..=50), ("FAILOVER_LOCAL", 40..=40)] {
+        let rls = free_port();
+        let mut m = Mesh::start_with(&[], &["--rls-addr", &format!("127.0.0.1:{rls}")]).await;
+        let app = Backend::start("app").await;
+        let (_a, in_a) = server_sidecar(&m, "echo-a", app.port).await;
+        let (_b, in_b) = server_sidecar(&m, "echo-b", app.port).await;
+        register(&m, "echo", in_a, json!({})).await;
+        register(&m, "echo", in_b, json!({})).await;
+        ready(&m.c, in_a).await;
+        ready(&m.c, in_b).await;
+        m.rules(
+            reqwest::Method::POST,
+            "/naming/v1/ratelimits",
+            json!([limit("shared", "GLOBAL", 20, json!({"failover": failover}))]),
+        )
+        .await;
+        let start = Instant::now();
+        while burst(&m.c, in_a, "/", &[], 40).await.1 == 0 {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no limit in force"
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let both = |c: reqwest::Client| async move {
+            let (a, b) = tokio::join!(burst(&c, in_a, "/", &[], 25), burst(&c, in_b, "/", &[], 25));
+            (a.0 + b.0, a.1 + b.1, a.2 + b.2)
+        };
+        let t = Instant::now();
+        let (ok, limited, other) = both(m.c.clone()).await;
+        let most = 20 + (t.elapsed().as_secs_f64() * 20.0).ceil() as usize;
+        assert!(
+            (20..=most).contains(&ok) && other == 0,
+            "{failover}: {ok} ok, {limited} limited, {other} other"
+        );
+        let m_rls = reqwest::get(m.s.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(m_rls.contains("polaris_rls_decisions_total"), "{m_rls}");
+        // The control plane (and its rate-limit service) goes; the sidecars keep their config.
+        m.s.kill9();
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let t = Instant::now();
+        let (ok, limited, other) = both(m.c.clone()).await;
+        let slack = (t.elapsed().as_secs_f64() * 40.0).ceil() as usize;
+        assert!(
+            ok >= *down_ok.start() && ok <= (down_ok.end() + slack).min(50) && other == 0,
+            "{failover} with the service down: {ok} ok, {limited} limited, {other} other"
+        );
+    }
 }

@@ -102,23 +102,24 @@ fn unlimited() -> TokenBucket {
     }
 }
 
-/// The HTTP filters the rules need on the service's inbound connection manager (before the
-/// router).
-pub fn inbound_filters(ns: &str, svc: &str, rules: &[&RateLimitRule]) -> Vec<HttpFilter> {
-    let mut out = Vec::new();
-    if rules.iter().any(|r| local_buckets(r)) {
-        out.push(HttpFilter {
-            name: LOCAL_FILTER.into(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
-                LocalRateLimit {
-                    stat_prefix: "inbound_local_rate_limit".into(),
-                    ..Default::default()
-                },
-            ))),
-            ..Default::default()
-        });
-    }
-    if rules.iter().any(|r| r.kind == LimitType::Global) {
+/// The rate-limit HTTP filters of a service's inbound connection manager (before the router):
+/// `local_ratelimit`, and `ratelimit` when the control plane runs the rate-limit service. They
+/// are there whether or not the service has rules, and do nothing without them: rules are
+/// per-route configuration, so a rule change updates the route, which applies to open
+/// connections at once, where a changed filter list would replace the listener and leave open
+/// connections (a caller's pooled ones) without the new limits until they close.
+pub fn inbound_filters(ns: &str, svc: &str, rls: bool) -> Vec<HttpFilter> {
+    let mut out = vec![HttpFilter {
+        name: LOCAL_FILTER.into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+            LocalRateLimit {
+                stat_prefix: "inbound_local_rate_limit".into(),
+                ..Default::default()
+            },
+        ))),
+        ..Default::default()
+    }];
+    if rls {
         out.push(HttpFilter {
             name: GLOBAL_FILTER.into(),
             config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
@@ -231,16 +232,24 @@ fn actions(r: &RateLimitRule, amount: usize, global: bool) -> (Vec<Action>, Vec<
             per_value.push(a);
         }
     }
+    // A header match needs a header to match; a rule matching every request is a fixed key.
+    let first = if headers.is_empty() {
+        action::ActionSpecifier::GenericKey(action::GenericKey {
+            descriptor_key: "rule".into(),
+            descriptor_value: value.clone(),
+            ..Default::default()
+        })
+    } else {
+        action::ActionSpecifier::HeaderValueMatch(action::HeaderValueMatch {
+            descriptor_key: "rule".into(),
+            descriptor_value: value.clone(),
+            expect_match: Some(BoolValue { value: true }),
+            headers,
+            ..Default::default()
+        })
+    };
     let mut acts = vec![Action {
-        action_specifier: Some(action::ActionSpecifier::HeaderValueMatch(
-            action::HeaderValueMatch {
-                descriptor_key: "rule".into(),
-                descriptor_value: value.clone(),
-                expect_match: Some(BoolValue { value: true }),
-                headers,
-                ..Default::default()
-            },
-        )),
+        action_specifier: Some(first),
     }];
     let mut entries = vec![Entry {
         key: "rule".into(),
@@ -452,7 +461,8 @@ mod tests {
                 ("b#0".to_string(), 2, 1)
             ]
         );
-        assert_eq!(inbound_filters("default", "echo", &[&a]).len(), 1);
+        assert_eq!(inbound_filters("default", "echo", false).len(), 1);
+        assert_eq!(inbound_filters("default", "echo", true).len(), 2);
     }
 
     #[test]
@@ -465,13 +475,6 @@ mod tests {
             }],
             ..rule("g", LimitType::Global, &[(20, "1s")])
         };
-        let filters = inbound_filters("default", "echo", &[&g]);
-        let names: Vec<&str> = filters.iter().map(|f| f.name.as_str()).collect();
-        assert_eq!(
-            names,
-            [LOCAL_FILTER, GLOBAL_FILTER],
-            "FAILOVER_LOCAL keeps local buckets"
-        );
         let r = with_limits(route(), &[&g], 1);
         let stages: Vec<u32> = limits_of(&r)
             .iter()
@@ -487,7 +490,6 @@ mod tests {
             failover: LimitFailover::FailoverPass,
             ..g
         };
-        assert_eq!(inbound_filters("default", "echo", &[&pass]).len(), 1);
         assert_eq!(limits_of(&with_limits(route(), &[&pass], 1)).len(), 1);
     }
 

@@ -155,15 +155,12 @@ impl StreamState {
                 node.inbound_port,
                 tls_mode,
                 &self.snap.trust_domain,
-                &r::inbound_filters(&svc.namespace, &svc.name, &limits),
+                &r::inbound_filters(&svc.namespace, &svc.name, self.snap.rls.is_some()),
             );
             by_kind
                 .get_or_default(TypeKind::Listener)
                 .push(Encoded::new(Arc::from(l.name.as_str()), &l));
-            let global = limits
-                .iter()
-                .any(|l| l.kind == crate::model::rules::ratelimit::LimitType::Global);
-            if let (true, Some(addr)) = (global, self.snap.rls) {
+            if let Some(addr) = self.snap.rls {
                 let c = r::rls_cluster(addr);
                 by_kind
                     .get_or_default(TypeKind::Cluster)
