@@ -58,6 +58,9 @@ pub struct BootstrapArgs {
     /// The sidecar agent's SDS socket (with `--tls`).
     #[arg(long, default_value = DEFAULT_SDS_SOCKET)]
     pub sds_socket: PathBuf,
+    /// Where the node runs, `region/zone[/campus]` (nearby routing).
+    #[arg(long)]
+    pub locality: Option<String>,
     /// With `--tls`: ADS in plaintext (a development control plane on loopback) instead of mTLS.
     #[arg(long, requires = "tls")]
     pub xds_plaintext: bool,
@@ -173,6 +176,29 @@ pub fn render(a: &BootstrapArgs) -> Result<String, Error> {
             "must be an absolute path without quotes, backslashes or newlines",
         ));
     }
+    let locality = match &a.locality {
+        None => String::new(),
+        Some(l) => {
+            let parts: Vec<&str> = l.split('/').collect();
+            let ok = |p: &str| {
+                !p.is_empty()
+                    && p.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            };
+            if !(2..=3).contains(&parts.len()) || !parts.iter().all(|p| ok(p)) {
+                return Err(invalid(
+                    "--locality",
+                    "region/zone or region/zone/campus, each of letters, digits, - _ .",
+                ));
+            }
+            format!(
+                "  locality: {{ region: \"{}\", zone: \"{}\", sub_zone: \"{}\" }}\n",
+                parts[0],
+                parts[1],
+                parts.get(2).copied().unwrap_or_default()
+            )
+        }
+    };
     let template = match (&a.template, a.tls) {
         (Some(p), _) => std::fs::read_to_string(p)?,
         (None, false) => TEMPLATE.to_string(),
@@ -194,6 +220,7 @@ pub fn render(a: &BootstrapArgs) -> Result<String, Error> {
         .replace("{{XDS_HOST}}", host)
         .replace("{{XDS_PORT}}", &port.to_string())
         .replace("{{SDS_SOCKET}}", sds_socket)
+        .replace("{{LOCALITY}}\n", &locality)
         .replace(
             "{{XDS_TRANSPORT_SOCKET}}\n",
             &if a.xds_plaintext {
@@ -222,6 +249,7 @@ mod tests {
             tls: false,
             sds_socket: DEFAULT_SDS_SOCKET.into(),
             xds_plaintext: false,
+            locality: None,
         }
     }
 
@@ -326,5 +354,18 @@ mod tests {
             }),
             "--sds-socket"
         );
+        assert_eq!(
+            e(BootstrapArgs {
+                locality: Some("r1".into()),
+                ..args()
+            }),
+            "--locality"
+        );
+        let with = render(&BootstrapArgs {
+            locality: Some("r1/z1".into()),
+            ..args()
+        })
+        .unwrap();
+        assert!(with.contains("locality: { region: \"r1\", zone: \"z1\", sub_zone: \"\" }"));
     }
 }

@@ -739,3 +739,82 @@ async fn a_global_limit_is_shared_by_sidecars_and_its_failover_decides_when_the_
         );
     }
 }
+
+#[tokio::test]
+async fn nearby_routing_keeps_a_caller_in_its_zone_and_widens_to_the_region() {
+    let m = Mesh::start(&[]).await;
+    let mut backends = vec![];
+    for (name, region, zone) in [
+        ("z1-a", "r1", "z1"),
+        ("z1-b", "r1", "z1"),
+        ("z2-a", "r1", "z2"),
+        ("z3-a", "r2", "z3"),
+    ] {
+        let b = Backend::start(name).await;
+        let (st, v) = post(
+            &m.c,
+            &m.s.url("/naming/v1/instances"),
+            json!([{"namespace": "default", "service": "near", "host": "127.0.0.1", "port": b.port,
+                    "location": {"region": region, "zone": zone}}]),
+        )
+        .await;
+        assert_eq!(st, 200, "{v}");
+        backends.push(b);
+    }
+    m.rules(
+        reqwest::Method::POST,
+        "/naming/v2/routings",
+        json!([{"name": "near", "namespace": "default", "enable": true, "routing_policy": "NearbyPolicy",
+                "routing_config": {"@type": "type.googleapis.com/v1.NearbyRoutingConfig", "service": "near", "namespace": "default",
+                                   "match_level": "ZONE", "max_match_level": "REGION", "strict_nearby": false, "healthy_percent": 60}}]),
+    )
+    .await;
+    let web = Envoy::start_bootstrap(
+        m._dir.path(),
+        "sidecar~default/web-0~127.0.0.1",
+        m.s.xds_port,
+        false,
+        &["sidecar.polarismesh.cn/serviceName=web"],
+        &["--locality", "r1/z1"],
+    )
+    .await;
+    let zones = |got: &BTreeMap<String, usize>| -> std::collections::BTreeSet<String> {
+        got.keys()
+            .map(|k| k.split('-').next().unwrap().to_string())
+            .collect()
+    };
+    let start = Instant::now();
+    loop {
+        let got = tally(&web, &m.c, "near.default", &[], 40).await;
+        if zones(&got) == ["z1".to_string()].into() && got.len() == 2 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "not kept in z1: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Half of z1 unhealthy, under the rule's 60%: part of the traffic widens to z2 (the region),
+    // never to r2.
+    let (st, v) = put(
+        &m.c,
+        &m.s.url("/naming/v1/instances"),
+        json!([{"namespace": "default", "service": "near", "host": "127.0.0.1", "port": backends[0].port, "healthy": false}]),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let start = Instant::now();
+    loop {
+        let got = tally(&web, &m.c, "near.default", &[], 60).await;
+        let z = zones(&got);
+        assert!(!z.contains("z3"), "widened past the region: {got:?}");
+        if z.contains("z2") && got.contains_key("z1-b") && !got.contains_key("z1-a") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "never widened: {got:?}"
+        );
+    }
+}

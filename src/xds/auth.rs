@@ -238,6 +238,7 @@ mod tests {
             user_agent: String::new(),
             on_demand: false,
             extra_namespaces: extra.iter().map(|s| s.to_string()).collect(),
+            locality: None,
             identity: None,
             narrowed: None,
         }

@@ -30,6 +30,9 @@ pub struct NodeInfo {
     pub on_demand: bool,
     /// Other namespaces whose services this node also sees (`*`: all).
     pub extra_namespaces: Vec<String>,
+    /// Where the node runs (Envoy's `node.locality`), for nearby routing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub locality: Option<r::Place>,
     /// The SPIFFE id the stream proved (authenticated ADS only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
@@ -109,6 +112,15 @@ impl NodeInfo {
             user_agent: node.user_agent_name.clone(),
             on_demand: meta_str(node, r::NODE_ON_DEMAND_KEY).is_some_and(|v| v == "true"),
             extra_namespaces,
+            locality: node
+                .locality
+                .as_ref()
+                .filter(|l| !(l.region.is_empty() && l.zone.is_empty() && l.sub_zone.is_empty()))
+                .map(|l| r::Place {
+                    region: l.region.clone(),
+                    zone: l.zone.clone(),
+                    campus: l.sub_zone.clone(),
+                }),
             identity: None,
             narrowed: None,
         })

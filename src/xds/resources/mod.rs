@@ -5,6 +5,7 @@
 mod cluster;
 mod endpoint;
 mod listener;
+mod nearby;
 mod ratelimit;
 mod resilience;
 mod route;
@@ -15,6 +16,7 @@ mod tls;
 pub use cluster::*;
 pub use endpoint::*;
 pub use listener::*;
+pub use nearby::*;
 pub use ratelimit::*;
 pub use resilience::*;
 pub use route::*;

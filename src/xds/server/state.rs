@@ -550,6 +550,8 @@ impl StreamState {
             .store(self.generation, Ordering::Relaxed);
         if full {
             self.rebuild_locals();
+        } else {
+            self.refresh_nearby();
         }
         out
     }

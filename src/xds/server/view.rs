@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::super::resources as r;
-use super::super::snapshot::{Encoded, NamespaceView, Res};
+use super::super::snapshot::{content_version, Encoded, NamespaceView, Res};
 use super::super::{PerKind, TypeKind};
 use super::state::{Held, StreamState, ABSENT};
 
@@ -15,7 +15,14 @@ pub(super) struct Locals {
     pub(super) by_kind: PerKind<Vec<Res>>,
     /// API listeners built on request, by name.
     pub(super) api: HashMap<Arc<str>, Res>,
+    /// Load assignments of nearby routing as this node sees them, by name, with the input they
+    /// came from (its address: a new input is a new allocation). Only for nodes with a locality
+    /// in a namespace with nearby rules.
+    pub(super) nearby: Option<Box<NearbyCache>>,
 }
+
+/// See [`Locals::nearby`].
+pub(super) type NearbyCache = HashMap<Arc<str>, (usize, Res)>;
 
 impl StreamState {
     pub(super) fn view(&self) -> Option<&Arc<NamespaceView>> {
@@ -172,6 +179,41 @@ impl StreamState {
                 .push(Encoded::new(Arc::from(rc.name.as_str()), &rc));
         }
         self.locals.by_kind = by_kind;
+        self.refresh_nearby();
+    }
+
+    /// Derives this node's nearby load assignments from the namespace's (again only for inputs
+    /// that changed).
+    pub(super) fn refresh_nearby(&mut self) {
+        let (Some(place), Some(view)) = (
+            self.node.as_ref().and_then(|n| n.locality.clone()),
+            self.view().cloned(),
+        ) else {
+            self.locals.nearby = None;
+            return;
+        };
+        if view.nearby.is_empty() {
+            self.locals.nearby = None;
+            return;
+        }
+        let mut map = self.locals.nearby.take().unwrap_or_default();
+        map.retain(|k, _| view.nearby.contains_key(k));
+        for (name, input) in view.nearby.iter() {
+            let ptr = Arc::as_ptr(input) as usize;
+            if map.get(name).is_some_and(|(p, _)| *p == ptr) {
+                continue;
+            }
+            let cla = input.spec.to_proto_nearby(&place, &input.nearby);
+            let version = content_version(&[
+                &input.spec.version().to_le_bytes(),
+                format!("{place:?}{:?}", input.nearby).as_bytes(),
+            ]);
+            map.insert(
+                name.clone(),
+                (ptr, Encoded::with_version(name.clone(), &cla, version)),
+            );
+        }
+        self.locals.nearby = Some(map.into());
     }
 
     /// The resource `name` of `kind` as this node would get it.
@@ -224,6 +266,11 @@ impl StreamState {
     /// or from that of another namespace it sees (`OUTBOUND|<ns>|<svc>`). One map search when the
     /// name is the node's own (the initial sync of a thousand names per proxy runs through here).
     pub(super) fn shared_res(&self, kind: TypeKind, name: &str) -> Option<&Res> {
+        if kind == TypeKind::Endpoint {
+            if let Some((_, r)) = self.locals.nearby.as_ref().and_then(|m| m.get(name)) {
+                return Some(r);
+            }
+        }
         fn get<'a>(v: &'a NamespaceView, kind: TypeKind, name: &str) -> Option<&'a Res> {
             match kind {
                 TypeKind::Cluster => v.clusters.get(name),
@@ -271,7 +318,14 @@ impl StreamState {
         if let Some(v) = self.view() {
             match kind {
                 TypeKind::Cluster => out.extend(v.clusters.values().cloned()),
-                TypeKind::Endpoint => out.extend(v.endpoints.values().cloned()),
+                TypeKind::Endpoint => out.extend(v.endpoints.iter().map(|(n, r)| {
+                    self.locals
+                        .nearby
+                        .as_ref()
+                        .and_then(|m| m.get(n))
+                        .map_or(r, |(_, near)| near)
+                        .clone()
+                })),
                 TypeKind::Route => {
                     if !self.local_route() {
                         out.extend(self.caller_route().or(v.route.as_ref()).cloned())

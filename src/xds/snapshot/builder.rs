@@ -9,7 +9,7 @@ use tokio::sync::broadcast;
 
 use super::encoded::content_version;
 use super::tls::TlsState;
-use super::{Cache, Changed, Encoded, NamespaceView, ServiceView, Snapshot};
+use super::{Cache, Changed, Encoded, NamespaceView, NearbyInput, ServiceView, Snapshot};
 use crate::model::rules::{Rule, RuleKind};
 use crate::model::{Instance, Service, ServiceKey};
 use crate::registry::{ChangeKey, Registry};
@@ -363,6 +363,9 @@ impl Builder {
             match input {
                 None => {
                     self.tls_pending.remove(&ServiceKey::new(ns, name));
+                    if view.nearby.contains_key(&cname) {
+                        Arc::make_mut(&mut view.nearby).remove(&cname);
+                    }
                     if view.services.contains_key(name.as_str()) {
                         Arc::make_mut(&mut view.services).remove(name.as_str());
                     }
@@ -533,6 +536,28 @@ impl Builder {
                         discovery,
                         tls.server,
                     );
+                    // Nearby routing: streams derive their callers' assignments from this one.
+                    let near = r::nearby_rule(&rules).map(|n| {
+                        Arc::new(NearbyInput {
+                            spec: r::LoadAssignmentSpec::eds(
+                                &cname,
+                                instances.iter().copied(),
+                                tls.server,
+                            ),
+                            nearby: n,
+                        })
+                    });
+                    if view.nearby.get(&cname).map(|a| a.as_ref()) != near.as_deref() {
+                        match near {
+                            Some(n) => Arc::make_mut(&mut view.nearby).insert(cname.clone(), n),
+                            None => Arc::make_mut(&mut view.nearby).remove(&cname),
+                        };
+                        changes.push(Changed {
+                            namespace: ns_arc.clone(),
+                            kind: TypeKind::Endpoint,
+                            name: cname.clone(),
+                        });
+                    }
                     for (g, gname) in groups.iter().zip(cluster_names.iter().skip(1)) {
                         let members: Vec<&Instance> = instances
                             .iter()

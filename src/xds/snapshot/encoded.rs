@@ -124,7 +124,7 @@ impl Encoded {
 pub type Res = Arc<Encoded>;
 
 /// A content version from canonical parts (for resources whose encoding is not canonical).
-pub(super) fn content_version(parts: &[&[u8]]) -> u64 {
+pub(crate) fn content_version(parts: &[&[u8]]) -> u64 {
     let mut h = Xxh3::new();
     h.update(TRANSLATOR_SALT);
     for p in parts {

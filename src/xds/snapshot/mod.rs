@@ -12,6 +12,7 @@ mod encoded;
 pub mod tls;
 
 pub use builder::{run, Builder, Config, RETIRE_AFTER};
+pub(crate) use encoded::content_version;
 pub use encoded::{Encoded, Res};
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -84,10 +85,21 @@ pub struct NamespaceView {
     pub caller_vhosts: Arc<BTreeMap<Arc<str>, VirtualHosts>>,
     /// Caller → its own outbound route configuration (the shared one with its virtual hosts).
     pub caller_routes: Arc<BTreeMap<Arc<str>, Res>>,
+    /// Load assignments with nearby routing, by cluster: each node derives its own from these.
+    pub nearby: Arc<BTreeMap<Arc<str>, Arc<NearbyInput>>>,
     /// Exact host (lowercase domain without port) → service name, for VHDS lookups.
     pub hosts: Arc<HashMap<String, Arc<str>>>,
     /// The outbound route configuration.
     pub route: Option<Res>,
+}
+
+/// A service's load assignment and its nearby routing.
+#[derive(Debug, PartialEq, Eq)]
+pub struct NearbyInput {
+    /// The canonical assignment.
+    pub spec: r::LoadAssignmentSpec,
+    /// The rule.
+    pub nearby: r::Nearby,
 }
 
 /// A resource that changed between two generations.
