@@ -818,3 +818,50 @@ async fn nearby_routing_keeps_a_caller_in_its_zone_and_widens_to_the_region() {
         );
     }
 }
+
+#[tokio::test]
+async fn metadata_routing_goes_to_its_labels_and_fails_over_to_every_instance() {
+    let m = Mesh::start(&[]).await;
+    let gray = Backend::start("gray").await;
+    let plain = Backend::start("plain").await;
+    register(&m, "meta", gray.port, json!({"env": "gray"})).await;
+    register(&m, "meta", plain.port, json!({})).await;
+    m.rules(
+        reqwest::Method::POST,
+        "/naming/v2/routings",
+        json!([{"name": "gray", "namespace": "default", "enable": true, "routing_policy": "MetadataPolicy",
+                "routing_config": {"@type": "type.googleapis.com/v1.MetadataRoutingConfig", "service": "meta", "namespace": "default",
+                                   "labels": {"env": "gray"}, "failover": "ALL"}}]),
+    )
+    .await;
+    let web = m.sidecar("web").await;
+    let start = Instant::now();
+    loop {
+        let got = tally(&web, &m.c, "meta.default", &[], 30).await;
+        if got == BTreeMap::from([("gray".to_string(), 30)]) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{got:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The labelled instance goes unhealthy: every instance takes the traffic.
+    let (st, v) = put(
+        &m.c,
+        &m.s.url("/naming/v1/instances"),
+        json!([{"namespace": "default", "service": "meta", "host": "127.0.0.1", "port": gray.port, "healthy": false}]),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let start = Instant::now();
+    loop {
+        let got = tally(&web, &m.c, "meta.default", &[], 30).await;
+        if got.get("plain") == Some(&30) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no failover: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

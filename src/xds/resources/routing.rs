@@ -55,14 +55,74 @@ pub fn routing_rules(rules: &[std::sync::Arc<Rule>]) -> Vec<&RoutingRule> {
     out
 }
 
-/// The instance groups the rules route to (distinct label selectors, sorted).
+/// Metadata routing: the labels every caller's requests go to (the first enabled rule's), with
+/// every instance as the failover.
+pub fn metadata_labels(rules: &[std::sync::Arc<Rule>]) -> Option<BTreeMap<String, String>> {
+    let mut m: Vec<&RoutingRule> = rules
+        .iter()
+        .filter_map(|r| match r.as_ref() {
+            Rule::Routing(r)
+                if r.enable
+                    && r.routing_policy
+                        == crate::model::rules::routing::RoutingPolicy::MetadataPolicy =>
+            {
+                Some(r)
+            }
+            _ => None,
+        })
+        .collect();
+    m.sort_by(|a, b| (a.priority, &a.id).cmp(&(b.priority, &b.id)));
+    m.first().map(|r| r.routing_config.labels.clone())
+}
+
+/// The cluster of metadata routing: the group of `labels` first, every instance when the group
+/// has no healthy instance (an aggregate cluster; proxyless gRPC implements these too).
+pub fn failover_cluster_name(ns: &str, svc: &str, labels: &BTreeMap<String, String>) -> String {
+    format!("{}|failover", group_cluster_name(ns, svc, labels))
+}
+
+/// The aggregate cluster of [`failover_cluster_name`].
+pub fn failover_cluster(
+    ns: &str,
+    svc: &str,
+    labels: &BTreeMap<String, String>,
+) -> envoy_types::pb::envoy::config::cluster::v3::Cluster {
+    use envoy_types::pb::envoy::config::cluster::v3::{cluster, cluster::LbPolicy, Cluster};
+    use envoy_types::pb::envoy::extensions::clusters::aggregate::v3::ClusterConfig;
+    Cluster {
+        name: failover_cluster_name(ns, svc, labels),
+        connect_timeout: Some(super::duration_ms(5000)),
+        lb_policy: LbPolicy::ClusterProvided as i32,
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::ClusterType(
+            cluster::CustomClusterType {
+                name: "envoy.clusters.aggregate".into(),
+                typed_config: Some(envoy_types::util::pack_any(ClusterConfig {
+                    clusters: vec![group_cluster_name(ns, svc, labels), outbound_name(ns, svc)],
+                })),
+            },
+        )),
+        ..Default::default()
+    }
+}
+
+/// The instance groups the rules route to (distinct label selectors, sorted), metadata routing's
+/// included.
 pub fn groups(rules: &[&RoutingRule]) -> Vec<BTreeMap<String, String>> {
+    groups_with(rules, None)
+}
+
+/// [`groups`] with metadata routing's labels.
+pub fn groups_with(
+    rules: &[&RoutingRule],
+    metadata: Option<&BTreeMap<String, String>>,
+) -> Vec<BTreeMap<String, String>> {
     let mut out: Vec<BTreeMap<String, String>> = rules
         .iter()
         .flat_map(|r| r.routing_config.rules.iter())
         .flat_map(|s| s.destinations.iter())
         .filter(|d| !d.isolate && d.weight > 0)
         .map(|d| d.selector())
+        .chain(metadata.cloned())
         .filter(|s| !s.is_empty())
         .collect();
     out.sort();
@@ -241,6 +301,17 @@ pub fn hash_policy(svc: &Service) -> Vec<HashPolicy> {
 /// The routes of `svc`'s virtual host as `caller` sees them: each applicable source of each rule
 /// (in priority order) to its weighted groups, then everything else to the whole service.
 pub fn service_routes(svc: &Service, rules: &[&RoutingRule], caller: Option<&str>) -> Vec<Route> {
+    service_routes_with(svc, rules, caller, None)
+}
+
+/// [`service_routes`] whose last route (everything the rules did not match) goes to metadata
+/// routing's failover cluster when the service has it.
+pub fn service_routes_with(
+    svc: &Service,
+    rules: &[&RoutingRule],
+    caller: Option<&str>,
+    metadata: Option<&BTreeMap<String, String>>,
+) -> Vec<Route> {
     let (ns, name) = (&svc.namespace, &svc.name);
     let hash = hash_policy(svc);
     let to = |spec: ClusterSpecifier| RouteAction {
@@ -294,9 +365,12 @@ pub fn service_routes(svc: &Service, rules: &[&RoutingRule], caller: Option<&str
             path_specifier: Some(PathSpecifier::Prefix("/".into())),
             ..Default::default()
         }),
-        action: Some(Action::Route(to(ClusterSpecifier::Cluster(outbound_name(
-            ns, name,
-        ))))),
+        action: Some(Action::Route(to(ClusterSpecifier::Cluster(
+            match metadata {
+                Some(labels) if !labels.is_empty() => failover_cluster_name(ns, name, labels),
+                _ => outbound_name(ns, name),
+            },
+        )))),
         ..Default::default()
     });
     out

@@ -213,7 +213,7 @@ impl StreamState {
                 (ptr, Encoded::with_version(name.clone(), &cla, version)),
             );
         }
-        self.locals.nearby = Some(map.into());
+        self.locals.nearby = Some(map);
     }
 
     /// The resource `name` of `kind` as this node would get it.

@@ -399,10 +399,13 @@ impl Builder {
                     };
                     let rules: Vec<Arc<Rule>> = rules.into_iter().filter(|r| r.enabled()).collect();
                     let routing = r::routing_rules(&rules);
+                    let metadata = r::metadata_labels(&rules).filter(|_| svc.alias_for.is_none());
                     // Depends on the service record and its routing rules (not on instances or
                     // their ports).
-                    let vhost =
-                        r::service_virtual_host_with(&svc, r::service_routes(&svc, &routing, None));
+                    let vhost = r::service_virtual_host_with(
+                        &svc,
+                        r::service_routes_with(&svc, &routing, None, metadata.as_ref()),
+                    );
                     if view.vhosts.get(name.as_str()) != Some(&vhost) {
                         Arc::make_mut(&mut view.vhosts).insert(name_arc.clone(), vhost);
                         route_dirty = true;
@@ -431,7 +434,7 @@ impl Builder {
                     for c in &callers {
                         let vh = r::service_virtual_host_with(
                             &svc,
-                            r::service_routes(&svc, &routing, Some(c)),
+                            r::service_routes_with(&svc, &routing, Some(c), metadata.as_ref()),
                         );
                         let cur = view.caller_vhosts.get(c).and_then(|m| m.get(name.as_str()));
                         if cur != Some(&vh) {
@@ -450,7 +453,7 @@ impl Builder {
                     let groups = if svc.alias_for.is_some() {
                         vec![]
                     } else {
-                        r::groups(&routing)
+                        r::groups_with(&routing, metadata.as_ref())
                     };
                     let mut cluster_names: Vec<Arc<str>> = vec![cname.clone()];
                     cluster_names.extend(
@@ -458,6 +461,13 @@ impl Builder {
                             .iter()
                             .map(|g| Arc::from(r::group_cluster_name(ns, name, g).as_str())),
                     );
+                    let failover = metadata
+                        .as_ref()
+                        .filter(|m| !m.is_empty())
+                        .map(|m| r::failover_cluster(ns, name, m));
+                    if let Some(f) = &failover {
+                        cluster_names.push(Arc::from(f.name.as_str()));
+                    }
                     let prev = view.services.get(name.as_str());
                     let tls = self.tls_state(ns, name, &svc, prev.map(|p| p.tls));
                     let service_changed = prev.is_none_or(|p| p.service != svc);
@@ -480,6 +490,9 @@ impl Builder {
                             || *p.limits != limits
                             || p.share != share
                     });
+                    if let Some(f) = &failover {
+                        cluster_names.push(Arc::from(f.name.as_str()));
+                    }
                     let next = ServiceView {
                         service: svc.clone(),
                         ports,
@@ -557,6 +570,22 @@ impl Builder {
                             kind: TypeKind::Endpoint,
                             name: cname.clone(),
                         });
+                    }
+                    if let Some(f) = failover {
+                        let fname: Arc<str> = Arc::from(f.name.as_str());
+                        let enc = Encoded::new(fname.clone(), &f);
+                        if view
+                            .clusters
+                            .get(&fname)
+                            .is_none_or(|c| c.version != enc.version)
+                        {
+                            Arc::make_mut(&mut view.clusters).insert(fname.clone(), enc);
+                            changes.push(Changed {
+                                namespace: ns_arc.clone(),
+                                kind: TypeKind::Cluster,
+                                name: fname,
+                            });
+                        }
                     }
                     for (g, gname) in groups.iter().zip(cluster_names.iter().skip(1)) {
                         let members: Vec<&Instance> = instances
