@@ -1,7 +1,11 @@
 //! Route configurations and virtual hosts: the outbound routes by Host, the inbound route, and the
 //! on-demand (VHDS) route.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use prost::Message;
 
 use envoy_types::pb::envoy::config::route::v3::{
     route::Action, route_action::ClusterSpecifier, route_match::PathSpecifier, Route, RouteAction,
@@ -136,6 +140,90 @@ pub fn route_configuration(name: &str, vhosts: Vec<VirtualHost>) -> RouteConfigu
     }
 }
 
+/// A namespace's virtual hosts encoded once, with the domains earlier hosts took removed as
+/// [`route_configuration`] removes them: the shared route configuration and every caller's (the
+/// same hosts, a few replaced by the caller's own) are then assembled from these bytes instead of
+/// cloning and encoding every host once per configuration.
+///
+/// Invariant: [`EncodedVhosts::route_configuration`] yields exactly the bytes prost gives
+/// [`route_configuration`] over the same hosts, provided a replacement answers the same domains as
+/// the host it replaces (a service's hosts always do: [`domains`] depends on its name alone).
+pub struct EncodedVhosts<'a> {
+    /// (service, host, its encoded form with taken domains removed, the domains removed).
+    hosts: Vec<(&'a str, Bytes, Vec<String>)>,
+}
+
+impl<'a> EncodedVhosts<'a> {
+    /// Encodes `vhosts` (in route order).
+    pub fn new(vhosts: impl IntoIterator<Item = (&'a str, &'a VirtualHost)>) -> Self {
+        let mut seen = std::collections::HashSet::new();
+        let hosts = vhosts
+            .into_iter()
+            .map(|(svc, vh)| {
+                let lost: Vec<String> = vh
+                    .domains
+                    .iter()
+                    .filter(|d| !seen.insert(d.to_ascii_lowercase()))
+                    .cloned()
+                    .collect();
+                let bytes = Self::encode(vh, &lost);
+                (svc, bytes, lost)
+            })
+            .collect();
+        EncodedVhosts { hosts }
+    }
+
+    fn encode(vh: &VirtualHost, lost: &[String]) -> Bytes {
+        if lost.is_empty() {
+            return vh.encode_to_vec().into();
+        }
+        let mut vh = vh.clone();
+        vh.domains.retain(|d| !lost.contains(d));
+        vh.encode_to_vec().into()
+    }
+
+    /// The encoded route configuration `name`: every host, the ones in `replace` (by service)
+    /// replaced.
+    pub fn route_configuration(
+        &self,
+        name: &str,
+        replace: Option<&BTreeMap<Arc<str>, VirtualHost>>,
+    ) -> Vec<u8> {
+        use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+        let replaced: Vec<Option<Bytes>> = self
+            .hosts
+            .iter()
+            .map(|(svc, _, lost)| {
+                replace
+                    .and_then(|m| m.get(*svc))
+                    .map(|vh| Self::encode(vh, lost))
+            })
+            .collect();
+        let body = |i: usize| replaced[i].as_ref().unwrap_or(&self.hosts[i].1);
+        let mut len = 0;
+        if !name.is_empty() {
+            len += 1 + encoded_len_varint(name.len() as u64) + name.len();
+        }
+        for i in 0..self.hosts.len() {
+            let n = body(i).len();
+            len += 1 + encoded_len_varint(n as u64) + n;
+        }
+        let mut out = Vec::with_capacity(len);
+        if !name.is_empty() {
+            encode_key(1, WireType::LengthDelimited, &mut out);
+            encode_varint(name.len() as u64, &mut out);
+            out.extend_from_slice(name.as_bytes());
+        }
+        for i in 0..self.hosts.len() {
+            let b = body(i);
+            encode_key(2, WireType::LengthDelimited, &mut out);
+            encode_varint(b.len() as u64, &mut out);
+            out.extend_from_slice(b);
+        }
+        out
+    }
+}
+
 /// The on-demand route configuration: no virtual hosts, VHDS over ADS.
 pub fn on_demand_route() -> RouteConfiguration {
     RouteConfiguration {
@@ -200,6 +288,50 @@ pub fn inbound_route_limited(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Assembled from encoded hosts, a configuration is byte for byte what prost encodes, taken
+    /// domains and replaced hosts included (so versions do not depend on the path taken).
+    #[test]
+    fn encoded_hosts_assemble_the_same_bytes_as_prost() {
+        let host = |svc: &str, route: &str| VirtualHost {
+            name: outbound_name("default", svc),
+            domains: domains("default", svc),
+            routes: vec![Route {
+                name: route.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        // `echo.default` the service and `echo` in `default` share names: the later loses them.
+        let hosts: BTreeMap<Arc<str>, VirtualHost> = ["a", "echo", "echo.default", "z"]
+            .iter()
+            .map(|s| (Arc::from(*s), host(s, "base")))
+            .collect();
+        let replace: BTreeMap<Arc<str>, VirtualHost> =
+            [(Arc::from("echo.default"), host("echo.default", "caller"))].into();
+        let enc = EncodedVhosts::new(hosts.iter().map(|(s, vh)| (&**s, vh)));
+        let prost = route_configuration("shared", hosts.values().cloned().collect());
+        assert!(
+            prost.virtual_hosts[2].domains.len() < 8,
+            "no domain was taken"
+        );
+        assert_eq!(
+            enc.route_configuration("shared", None),
+            prost.encode_to_vec()
+        );
+        let mine = hosts
+            .iter()
+            .map(|(s, vh)| replace.get(s).unwrap_or(vh).clone())
+            .collect();
+        assert_eq!(
+            enc.route_configuration("caller", Some(&replace)),
+            route_configuration("caller", mine).encode_to_vec()
+        );
+        assert_eq!(
+            EncodedVhosts::new(std::iter::empty()).route_configuration("x", None),
+            route_configuration("x", vec![]).encode_to_vec()
+        );
+    }
 
     #[test]
     fn domains_cover_names_with_any_port_and_no_instance_port() {

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use prost::Message;
 use tokio::sync::broadcast;
 
@@ -606,6 +607,36 @@ impl Builder {
                 }
             }
         }
+        // Every host encoded once for the shared configuration and every caller's.
+        let encoded = (route_dirty || !dirty_callers.is_empty())
+            .then(|| r::EncodedVhosts::new(view.vhosts.iter().map(|(s, vh)| (&**s, vh))));
+        let mut shared_route = None;
+        let mut caller_routes = Vec::new();
+        if let Some(e) = &encoded {
+            if route_dirty {
+                shared_route = Some(Encoded::from_encoded::<RouteConfiguration>(
+                    Arc::from(r::OUTBOUND_ROUTE),
+                    e.route_configuration(r::OUTBOUND_ROUTE, None),
+                ));
+                // Every caller's configuration holds the shared virtual hosts too.
+                dirty_callers.extend(view.caller_vhosts.keys().cloned());
+            }
+            for caller in &dirty_callers {
+                let name: Arc<str> = Arc::from(r::caller_route_name(caller).as_str());
+                let own = view
+                    .caller_vhosts
+                    .get(caller)
+                    .filter(|m| !m.is_empty())
+                    .map(|m| {
+                        Encoded::from_encoded::<RouteConfiguration>(
+                            name.clone(),
+                            e.route_configuration(&name, Some(m)),
+                        )
+                    });
+                caller_routes.push((caller.clone(), name, own));
+            }
+        }
+        drop(encoded);
         if route_dirty {
             // VHDS looks hosts up here; like the route configuration, the first virtual host
             // (by service name) with a domain keeps it.
@@ -618,9 +649,7 @@ impl Builder {
                         .or_insert_with(|| svc.clone());
                 }
             }
-            let rc =
-                r::route_configuration(r::OUTBOUND_ROUTE, view.vhosts.values().cloned().collect());
-            let enc = Encoded::new(Arc::from(r::OUTBOUND_ROUTE), &rc);
+            let enc = shared_route.expect("encoded when the route is dirty");
             if view.route.as_ref().is_none_or(|o| o.version != enc.version) {
                 view.route = Some(enc);
                 changes.push(Changed {
@@ -630,14 +659,9 @@ impl Builder {
                 });
             }
         }
-        if route_dirty {
-            // Every caller's configuration holds the shared virtual hosts too.
-            dirty_callers.extend(view.caller_vhosts.keys().cloned());
-        }
-        for caller in dirty_callers {
-            let name: Arc<str> = Arc::from(r::caller_route_name(&caller).as_str());
-            let overrides = view.caller_vhosts.get(&caller).filter(|m| !m.is_empty());
-            match overrides {
+        for (caller, name, own) in caller_routes {
+            let had_own = view.caller_routes.contains_key(&caller);
+            match own {
                 None => {
                     Arc::make_mut(&mut view.caller_vhosts).remove(&caller);
                     if Arc::make_mut(&mut view.caller_routes)
@@ -651,13 +675,7 @@ impl Builder {
                         });
                     }
                 }
-                Some(m) => {
-                    let vhosts = view
-                        .vhosts
-                        .iter()
-                        .map(|(svc, vh)| m.get(svc).unwrap_or(vh).clone())
-                        .collect();
-                    let enc = Encoded::new(name.clone(), &r::route_configuration(&name, vhosts));
+                Some(enc) => {
                     if view
                         .caller_routes
                         .get(&caller)
@@ -673,7 +691,11 @@ impl Builder {
                 }
             }
             // The caller's sidecars switch between the shared and their own configuration in
-            // their node-local listener.
+            // their node-local listener, which only changes when the caller's own configuration
+            // comes or goes (a changed one keeps its name).
+            if had_own == view.caller_routes.contains_key(&caller) {
+                continue;
+            }
             if let Some((cns, csvc)) = caller.split_once('/') {
                 if cns == ns {
                     changes.push(Changed {

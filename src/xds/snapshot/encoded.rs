@@ -71,6 +71,22 @@ impl Encoded {
         )
     }
 
+    /// A resource of type `M` already encoded (`value`), versioned by its content like
+    /// [`Encoded::new`].
+    pub fn from_encoded<M: Name>(name: Arc<str>, value: Vec<u8>) -> Arc<Encoded> {
+        let mut h = Xxh3::new();
+        h.update(TRANSLATOR_SALT);
+        h.update(&value);
+        build(
+            name,
+            h.digest(),
+            Any {
+                type_url: M::type_url(),
+                value,
+            },
+        )
+    }
+
     /// A VHDS resource answering `name` (`<route config>/<host>`): the virtual host, with the
     /// requested name as its alias so Envoy resumes the paused request, or no body when the host
     /// is unknown (Envoy then answers 404 instead of waiting).
