@@ -23,10 +23,12 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::metrics::Metrics;
+use crate::model::rules::ratelimit::RateLimitRule;
+use crate::model::rules::routing::RoutingRule;
+use crate::model::rules::Rule;
 use crate::model::{InstanceInput, Service, TlsMode, TLS_MODE_KEY};
 use crate::registry::{self, Command, Registry};
 use crate::store::RedbStore;
-use crate::xds::resources::OUTBOUND_ROUTE;
 use crate::xds::server::{Ads, Nodes};
 use crate::xds::snapshot::{self, Builder, Cache};
 use crate::xds::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
@@ -72,6 +74,17 @@ pub struct XdsArgs {
     /// TLS mode of every service (`polarismesh.cn/tls-mode`): what mTLS costs the push.
     #[arg(long, default_value = "none", value_parser = parse_tls_mode)]
     tls_mode: TlsMode,
+    /// Clients are sidecars of this many services (`svc-0`.. in turn), so that they get their
+    /// service's inbound listener and routing rules can tell callers apart; 0: clients of no
+    /// service.
+    #[arg(long, default_value_t = 0)]
+    callers: usize,
+    /// Every service gets a routing rule (a header match for one caller service to one group, and
+    /// a weighted split of every other caller's traffic over two groups) and a local rate-limit
+    /// rule; after the endpoint changes, as many routing-rule changes (a weight change) are
+    /// measured.
+    #[arg(long)]
+    rules: bool,
 }
 
 fn parse_tls_mode(v: &str) -> Result<TlsMode, String> {
@@ -97,6 +110,9 @@ pub struct ClientArgs {
     /// directory.
     #[arg(long)]
     tls_dir: Option<std::path::PathBuf>,
+    /// Clients are sidecars of `svc-<id % callers>` (0: of no service).
+    #[arg(long, default_value_t = 0)]
+    callers: usize,
 }
 
 /// The clients' TLS, when the server authenticates (set once at the client process's start).
@@ -230,6 +246,8 @@ async fn run_each_mode(a: XdsArgs) -> anyhow::Result<()> {
             .args(a.same_port.then_some("--same-port"))
             .args(a.xds_tls.then_some("--xds-tls"))
             .args(["--tls-mode", a.tls_mode.as_str()])
+            .args(["--callers", &a.callers.to_string()])
+            .args(a.rules.then_some("--rules"))
             .stderr(Stdio::inherit())
             .output()
             .await?;
@@ -242,7 +260,9 @@ async fn run_each_mode(a: XdsArgs) -> anyhow::Result<()> {
         }
         let text = String::from_utf8_lossy(&out.stdout);
         for line in text.lines() {
-            if i == 0 || line.starts_with(&format!("| {}", mode_name(*mode))) {
+            let row = line.starts_with(&format!("| {}", mode_name(*mode)))
+                || line.starts_with(&format!("  {}", mode_name(*mode)));
+            if i == 0 || row {
                 println!("{line}");
             }
         }
@@ -271,6 +291,50 @@ fn instance(svc: usize, ep: usize) -> InstanceInput {
         metadata: Some([("version".to_string(), format!("v{}", ep % 3))].into()),
         ..Default::default()
     }
+}
+
+/// The routing rule of service `svc`: requests of caller `svc-<svc % callers>` with header
+/// `x-canary: 1` go to group v2; everyone else's split `weight`/`100 - weight` over v0 and v1.
+fn routing_rule(svc: usize, callers: usize, weight: u32, now: &str) -> anyhow::Result<Rule> {
+    let group = |v: &str, w: u32| {
+        serde_json::json!({"service": format!("svc-{svc}"), "namespace": "default", "weight": w,
+                           "labels": {"version": {"type": "EXACT", "value": v}}})
+    };
+    let caller = format!("svc-{}", svc % callers.max(1));
+    let rule: RoutingRule = serde_json::from_value(serde_json::json!({
+        "name": format!("route-{svc}"), "namespace": "default", "enable": true,
+        "routingPolicy": "RulePolicy",
+        "routingConfig": {"@type": "type.googleapis.com/v1.RuleRoutingConfig", "rules": [
+            {"name": "canary", "sources": [{"service": caller, "namespace": "default", "arguments": [
+                {"type": "HEADER", "key": "x-canary", "value": {"type": "EXACT", "value": "1"}}]}],
+             "destinations": [group("v2", 100)]},
+            {"name": "split", "sources": [{"service": "*", "namespace": "*"}],
+             "destinations": [group("v0", weight), group("v1", 100 - weight)]}]}
+    }))?;
+    let mut rule = Rule::Routing(rule);
+    rule.stamp(&format!("route-{svc}"), now);
+    rule.validate()?;
+    Ok(rule)
+}
+
+/// The local rate-limit rule of service `svc`: 1,000 requests a second on `/api`.
+fn limit_rule(svc: usize, now: &str) -> anyhow::Result<Rule> {
+    let rule: RateLimitRule = serde_json::from_value(serde_json::json!({
+        "name": format!("limit-{svc}"), "namespace": "default", "service": format!("svc-{svc}"),
+        "type": "LOCAL", "resource": "QPS", "action": "REJECT",
+        "method": {"type": "EXACT", "value": "/api"},
+        "amounts": [{"maxAmount": 1000, "validDuration": "1s"}]
+    }))?;
+    let mut rule = Rule::RateLimit(rule);
+    rule.stamp(&format!("limit-{svc}"), now);
+    rule.validate()?;
+    Ok(rule)
+}
+
+/// Sorted latencies' p50, p99 and max.
+fn summary(lat: &mut [f64]) -> (f64, f64, f64) {
+    lat.sort_by(|x, y| x.partial_cmp(y).unwrap_or(std::cmp::Ordering::Equal));
+    (pct(lat, 0.5), pct(lat, 0.99), pct(lat, 1.0))
 }
 
 /// Runs the server side and prints one table row per mode.
@@ -306,6 +370,20 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
             .collect::<Result<Vec<_>, _>>()?;
         reg.submit(Command::RegisterInstances(batch)).await?;
     }
+    if a.rules {
+        let mut rules = Vec::new();
+        for s in 0..a.services {
+            rules.push(routing_rule(s, a.callers, 90, &now)?);
+            rules.push(limit_rule(s, &now)?);
+        }
+        for chunk in rules.chunks(200) {
+            reg.submit(Command::PutRules {
+                rules: chunk.to_vec(),
+                create: true,
+            })
+            .await?;
+        }
+    }
     // (d) Full translation time, measured on its own builder.
     let mut full = Vec::new();
     for _ in 0..3 {
@@ -337,9 +415,17 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
                 .values()
                 .chain(v.endpoints.values())
                 .chain(v.route.iter())
+                .chain(v.caller_routes.values())
                 .map(|r| r.any.value.len())
                 .sum::<usize>()
         })
+        .sum();
+    // What a client must hold to count as synced: every load assignment of its namespace.
+    let eds_count: usize = cache
+        .current()
+        .namespaces
+        .values()
+        .map(|v| v.endpoints.len())
         .sum();
     let nodes = Arc::new(Nodes::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -419,7 +505,8 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
                 "--clients",
                 &a.clients.to_string(),
             ])
-            .args(["--clusters", &a.services.to_string()])
+            .args(["--clusters", &eds_count.to_string()])
+            .args(["--callers", &a.callers.to_string()])
             .args(["--mode", mode_name(*mode)])
             .args(a.xds_tls.then_some("--tls-dir"))
             .args(a.xds_tls.then(|| tls_dir.clone()))
@@ -494,6 +581,43 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
             builds.push(cache.build_stats().incremental.as_secs_f64() * 1e3);
         }
         let cpu_per_change = (cpu_ms() - cpu0) / a.changes as f64;
+        // Routing-rule changes: one service's split moves by 10 points; every client's route
+        // configuration holds that service's virtual host.
+        let mut rule_lat: Vec<f64> = Vec::new();
+        let mut rule_builds: Vec<f64> = Vec::new();
+        let mut rule_bytes = 0u64;
+        let rule_cpu0 = cpu_ms();
+        let mut weights: HashMap<usize, u32> = HashMap::new();
+        for k in 0..if a.rules { a.changes } else { 0 } {
+            let svc = (k * 7919 + 13) % a.services;
+            let w = weights.entry(svc).or_insert(90);
+            *w = if *w == 90 { 80 } else { 90 };
+            let rule = routing_rule(svc, a.callers, *w, &now)?;
+            stdin
+                .write_all(format!("ARM {RDS_EVENT}\n").as_bytes())
+                .await?;
+            stdin.flush().await?;
+            let armed = lines.next_line().await?.context("client process ended")?;
+            if armed != "ARMED" {
+                bail!("unexpected {armed}");
+            }
+            let b0 = metrics.xds_bytes.get();
+            let t0 = now_ns();
+            reg.submit(Command::PutRules {
+                rules: vec![rule],
+                create: false,
+            })
+            .await?;
+            let done = lines.next_line().await?.context("client process ended")?;
+            let times = done.strip_prefix("DONE ").context("expected DONE")?;
+            for t in times.split_whitespace() {
+                let t: u128 = t.parse()?;
+                rule_lat.push(t.saturating_sub(t0) as f64 / 1e6);
+            }
+            rule_bytes += metrics.xds_bytes.get() - b0;
+            rule_builds.push(cache.build_stats().incremental.as_secs_f64() * 1e3);
+        }
+        let rule_cpu_per_change = (cpu_ms() - rule_cpu0) / a.changes.max(1) as f64;
         // Server memory with every client connected, after the initial sync and the changes.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let rss_after = rss_kib();
@@ -536,6 +660,21 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
             per_client(rss_idle, rss_before) * 1024.0,
             bytes as f64 / (a.changes * a.clients) as f64
         );
+        if a.rules {
+            let (p50, p99, max) = summary(&mut rule_lat);
+            let (build, _, _) = summary(&mut rule_builds);
+            println!(
+                "  {} routing-rule change (one service's weights) reaching all {} clients: push p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; build {:.2} ms; server CPU {:.1} ms/change; {:.0} bytes/change/client",
+                mode_name(*mode),
+                a.clients,
+                p50,
+                p99,
+                max,
+                build,
+                rule_cpu_per_change,
+                rule_bytes as f64 / (a.changes * a.clients) as f64
+            );
+        }
         println!(
             "  {} initial sync of {} clients{}: {:.2} s, {:.2} s of server CPU",
             mode_name(*mode),
@@ -559,8 +698,40 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Events from client tasks: (client, cluster name whose load assignment arrived, when).
+/// Events from client tasks: (client, cluster name whose load assignment arrived, or
+/// [`RDS_EVENT`] for a route configuration, when).
 type Event = (usize, String, u128);
+
+/// The event name of a route configuration's arrival.
+const RDS_EVENT: &str = "rds";
+
+/// The route configurations the listeners' connection managers name (as Envoy subscribes RDS).
+fn rds_names<'a>(listeners: impl Iterator<Item = &'a [u8]>) -> Vec<String> {
+    use envoy_types::pb::envoy::config::listener::v3::{filter::ConfigType, Listener};
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+        http_connection_manager::RouteSpecifier, HttpConnectionManager,
+    };
+    use prost::Message;
+    let mut out = Vec::new();
+    for bytes in listeners {
+        let Ok(l) = Listener::decode(bytes) else {
+            continue;
+        };
+        for f in l.filter_chains.iter().flat_map(|c| c.filters.iter()) {
+            let Some(ConfigType::TypedConfig(tc)) = &f.config_type else {
+                continue;
+            };
+            if let Ok(hcm) = HttpConnectionManager::decode(tc.value.as_slice()) {
+                if let Some(RouteSpecifier::Rds(rds)) = hcm.route_specifier {
+                    out.push(rds.route_config_name);
+                }
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
 
 /// The client process: C simulated proxies.
 pub async fn clients(a: ClientArgs) -> anyhow::Result<()> {
@@ -575,6 +746,7 @@ pub async fn clients(a: ClientArgs) -> anyhow::Result<()> {
         let (addr, ev_tx, synced) = (a.addr.clone(), ev_tx.clone(), synced.clone());
         let clusters = a.clusters;
         let mode = a.mode;
+        let node = bench_node(id, a.callers);
         tokio::spawn(async move {
             // Like Envoy: reconnect after a failure (e.g. a reset while 1000 clients connect).
             let counted = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -583,6 +755,7 @@ pub async fn clients(a: ClientArgs) -> anyhow::Result<()> {
                     Mode::Delta => {
                         delta_client(
                             id,
+                            node.clone(),
                             &addr,
                             clusters,
                             ev_tx.clone(),
@@ -594,6 +767,7 @@ pub async fn clients(a: ClientArgs) -> anyhow::Result<()> {
                     Mode::Sotw => {
                         sotw_client(
                             id,
+                            node.clone(),
                             &addr,
                             clusters,
                             ev_tx.clone(),
@@ -661,10 +835,22 @@ pub async fn clients(a: ClientArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench_node(id: usize) -> Node {
+fn bench_node(id: usize, callers: usize) -> Node {
+    let metadata = (callers > 0).then(|| envoy_types::pb::google::protobuf::Struct {
+        fields: [(
+            crate::xds::resources::NODE_SERVICE_KEY.to_string(),
+            envoy_types::pb::google::protobuf::Value {
+                kind: Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(
+                    format!("svc-{}", id % callers),
+                )),
+            },
+        )]
+        .into(),
+    });
     Node {
         id: format!("sidecar~default/bench-{id}~127.0.0.1"),
         user_agent_name: "polaris-bench".into(),
+        metadata,
         ..Default::default()
     }
 }
@@ -672,7 +858,11 @@ fn bench_node(id: usize) -> Node {
 async fn connect(
     addr: &str,
 ) -> anyhow::Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?;
+    // Envoy's default HTTP/2 windows (256 MiB for a stream and for the connection): a large route
+    // configuration arrives without waiting for window updates, as it does at a real proxy.
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .initial_stream_window_size(256 << 20)
+        .initial_connection_window_size(256 << 20);
     let ch = match CLIENT_TLS.get() {
         None => endpoint.connect().await?,
         Some(tls) => {
@@ -699,6 +889,7 @@ async fn connect(
 
 async fn delta_client(
     id: usize,
+    node: Node,
     addr: &str,
     clusters: usize,
     ev: mpsc::UnboundedSender<Event>,
@@ -713,14 +904,14 @@ async fn delta_client(
         resource_names_subscribe: names,
         ..Default::default()
     };
-    tx.send(sub(Some(bench_node(id)), CLUSTER_TYPE, vec![]))
-        .await?;
+    tx.send(sub(Some(node), CLUSTER_TYPE, vec![])).await?;
     tx.send(sub(None, LISTENER_TYPE, vec![])).await?;
     let mut stream = client
         .delta_aggregated_resources(ReceiverStream::new(rx))
         .await?
         .into_inner();
     let mut known: HashSet<String> = HashSet::new();
+    let mut routes: HashSet<String> = HashSet::new();
     let mut have_eds: HashSet<String> = HashSet::new();
     while let Some(r) = stream.message().await? {
         let t = now_ns();
@@ -743,8 +934,21 @@ async fn delta_client(
                 }
             }
             LISTENER_TYPE => {
-                tx.send(sub(None, ROUTE_TYPE, vec![OUTBOUND_ROUTE.into()]))
-                    .await?;
+                let fresh: Vec<String> = rds_names(
+                    r.resources
+                        .iter()
+                        .filter_map(|x| x.resource.as_ref())
+                        .map(|a| a.value.as_slice()),
+                )
+                .into_iter()
+                .filter(|n| routes.insert(n.clone()))
+                .collect();
+                if !fresh.is_empty() {
+                    tx.send(sub(None, ROUTE_TYPE, fresh)).await?;
+                }
+            }
+            ROUTE_TYPE => {
+                let _ = ev.send((id, RDS_EVENT.into(), t));
             }
             ENDPOINT_TYPE => {
                 for x in &r.resources {
@@ -763,6 +967,7 @@ async fn delta_client(
 
 async fn sotw_client(
     id: usize,
+    node: Node,
     addr: &str,
     clusters: usize,
     ev: mpsc::UnboundedSender<Event>,
@@ -783,7 +988,7 @@ async fn sotw_client(
             response_nonce: n.into(),
             ..Default::default()
         };
-    tx.send(req(Some(bench_node(id)), CLUSTER_TYPE, vec![], "", ""))
+    tx.send(req(Some(node), CLUSTER_TYPE, vec![], "", ""))
         .await?;
     tx.send(req(None, LISTENER_TYPE, vec![], "", "")).await?;
     let mut stream = client
@@ -791,6 +996,8 @@ async fn sotw_client(
         .await?
         .into_inner();
     let mut cluster_names: Vec<String> = Vec::new();
+    let mut route_names: Vec<String> = Vec::new();
+    let mut route_version = String::new();
     let mut have_eds: HashSet<String> = HashSet::new();
     let mut eds_started = false;
     while let Some(r) = stream.message().await? {
@@ -816,8 +1023,18 @@ async fn sotw_client(
             LISTENER_TYPE => {
                 tx.send(req(None, LISTENER_TYPE, vec![], &r.version_info, &r.nonce))
                     .await?;
-                tx.send(req(None, ROUTE_TYPE, vec![OUTBOUND_ROUTE.into()], "", ""))
+                let names = rds_names(r.resources.iter().map(|a| a.value.as_slice()));
+                if names != route_names {
+                    route_names = names;
+                    tx.send(req(
+                        None,
+                        ROUTE_TYPE,
+                        route_names.clone(),
+                        &route_version,
+                        "",
+                    ))
                     .await?;
+                }
             }
             ENDPOINT_TYPE => {
                 for a in &r.resources {
@@ -836,10 +1053,12 @@ async fn sotw_client(
                 .await?;
             }
             ROUTE_TYPE => {
+                route_version = r.version_info.clone();
+                let _ = ev.send((id, RDS_EVENT.into(), t));
                 tx.send(req(
                     None,
                     ROUTE_TYPE,
-                    vec![OUTBOUND_ROUTE.into()],
+                    route_names.clone(),
                     &r.version_info,
                     &r.nonce,
                 ))
