@@ -176,6 +176,14 @@ pub enum Inconsistency {
     /// A name appears twice.
     #[error("duplicate {0}")]
     Duplicate(String),
+    /// A caller's own virtual host of a service the namespace does not route to.
+    #[error("caller {caller} keeps a virtual host of {service}, which has none")]
+    OrphanCallerHost {
+        /// Caller (`ns/svc`).
+        caller: String,
+        /// Service.
+        service: String,
+    },
 }
 
 /// Checks a namespace view: every EDS name has its cluster and vice versa, every route's cluster
@@ -194,6 +202,14 @@ pub fn consistent(ns: &str, view: &snapshot::NamespaceView) -> Result<(), Incons
     for n in view.clusters.keys().filter(|n| !n.ends_with("|failover")) {
         if !view.endpoints.contains_key(n) {
             return Err(Inconsistency::MissingEndpoints(n.to_string()));
+        }
+    }
+    for (caller, hosts) in view.caller_vhosts.iter() {
+        if let Some(svc) = hosts.keys().find(|s| !view.vhosts.contains_key(*s)) {
+            return Err(Inconsistency::OrphanCallerHost {
+                caller: caller.to_string(),
+                service: svc.to_string(),
+            });
         }
     }
     for route in view.route.iter().chain(view.caller_routes.values()) {

@@ -731,14 +731,23 @@ async fn connected(c: &reqwest::Client, s: &Server) -> Vec<String> {
 }
 
 fn on_demand_node(id: &str) -> Node {
+    on_demand_node_of(id, None)
+}
+
+/// An on-demand node, a sidecar of `service` when given.
+fn on_demand_node_of(id: &str, service: Option<&str>) -> Node {
     use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
     let mut fields = std::collections::HashMap::new();
+    let text = |s: &str| Value {
+        kind: Some(Kind::StringValue(s.into())),
+    };
     fields.insert(
         "sidecar.polarismesh.cn/openOnDemand".to_string(),
-        Value {
-            kind: Some(Kind::StringValue("true".into())),
-        },
+        text("true"),
     );
+    if let Some(svc) = service {
+        fields.insert("sidecar.polarismesh.cn/serviceName".to_string(), text(svc));
+    }
     Node {
         id: id.into(),
         metadata: Some(Struct { fields }),
@@ -811,6 +820,76 @@ async fn b18_vhds_answers_known_hosts_with_aliases_and_unknown_hosts_without_bod
         .expect("answered");
     assert_eq!(p.aliases, vec![with_port.to_string()]);
     assert!(p.resource.is_some(), "a host with a port is known");
+}
+
+/// An on-demand sidecar gets, through VHDS, the host its caller's routing rules give it (as a
+/// sidecar with a route configuration does), and the rule's changes.
+#[tokio::test]
+async fn b18_vhds_answers_a_caller_with_its_own_host() {
+    const VHDS: &str = "type.googleapis.com/envoy.config.route.v3.VirtualHost";
+    use prost::Message;
+    let (_d, s, c) = server_with(&["echo"]).await;
+    let (st, b) = post(&c, &s.url("/naming/v1/instances"), json!([{"namespace": "default", "service": "echo", "host": "127.0.0.2", "port": 9000, "metadata": {"version": "v2"}}])).await;
+    assert_eq!(st, 200, "{b}");
+    let rule = |caller: &str| {
+        json!({"name": "web-v2", "namespace": "default", "enable": true, "routing_policy": "RulePolicy",
+        "routing_config": {"rules": [{"sources": [{"service": caller, "namespace": "default"}],
+            "destinations": [{"service": "echo", "namespace": "default", "weight": 100, "labels": {"version": {"type": "EXACT", "value": "v2"}}}]}]}})
+    };
+    let (st, created) = post(&c, &s.url("/naming/v2/routings"), json!([rule("web")])).await;
+    assert_eq!(st, 200, "{created}");
+    let id = created["responses"][0]["data"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    settle(&c, &s).await;
+    let clusters = |r: &envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse| {
+        let vh = envoy_types::pb::envoy::config::route::v3::VirtualHost::decode(
+            r.resources[0].resource.as_ref().unwrap().value.as_slice(),
+        )
+        .unwrap();
+        format!("{:?}", vh.routes)
+    };
+    let host = "polaris-on-demand-router/echo.default";
+    let mut web = Delta::open(&s).await;
+    web.sub(
+        Some(on_demand_node_of("web-0", Some("web"))),
+        VHDS,
+        &[host],
+        &[],
+    )
+    .await;
+    let r = web.recv_ack().await;
+    assert!(
+        clusters(&r).contains("OUTBOUND|default|echo|version=v2"),
+        "{}",
+        clusters(&r)
+    );
+    let mut other = Delta::open(&s).await;
+    other
+        .sub(
+            Some(on_demand_node_of("api-0", Some("api"))),
+            VHDS,
+            &[host],
+            &[],
+        )
+        .await;
+    let r = other.recv_ack().await;
+    assert!(!clusters(&r).contains("version=v2"), "{}", clusters(&r));
+    // The rule moves to another caller: web's host is pushed without the group.
+    let mut moved = rule("api");
+    moved["id"] = json!(id);
+    let r = c
+        .put(s.url("/naming/v2/routings"))
+        .json(&json!([moved]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let r = web.recv_ack().await;
+    assert!(!clusters(&r).contains("version=v2"), "{}", clusters(&r));
+    let r = other.recv_ack().await;
+    assert!(clusters(&r).contains("version=v2"), "{}", clusters(&r));
 }
 
 #[tokio::test]

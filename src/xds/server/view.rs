@@ -239,10 +239,15 @@ impl StreamState {
                 if rc != r::ON_DEMAND_ROUTE {
                     return None;
                 }
+                // The caller's own host when its rules give it one, as in its route configuration.
+                let caller = self.caller();
                 let vh = view.and_then(|v| {
-                    v.hosts
-                        .get(&r::host_key(host))
-                        .and_then(|svc| v.vhosts.get(svc))
+                    let svc = v.hosts.get(&r::host_key(host))?;
+                    caller
+                        .as_deref()
+                        .and_then(|c| v.caller_vhosts.get(c))
+                        .and_then(|m| m.get(svc))
+                        .or_else(|| v.vhosts.get(svc))
                 });
                 Some(Encoded::vhds(Arc::from(name), vh))
             }

@@ -367,7 +367,15 @@ impl Builder {
                     if view.nearby.contains_key(&cname) {
                         Arc::make_mut(&mut view.nearby).remove(&cname);
                     }
-                    if view.services.contains_key(name.as_str()) {
+                    if let Some(prev) = view.services.get(name.as_str()).cloned() {
+                        // Its callers' own hosts go with it (a service of that name created later
+                        // starts from its own rules).
+                        for c in prev.callers.iter() {
+                            if let Some(m) = Arc::make_mut(&mut view.caller_vhosts).get_mut(c) {
+                                m.remove(name.as_str());
+                            }
+                            dirty_callers.insert(c.clone());
+                        }
                         Arc::make_mut(&mut view.services).remove(name.as_str());
                     }
                     if view.vhosts.contains_key(name.as_str()) {
@@ -426,11 +434,14 @@ impl Builder {
                         .get(name.as_str())
                         .map(|p| p.callers.clone())
                         .unwrap_or_default();
+                    // Whether a caller's host of this service changed.
+                    let mut touched = false;
                     for c in prev_callers.iter().filter(|c| !callers.contains(c)) {
                         if let Some(m) = Arc::make_mut(&mut view.caller_vhosts).get_mut(c) {
                             m.remove(name.as_str());
                         }
                         dirty_callers.insert(c.clone());
+                        touched = true;
                     }
                     for c in &callers {
                         let vh = r::service_virtual_host_with(
@@ -444,7 +455,16 @@ impl Builder {
                                 .or_default()
                                 .insert(name_arc.clone(), vh);
                             dirty_callers.insert(c.clone());
+                            touched = true;
                         }
+                    }
+                    if touched {
+                        // On-demand nodes of those callers hold the host through VHDS.
+                        changes.push(Changed {
+                            namespace: ns_arc.clone(),
+                            kind: TypeKind::VirtualHost,
+                            name: name_arc.clone(),
+                        });
                     }
                     let limits: Vec<Arc<Rule>> = rules
                         .iter()
@@ -1271,6 +1291,84 @@ mod tests {
             &cache.current().namespaces["default"].clusters["OUTBOUND|default|other"]
         ));
         crate::xds::consistent("default", &cache.current().namespaces["default"]).unwrap();
+    }
+
+    /// A caller's own virtual host of a service goes with the service: deleted, then its rules
+    /// deleted and the service created again, no caller keeps routing by the old rule.
+    #[tokio::test]
+    async fn a_callers_own_host_goes_with_its_service() {
+        use crate::model::rules::routing::RoutingRule;
+        let dir = tempfile::tempdir().unwrap();
+        let reg = registry(dir.path()).await;
+        let mut v2 = inst("echo", "10.0.0.2");
+        v2.metadata = [("version".to_string(), "v2".to_string())].into();
+        reg.submit(Command::RegisterInstances(vec![
+            inst("echo", "10.0.0.1"),
+            v2.clone(),
+        ]))
+        .await
+        .unwrap();
+        let rule: RoutingRule = serde_json::from_value(serde_json::json!({
+            "name": "web-to-v2", "namespace": "default", "enable": true, "routingPolicy": "RulePolicy",
+            "routingConfig": {"rules": [{"sources": [{"service": "web", "namespace": "default"}],
+                "destinations": [{"service": "echo", "namespace": "default", "weight": 100,
+                                  "labels": {"version": {"type": "EXACT", "value": "v2"}}}]}]}
+        }))
+        .unwrap();
+        let mut rule = Rule::Routing(rule);
+        rule.stamp("r1", "t");
+        rule.validate().unwrap();
+        reg.submit(Command::PutRules {
+            rules: vec![rule.clone()],
+            create: true,
+        })
+        .await
+        .unwrap();
+        let cache = Cache::default();
+        let mut b = Builder::default();
+        b.full(&reg, &cache);
+        let view = |cache: &Cache| cache.current().namespaces["default"].clone();
+        assert!(view(&cache).caller_routes.contains_key("default/web"));
+        let echo = || {
+            vec![
+                ChangeKey::Service(ServiceKey::new("default", "echo")),
+                ChangeKey::Instances(ServiceKey::new("default", "echo")),
+            ]
+        };
+        let apply = |b: &mut Builder, cache: &Cache| {
+            let rev = *reg.revision().borrow();
+            b.apply(&reg, echo(), rev, cache);
+            crate::xds::consistent("default", &view(cache)).unwrap();
+        };
+        reg.submit(Command::DeregisterInstances(vec![
+            InstanceSelector::Id(inst("echo", "10.0.0.1").id),
+            InstanceSelector::Id(v2.id.clone()),
+        ]))
+        .await
+        .unwrap();
+        reg.submit(Command::DeleteServices(vec![ServiceKey::new(
+            "default", "echo",
+        )]))
+        .await
+        .unwrap();
+        apply(&mut b, &cache);
+        assert!(!view(&cache).caller_routes.contains_key("default/web"));
+        reg.submit(Command::DeleteRules(vec![rule.key()]))
+            .await
+            .unwrap();
+        apply(&mut b, &cache);
+        reg.submit(Command::RegisterInstances(vec![inst("echo", "10.0.0.1")]))
+            .await
+            .unwrap();
+        apply(&mut b, &cache);
+        let v = view(&cache);
+        assert!(v.vhosts.contains_key("echo"));
+        assert!(
+            v.caller_vhosts.values().all(|m| m.is_empty()),
+            "{:?}",
+            v.caller_vhosts.keys()
+        );
+        assert!(v.caller_routes.is_empty());
     }
 
     /// A new service starts in its mode; no rollout for what nobody used yet.
