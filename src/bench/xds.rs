@@ -31,7 +31,7 @@ use crate::registry::{self, Command, Registry};
 use crate::store::RedbStore;
 use crate::xds::server::{Ads, Nodes};
 use crate::xds::snapshot::{self, Builder, Cache};
-use crate::xds::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
+use crate::xds::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, VIRTUAL_HOST_TYPE};
 
 /// Client protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -85,6 +85,11 @@ pub struct XdsArgs {
     /// measured.
     #[arg(long)]
     rules: bool,
+    /// Clients are on-demand sidecars (`openOnDemand`, delta only): their route configuration has
+    /// no hosts, and each client subscribes (VHDS) to the host of every service, as a proxy that
+    /// has called every service would have.
+    #[arg(long)]
+    on_demand: bool,
 }
 
 fn parse_tls_mode(v: &str) -> Result<TlsMode, String> {
@@ -113,6 +118,9 @@ pub struct ClientArgs {
     /// Clients are sidecars of `svc-<id % callers>` (0: of no service).
     #[arg(long, default_value_t = 0)]
     callers: usize,
+    /// On-demand clients subscribing to the hosts of `svc-0`..`svc-<N-1>` (0: not on demand).
+    #[arg(long, default_value_t = 0)]
+    on_demand_hosts: usize,
 }
 
 /// The clients' TLS, when the server authenticates (set once at the client process's start).
@@ -248,6 +256,7 @@ async fn run_each_mode(a: XdsArgs) -> anyhow::Result<()> {
             .args(["--tls-mode", a.tls_mode.as_str()])
             .args(["--callers", &a.callers.to_string()])
             .args(a.rules.then_some("--rules"))
+            .args(a.on_demand.then_some("--on-demand"))
             .stderr(Stdio::inherit())
             .output()
             .await?;
@@ -339,6 +348,9 @@ fn summary(lat: &mut [f64]) -> (f64, f64, f64) {
 
 /// Runs the server side and prints one table row per mode.
 pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
+    if a.on_demand && a.mode.iter().any(|m| *m != Mode::Delta) {
+        bail!("--on-demand needs --mode delta (VHDS is incremental only)");
+    }
     if a.mode.len() > 1 {
         return run_each_mode(a).await;
     }
@@ -507,6 +519,10 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
             ])
             .args(["--clusters", &eds_count.to_string()])
             .args(["--callers", &a.callers.to_string()])
+            .args([
+                "--on-demand-hosts",
+                &if a.on_demand { a.services } else { 0 }.to_string(),
+            ])
             .args(["--mode", mode_name(*mode)])
             .args(a.xds_tls.then_some("--tls-dir"))
             .args(a.xds_tls.then(|| tls_dir.clone()))
@@ -746,7 +762,8 @@ pub async fn clients(a: ClientArgs) -> anyhow::Result<()> {
         let (addr, ev_tx, synced) = (a.addr.clone(), ev_tx.clone(), synced.clone());
         let clusters = a.clusters;
         let mode = a.mode;
-        let node = bench_node(id, a.callers);
+        let node = bench_node(id, a.callers, a.on_demand_hosts > 0);
+        let hosts = a.on_demand_hosts;
         tokio::spawn(async move {
             // Like Envoy: reconnect after a failure (e.g. a reset while 1000 clients connect).
             let counted = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -757,7 +774,7 @@ pub async fn clients(a: ClientArgs) -> anyhow::Result<()> {
                             id,
                             node.clone(),
                             &addr,
-                            clusters,
+                            Synced { clusters, hosts },
                             ev_tx.clone(),
                             synced.clone(),
                             counted.clone(),
@@ -835,18 +852,25 @@ pub async fn clients(a: ClientArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench_node(id: usize, callers: usize) -> Node {
-    let metadata = (callers > 0).then(|| envoy_types::pb::google::protobuf::Struct {
-        fields: [(
+fn bench_node(id: usize, callers: usize, on_demand: bool) -> Node {
+    use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+    let text = |s: String| Value {
+        kind: Some(Kind::StringValue(s)),
+    };
+    let mut fields = std::collections::HashMap::new();
+    if callers > 0 {
+        fields.insert(
             crate::xds::resources::NODE_SERVICE_KEY.to_string(),
-            envoy_types::pb::google::protobuf::Value {
-                kind: Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(
-                    format!("svc-{}", id % callers),
-                )),
-            },
-        )]
-        .into(),
-    });
+            text(format!("svc-{}", id % callers)),
+        );
+    }
+    if on_demand {
+        fields.insert(
+            crate::xds::resources::NODE_ON_DEMAND_KEY.to_string(),
+            text("true".into()),
+        );
+    }
+    let metadata = (!fields.is_empty()).then_some(Struct { fields });
     Node {
         id: format!("sidecar~default/bench-{id}~127.0.0.1"),
         user_agent_name: "polaris-bench".into(),
@@ -887,11 +911,18 @@ async fn connect(
     Ok(AggregatedDiscoveryServiceClient::new(ch).max_decoding_message_size(64 << 20))
 }
 
+/// What a client must hold to count as synced: this many load assignments and virtual hosts.
+#[derive(Clone, Copy)]
+struct Synced {
+    clusters: usize,
+    hosts: usize,
+}
+
 async fn delta_client(
     id: usize,
     node: Node,
     addr: &str,
-    clusters: usize,
+    Synced { clusters, hosts }: Synced,
     ev: mpsc::UnboundedSender<Event>,
     synced: Arc<AtomicUsize>,
     counted: Arc<std::sync::atomic::AtomicBool>,
@@ -912,6 +943,8 @@ async fn delta_client(
         .into_inner();
     let mut known: HashSet<String> = HashSet::new();
     let mut routes: HashSet<String> = HashSet::new();
+    let mut asked_hosts = false;
+    let mut have_hosts: HashSet<String> = HashSet::new();
     let mut have_eds: HashSet<String> = HashSet::new();
     while let Some(r) = stream.message().await? {
         let t = now_ns();
@@ -949,6 +982,21 @@ async fn delta_client(
             }
             ROUTE_TYPE => {
                 let _ = ev.send((id, RDS_EVENT.into(), t));
+                if hosts > 0 && !asked_hosts {
+                    asked_hosts = true;
+                    let names = (0..hosts)
+                        .map(|k| {
+                            format!("{}/svc-{k}.default", crate::xds::resources::ON_DEMAND_ROUTE)
+                        })
+                        .collect();
+                    tx.send(sub(None, VIRTUAL_HOST_TYPE, names)).await?;
+                }
+            }
+            VIRTUAL_HOST_TYPE => {
+                for x in &r.resources {
+                    have_hosts.insert(x.name.clone());
+                }
+                let _ = ev.send((id, RDS_EVENT.into(), t));
             }
             ENDPOINT_TYPE => {
                 for x in &r.resources {
@@ -958,7 +1006,10 @@ async fn delta_client(
             }
             _ => {}
         }
-        if have_eds.len() >= clusters && !counted.swap(true, Ordering::Relaxed) {
+        if have_eds.len() >= clusters
+            && have_hosts.len() >= hosts
+            && !counted.swap(true, Ordering::Relaxed)
+        {
             synced.fetch_add(1, Ordering::Relaxed);
         }
     }

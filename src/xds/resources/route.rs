@@ -72,6 +72,16 @@ pub fn host_key(host: &str) -> String {
     bare.to_ascii_lowercase()
 }
 
+/// Whether `host` (as a request names it) has the key `key` (see [`host_key`]), without
+/// allocating.
+pub fn host_is(host: &str, key: &str) -> bool {
+    let bare = match host.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    bare.eq_ignore_ascii_case(key)
+}
+
 /// A virtual host routing everything to one cluster.
 pub fn virtual_host(name: String, domains: Vec<String>, cluster: String) -> VirtualHost {
     VirtualHost {
@@ -331,6 +341,21 @@ mod tests {
             EncodedVhosts::new(std::iter::empty()).route_configuration("x", None),
             route_configuration("x", vec![]).encode_to_vec()
         );
+    }
+
+    #[test]
+    fn host_is_agrees_with_host_key() {
+        for (host, key) in [
+            ("Echo.Default:8080", "echo.default"),
+            ("echo", "echo"),
+            ("echo:", "echo"),
+            ("echo:http", "echo:http"),
+            ("[::1]:80", "[::1]"),
+        ] {
+            assert_eq!(host_key(host), key);
+            assert!(host_is(host, key), "{host}");
+            assert!(!host_is(host, "other"));
+        }
     }
 
     #[test]

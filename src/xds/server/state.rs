@@ -11,6 +11,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::super::auth::{Authenticator, Caller};
 use super::super::names::{NameSets, Names};
 use super::super::node::NodeInfo;
+use super::super::resources as r;
 use super::super::snapshot::{Cache, Res, Snapshot};
 use super::super::status::{NodeStatus, Nodes};
 use super::super::transport::{Msg, Requests, Tx};
@@ -518,8 +519,42 @@ impl StreamState {
                     continue;
                 }
                 if c.kind == TypeKind::VirtualHost {
-                    // Subscriptions name hosts, not services: look at all of them (few).
-                    out.set(TypeKind::VirtualHost, None);
+                    // Subscriptions name hosts, not services: the ones this service's host answers
+                    // (its domains depend on its name alone, so they are the same before and
+                    // after the change).
+                    let keys: Vec<String> = r::domains(&ns, &c.name)
+                        .into_iter()
+                        .filter(|d| !d.ends_with('*'))
+                        .collect();
+                    // Every key starts with the service's name: most names fail on that at once
+                    // (a thousand subscribed hosts per proxy are checked on each change).
+                    let svc = c.name.as_bytes();
+                    let hit: Vec<Arc<str>> = self
+                        .types
+                        .get(&TypeKind::VirtualHost)
+                        .map(|ts| {
+                            ts.names
+                                .iter()
+                                .filter(|n| {
+                                    let Some(host) = n
+                                        .strip_prefix(r::ON_DEMAND_ROUTE)
+                                        .and_then(|h| h.strip_prefix('/'))
+                                    else {
+                                        return false;
+                                    };
+                                    host.len() >= svc.len()
+                                        && host.as_bytes()[..svc.len()].eq_ignore_ascii_case(svc)
+                                        && keys.iter().any(|k| r::host_is(host, k))
+                                })
+                                .cloned()
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    if let Some(set) =
+                        out.get_or_insert_with(TypeKind::VirtualHost, || Some(HashSet::new()))
+                    {
+                        set.extend(hit);
+                    }
                     continue;
                 }
                 if let Some(set) = out.get_or_insert_with(c.kind, || Some(HashSet::new())) {
