@@ -16,6 +16,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 mod ca;
+mod rls;
 mod xds;
 
 use crate::config::ServerConfig;
@@ -36,6 +37,8 @@ enum What {
     Xds(xds::XdsArgs),
     /// CA signs/s and latency, with TokenReview by a Kubernetes API server and from the cache.
     Ca(ca::CaArgs),
+    /// Global rate-limit decisions/s and latency over loopback gRPC.
+    Rls(rls::RlsArgs),
     /// The client side of `bench xds` (started by it).
     #[command(hide = true)]
     XdsClients(xds::ClientArgs),
@@ -73,6 +76,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         What::Registry(a) => registry(a).await,
         What::Xds(a) => xds::run(a).await,
         What::Ca(a) => ca::run(a).await,
+        What::Rls(a) => rls::run(a).await,
         What::XdsClients(a) => xds::clients(a).await,
     }
 }
