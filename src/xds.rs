@@ -213,7 +213,7 @@ pub fn consistent(ns: &str, view: &snapshot::NamespaceView) -> Result<(), Incons
         }
     }
     for route in view.route.iter().chain(view.caller_routes.values()) {
-        let rc = RouteConfiguration::decode(route.any.value.as_slice())
+        let rc = RouteConfiguration::decode(route.value.as_ref())
             .map_err(|e| Inconsistency::Duplicate(format!("undecodable route: {e}")))?;
         let mut vhosts = HashSet::new();
         let mut domains = HashSet::new();

@@ -303,8 +303,14 @@ fn instance(svc: usize, ep: usize) -> InstanceInput {
 }
 
 /// The routing rule of service `svc`: requests of caller `svc-<svc % callers>` with header
-/// `x-canary: 1` go to group v2; everyone else's split `weight`/`100 - weight` over v0 and v1.
-fn routing_rule(svc: usize, callers: usize, weight: u32, now: &str) -> anyhow::Result<Rule> {
+/// `x-canary: <canary>` go to group v2; everyone else's split `weight`/`100 - weight` over v0 and
+/// v1.
+fn routing_rule(
+    svc: usize,
+    callers: usize,
+    (weight, canary): (u32, &str),
+    now: &str,
+) -> anyhow::Result<Rule> {
     let group = |v: &str, w: u32| {
         serde_json::json!({"service": format!("svc-{svc}"), "namespace": "default", "weight": w,
                            "labels": {"version": {"type": "EXACT", "value": v}}})
@@ -315,7 +321,7 @@ fn routing_rule(svc: usize, callers: usize, weight: u32, now: &str) -> anyhow::R
         "routingPolicy": "RulePolicy",
         "routingConfig": {"@type": "type.googleapis.com/v1.RuleRoutingConfig", "rules": [
             {"name": "canary", "sources": [{"service": caller, "namespace": "default", "arguments": [
-                {"type": "HEADER", "key": "x-canary", "value": {"type": "EXACT", "value": "1"}}]}],
+                {"type": "HEADER", "key": "x-canary", "value": {"type": "EXACT", "value": canary}}]}],
              "destinations": [group("v2", 100)]},
             {"name": "split", "sources": [{"service": "*", "namespace": "*"}],
              "destinations": [group("v0", weight), group("v1", 100 - weight)]}]}
@@ -348,6 +354,9 @@ fn summary(lat: &mut [f64]) -> (f64, f64, f64) {
 
 /// Runs the server side and prints one table row per mode.
 pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
+    if a.rules && a.callers == 0 {
+        bail!("--rules needs --callers (rules name caller services)");
+    }
     if a.on_demand && a.mode.iter().any(|m| *m != Mode::Delta) {
         bail!("--on-demand needs --mode delta (VHDS is incremental only)");
     }
@@ -385,7 +394,7 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
     if a.rules {
         let mut rules = Vec::new();
         for s in 0..a.services {
-            rules.push(routing_rule(s, a.callers, 90, &now)?);
+            rules.push(routing_rule(s, a.callers, (90, "1"), &now)?);
             rules.push(limit_rule(s, &now)?);
         }
         for chunk in rules.chunks(200) {
@@ -428,7 +437,7 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
                 .chain(v.endpoints.values())
                 .chain(v.route.iter())
                 .chain(v.caller_routes.values())
-                .map(|r| r.any.value.len())
+                .map(|r| r.value.len())
                 .sum::<usize>()
         })
         .sum();
@@ -597,21 +606,33 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
             builds.push(cache.build_stats().incremental.as_secs_f64() * 1e3);
         }
         let cpu_per_change = (cpu_ms() - cpu0) / a.changes as f64;
-        // Routing-rule changes: one service's split moves by 10 points; every client's route
-        // configuration holds that service's virtual host.
-        let mut rule_lat: Vec<f64> = Vec::new();
-        let mut rule_builds: Vec<f64> = Vec::new();
-        let mut rule_bytes = 0u64;
-        let rule_cpu0 = cpu_ms();
-        let mut weights: HashMap<usize, u32> = HashMap::new();
-        for k in 0..if a.rules { a.changes } else { 0 } {
-            let svc = (k * 7919 + 13) % a.services;
-            let w = weights.entry(svc).or_insert(90);
-            *w = if *w == 90 { 80 } else { 90 };
-            let rule = routing_rule(svc, a.callers, *w, &now)?;
-            stdin
-                .write_all(format!("ARM {RDS_EVENT}\n").as_bytes())
-                .await?;
+        // Routing-rule changes, two kinds: (caller) the caller-specific sub-rule's header value, which
+        // only that caller's sidecars see; (shared) one service's split moves by 10 points, which
+        // every client's route configuration holds.
+        let mut rule_lat: [Vec<f64>; 2] = Default::default();
+        let mut rule_builds: [Vec<f64>; 2] = Default::default();
+        let mut rule_bytes = [0u64; 2];
+        let mut rule_cpu = [0f64; 2];
+        let mut affected = [0usize; 2];
+        let mut state: HashMap<usize, (u32, &str)> = HashMap::new();
+        for k in 0..if a.rules { 2 * a.changes } else { 0 } {
+            let kind = k % 2;
+            let svc = (k / 2 * 7919 + 13) % a.services;
+            let s = state.entry(svc).or_insert((90, "1"));
+            let arm = if kind == 0 {
+                s.1 = if s.1 == "1" { "2" } else { "1" };
+                affected[0] += (0..a.clients)
+                    .filter(|c| a.callers > 0 && c % a.callers == svc % a.callers)
+                    .count();
+                format!("ARM {RDS_EVENT} {}\n", svc % a.callers.max(1))
+            } else {
+                s.0 = if s.0 == 90 { 80 } else { 90 };
+                affected[1] += a.clients;
+                format!("ARM {RDS_EVENT}\n")
+            };
+            let rule = routing_rule(svc, a.callers, *s, &now)?;
+            let cpu0 = cpu_ms();
+            stdin.write_all(arm.as_bytes()).await?;
             stdin.flush().await?;
             let armed = lines.next_line().await?.context("client process ended")?;
             if armed != "ARMED" {
@@ -628,12 +649,14 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
             let times = done.strip_prefix("DONE ").context("expected DONE")?;
             for t in times.split_whitespace() {
                 let t: u128 = t.parse()?;
-                rule_lat.push(t.saturating_sub(t0) as f64 / 1e6);
+                rule_lat[kind].push(t.saturating_sub(t0) as f64 / 1e6);
             }
-            rule_bytes += metrics.xds_bytes.get() - b0;
-            rule_builds.push(cache.build_stats().incremental.as_secs_f64() * 1e3);
+            // Other clients' pushes of the same change (none expected) would count here too.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            rule_bytes[kind] += metrics.xds_bytes.get() - b0;
+            rule_builds[kind].push(cache.build_stats().incremental.as_secs_f64() * 1e3);
+            rule_cpu[kind] += cpu_ms() - cpu0;
         }
-        let rule_cpu_per_change = (cpu_ms() - rule_cpu0) / a.changes.max(1) as f64;
         // Server memory with every client connected, after the initial sync and the changes.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let rss_after = rss_kib();
@@ -676,19 +699,20 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
             per_client(rss_idle, rss_before) * 1024.0,
             bytes as f64 / (a.changes * a.clients) as f64
         );
-        if a.rules {
-            let (p50, p99, max) = summary(&mut rule_lat);
-            let (build, _, _) = summary(&mut rule_builds);
+        for (kind, what) in ["caller", "shared"].iter().enumerate().filter(|_| a.rules) {
+            let (p50, p99, max) = summary(&mut rule_lat[kind]);
+            let (build, _, _) = summary(&mut rule_builds[kind]);
             println!(
-                "  {} routing-rule change (one service's weights) reaching all {} clients: push p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; build {:.2} ms; server CPU {:.1} ms/change; {:.0} bytes/change/client",
+                "  {} routing-rule change, {} ({} affected clients per change): push p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; build {:.2} ms; server CPU {:.1} ms/change (50 ms of quiet included); {:.0} bytes/affected client",
                 mode_name(*mode),
-                a.clients,
+                what,
+                affected[kind] / a.changes.max(1),
                 p50,
                 p99,
                 max,
                 build,
-                rule_cpu_per_change,
-                rule_bytes as f64 / (a.changes * a.clients) as f64
+                rule_cpu[kind] / a.changes.max(1) as f64,
+                rule_bytes[kind] as f64 / affected[kind].max(1) as f64
             );
         }
         println!(
@@ -823,26 +847,30 @@ pub async fn clients(a: ClientArgs) -> anyhow::Result<()> {
     out.flush()?;
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
     while let Some(line) = stdin.next_line().await? {
-        let Some(cluster) = line.strip_prefix("ARM ") else {
+        // `ARM <name>`: every client must get `name`; `ARM <name> <k>`: the sidecars of caller
+        // `svc-<k>` only.
+        let Some(arm) = line.strip_prefix("ARM ") else {
             continue;
         };
+        let (cluster, caller) = match arm.split_once(' ') {
+            Some((n, k)) => (n, Some(k.parse::<usize>()?)),
+            None => (arm, None),
+        };
+        let affected = |c: usize| caller.is_none_or(|k| a.callers > 0 && c % a.callers == k);
+        let want = (0..a.clients).filter(|c| affected(*c)).count();
         while ev_rx.try_recv().is_ok() {}
         writeln!(out, "ARMED")?;
         out.flush()?;
         let mut times: HashMap<usize, u128> = HashMap::new();
         let deadline = Instant::now() + Duration::from_secs(60);
-        while times.len() < a.clients {
+        while times.len() < want {
             let ev = tokio::time::timeout_at(deadline.into(), ev_rx.recv()).await;
             match ev {
-                Ok(Some((c, name, t))) if name == cluster => {
+                Ok(Some((c, name, t))) if name == cluster && affected(c) => {
                     times.entry(c).or_insert(t);
                 }
                 Ok(Some(_)) => {}
-                _ => bail!(
-                    "only {} of {} clients got the change",
-                    times.len(),
-                    a.clients
-                ),
+                _ => bail!("only {} of {} clients got the change", times.len(), want),
             }
         }
         let list: Vec<String> = times.values().map(|t| t.to_string()).collect();

@@ -90,7 +90,7 @@ struct ConfigQuery {
 }
 
 fn decoded(kind: TypeKind, r: &Res) -> String {
-    let b = r.any.value.as_slice();
+    let b = r.value.as_ref();
     match kind {
         TypeKind::Cluster => Cluster::decode(b).map(|m| format!("{m:?}")),
         TypeKind::Endpoint => ClusterLoadAssignment::decode(b).map(|m| format!("{m:?}")),
@@ -188,7 +188,7 @@ async fn config_view(
             a.push(json!({
                 "name": &*r.name,
                 "version": r.version_string(),
-                "bytes": r.any.value.len(),
+                "bytes": r.value.len(),
                 "resource": decoded(kind, &r),
             }));
         }

@@ -897,9 +897,8 @@ mod tests {
         envoy_types::pb::envoy::config::cluster::v3::Cluster,
     ) {
         let res = snap.namespaces["default"].clusters[name].clone();
-        let c =
-            envoy_types::pb::envoy::config::cluster::v3::Cluster::decode(res.any.value.as_slice())
-                .unwrap();
+        let c = envoy_types::pb::envoy::config::cluster::v3::Cluster::decode(res.value.as_ref())
+            .unwrap();
         (res, c)
     }
 
@@ -1200,7 +1199,7 @@ mod tests {
         let eds_marked = |c: &Cache| {
             let res = c.current().namespaces["default"].endpoints["OUTBOUND|default|echo"].clone();
             let cla = envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment::decode(
-                res.any.value.as_slice(),
+                res.value.as_ref(),
             )
             .unwrap();
             cla.endpoints[0].lb_endpoints[0]
