@@ -9,6 +9,7 @@ pub mod bench;
 pub mod bootstrap;
 pub mod ca;
 pub mod config;
+pub mod controller;
 pub mod limit;
 pub mod metrics;
 pub mod model;
