@@ -33,6 +33,10 @@ pub struct Plan {
     pub alias: Option<Service>,
     /// Desired instances left alone because another writer holds their address.
     pub foreign: Vec<String>,
+    /// Owned aliases of a service that is going, to delete (before it).
+    pub delete_aliases: Vec<ServiceKey>,
+    /// An owned service left with no instance, its Service gone, to delete.
+    pub delete: Option<ServiceKey>,
 }
 
 impl Plan {
@@ -44,6 +48,8 @@ impl Plan {
             + self.register.len()
             + self.deregister.len()
             + usize::from(self.alias.is_some())
+            + self.delete_aliases.len()
+            + usize::from(self.delete.is_some())
     }
 }
 
@@ -137,6 +143,7 @@ pub fn plan(
             let akey = ServiceKey::new(ans, aname);
             if !st.services.contains_key(&akey) {
                 let mut a = Service::bare(ans, aname, now);
+                a.metadata = ownership(&d.metadata);
                 a.alias_for = Some(crate::model::AliasTarget {
                     namespace: d.namespace.clone(),
                     service: d.name.clone(),
@@ -150,7 +157,36 @@ pub fn plan(
         .filter(|(id, i)| !wanted.contains(**id) && owned(cfg, &i.metadata))
         .map(|(id, _)| id.to_string())
         .collect();
+    if let (None, Some(e)) = (desired, entry) {
+        if owned(cfg, &e.service.metadata) && p.deregister.len() == stored.len() {
+            let aliases = || {
+                st.services.iter().filter(|(_, a)| {
+                    a.service
+                        .alias_for
+                        .as_ref()
+                        .is_some_and(|t| t.namespace == key.namespace && t.service == key.name)
+                })
+            };
+            p.delete_aliases = aliases()
+                .filter(|(_, a)| owned(cfg, &a.service.metadata))
+                .map(|(k, _)| k.clone())
+                .collect();
+            // Another writer's alias keeps the service.
+            if aliases().all(|(_, a)| owned(cfg, &a.service.metadata)) {
+                p.delete = Some(key.clone());
+            }
+        }
+    }
     Ok(p)
+}
+
+/// The ownership keys of `metadata`.
+fn ownership(metadata: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    metadata
+        .iter()
+        .filter(|(k, _)| *k == SOURCE_KEY || *k == CLUSTER_KEY)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// Applies `p` through the registry's writer (every write durable and on the change feed).
@@ -184,6 +220,12 @@ pub async fn apply(reg: &Registry, p: Plan) -> Result<(), crate::registry::Error
     }
     if let Some(a) = p.alias {
         reg.submit(Command::CreateAlias(Box::new(a))).await?;
+    }
+    if !p.delete_aliases.is_empty() {
+        reg.submit(Command::DeleteAliases(p.delete_aliases)).await?;
+    }
+    if let Some(k) = p.delete {
+        reg.submit(Command::DeleteServices(vec![k])).await?;
     }
     Ok(())
 }
@@ -282,6 +324,10 @@ mod tests {
             0,
             "resync writes nothing"
         );
+        // Deleted, then synced again: the service, its alias and instances go, then come back.
+        assert_eq!(sync(&reg, &cfg("c1"), None).await, 6);
+        assert!(reg.read().services.is_empty());
+        assert_eq!(sync(&reg, &cfg("c1"), Some(&d)).await, 6);
         // Heartbeats decide health of a TTL service: a healthy instance is not reset.
         let first = d.instances[0].clone();
         let mut hb = first.clone().validate("t").unwrap();
@@ -341,9 +387,14 @@ mod tests {
                 "10.9.9.9:7000"
             ]
         );
-        // The Service is deleted: what c1 wrote goes, the SDK's and c2's instances stay.
+        // The Service is deleted: what c1 wrote goes, the SDK's and c2's instances stay (and with
+        // them the service and its alias).
         assert_eq!(sync(&reg, &cfg("c1"), None).await, 2);
         assert_eq!(ids(&reg), ["10.8.8.8:7000", "10.9.9.9:7000"]);
+        assert!(reg
+            .read()
+            .services
+            .contains_key(&ServiceKey::new("shop", "echo-alias")));
         // Another cluster's controller plans nothing for c1's instances.
         let c1_again = desired(|_| {});
         sync(&reg, &cfg("c1"), Some(&c1_again)).await;
