@@ -167,6 +167,17 @@ pub struct ServerConfig {
     pub rls_advertise_addr: Option<SocketAddr>,
     /// Buckets of distinct request values per rule amount in the rate-limit service.
     pub rls_max_values: usize,
+    /// Sync Kubernetes Services and EndpointSlices into the registry (the controller, in this
+    /// process; the Kubernetes API from `kubeconfig`).
+    pub kubernetes: bool,
+    /// This cluster's name in what its controller writes (`clusterName`): several clusters may
+    /// sync into one control plane.
+    pub cluster_name: String,
+    /// Which Services are synced: `all` (but system namespaces and Services annotated
+    /// `polarismesh.cn/sync: "false"`) or `demand` (annotated `"true"`, or in namespaces that are).
+    pub sync_mode: crate::controller::translate::SyncMode,
+    /// Everything is reconciled this often, in seconds.
+    pub kube_resync_secs: u64,
     /// Test hooks (never in production): a service with metadata
     /// `polarismesh.cn/test-invalid-cluster: "true"` gets a cluster Envoy rejects.
     pub test_hooks: bool,
@@ -218,6 +229,10 @@ impl Default for ServerConfig {
             ca_review_cache_secs: 30,
             ca_dns_names: vec![],
             kubeconfig: None,
+            kubernetes: false,
+            cluster_name: "default".into(),
+            sync_mode: Default::default(),
+            kube_resync_secs: 30,
             test_hooks: false,
         }
     }
@@ -428,6 +443,18 @@ impl ServerConfig {
             return Ok(AdminSecret::Given(s.trim().to_string()));
         }
         Ok(AdminSecret::Generate(self.data_dir.join("admin-token")))
+    }
+
+    /// The controller's settings.
+    pub fn controller_config(&self) -> crate::controller::run::Config {
+        crate::controller::run::Config {
+            translate: crate::controller::translate::Config {
+                cluster_name: self.cluster_name.clone(),
+                mode: self.sync_mode,
+            },
+            resync: std::time::Duration::from_secs(self.kube_resync_secs),
+            ..Default::default()
+        }
     }
 
     /// The snapshot builder's settings.

@@ -137,6 +137,15 @@ struct ServerArgs {
     /// Kubeconfig for the Kubernetes API [default: in-cluster, then $KUBECONFIG, ~/.kube/config].
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// Sync Kubernetes Services and EndpointSlices into the registry (the API from --kubeconfig).
+    #[arg(long)]
+    kubernetes: bool,
+    /// This cluster's name in what its controller writes [default: default].
+    #[arg(long)]
+    cluster_name: Option<String>,
+    /// Which Services are synced [default: all].
+    #[arg(long, value_enum)]
+    sync_mode: Option<polaris_mesh::controller::translate::SyncMode>,
     /// Enable test hooks (for the end-to-end NACK test; never in production).
     #[arg(long, hide = true)]
     test_hooks: bool,
@@ -247,6 +256,13 @@ fn main() -> anyhow::Result<()> {
             }
             if a.rls_addr.is_some() {
                 cfg.rls_addr = a.rls_addr;
+            }
+            cfg.kubernetes |= a.kubernetes;
+            if let Some(v) = a.cluster_name {
+                cfg.cluster_name = v;
+            }
+            if let Some(v) = a.sync_mode {
+                cfg.sync_mode = v;
             }
             if a.rls_advertise_addr.is_some() {
                 cfg.rls_advertise_addr = a.rls_advertise_addr;

@@ -226,6 +226,10 @@ pub struct Metrics {
     requests: RwLock<BTreeMap<(String, String, u16), Histogram>>,
     /// xDS responses sent.
     pub xds_pushes: Counter,
+    /// Kubernetes controller reconcile passes.
+    pub controller_passes: Counter,
+    /// Registry items the Kubernetes controller wrote.
+    pub controller_writes: Counter,
     /// xDS NACKs received.
     pub xds_nacks: Counter,
     /// Bytes of xDS resources sent.
@@ -351,6 +355,18 @@ impl Metrics {
             "polaris_heartbeats_total",
             "Heartbeats accepted.",
             self.heartbeats.get(),
+        );
+        counter(
+            &mut out,
+            "polaris_controller_passes_total",
+            "Kubernetes controller reconcile passes.",
+            self.controller_passes.get(),
+        );
+        counter(
+            &mut out,
+            "polaris_controller_writes_total",
+            "Registry items the Kubernetes controller wrote (0 on a pass that found nothing changed).",
+            self.controller_writes.get(),
         );
         counter(
             &mut out,

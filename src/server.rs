@@ -169,6 +169,19 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
+    let controller = match cfg.kubernetes {
+        true => {
+            let kube = kube_client(cfg.kubeconfig.as_deref()).await?;
+            Some(tokio::spawn(crate::controller::run::run(
+                kube,
+                registry.clone(),
+                cfg.controller_config(),
+                metrics.clone(),
+                stop_rx.clone(),
+            )))
+        }
+        false => None,
+    };
     let rls = match rls_listener {
         Some(l) => {
             let rls = crate::rls::Rls::new(registry.clone(), metrics.clone(), cfg.rls_max_values);
@@ -192,6 +205,11 @@ pub async fn run(
         r.await
             .context("rate-limit service task")?
             .context("rate-limit service")?;
+    }
+    if let Some(c) = controller {
+        c.await
+            .context("Kubernetes controller task")?
+            .context("Kubernetes controller")?;
     }
     builder.abort();
     tracing::info!("draining: waiting for queued writes to commit");

@@ -5,4 +5,5 @@
 //! difference, touching only what this cluster owns, and applies them in batches.
 
 pub mod reconcile;
+pub mod run;
 pub mod translate;

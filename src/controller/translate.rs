@@ -56,7 +56,8 @@ const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// Which Services are synced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub enum SyncMode {
     /// Every Service of every namespace but the ignored ones, unless annotated `"false"`.
     #[default]

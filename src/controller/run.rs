@@ -1,0 +1,330 @@
+//! The controller's loop: five watches (Namespaces, Services, EndpointSlices, Pods, Nodes) kept in
+//! reflector stores, the namespaces they touch marked dirty, and the Services of dirty namespaces
+//! reconciled after a short debounce; everything is reconciled after each watch's (re)list and
+//! every resync period, and the registry is swept of what this cluster owns but no Service stands
+//! for (a Service deleted while the controller was down).
+//!
+//! Watches recover on their own: kube's watcher relists after 410 Gone and reconnects after a
+//! dropped connection with backoff, and the stores are replaced atomically on each relist, so an
+//! apiserver restart loses and duplicates nothing; the reconcile only ever writes differences.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client, Resource};
+use tokio::sync::{mpsc, watch};
+
+use super::reconcile::{apply, plan};
+use super::translate::{self, owned, slice_service, synced, translate};
+use crate::metrics::Metrics;
+use crate::model::ServiceKey;
+use crate::registry::Registry;
+
+/// The controller's settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// What the translation needs.
+    pub translate: translate::Config,
+    /// Everything is reconciled this often, whatever the watches say.
+    pub resync: Duration,
+    /// Changes are gathered this long before a reconcile.
+    pub debounce: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            translate: translate::Config {
+                cluster_name: "default".into(),
+                mode: translate::SyncMode::All,
+            },
+            resync: Duration::from_secs(30),
+            debounce: Duration::from_millis(100),
+        }
+    }
+}
+
+/// What ended the controller.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A watch's store was dropped before its first list completed.
+    #[error("a watch ended before its first list")]
+    WatchEnded,
+}
+
+/// What a watch event makes dirty.
+#[derive(Debug, Clone)]
+enum Dirty {
+    /// The Services of one namespace.
+    Namespace(String),
+    /// Everything.
+    All,
+}
+
+struct Stores {
+    namespaces: Store<Namespace>,
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    pods: Store<Pod>,
+    nodes: Store<Node>,
+}
+
+/// Starts one watch into a store; its events mark what they touch dirty.
+fn watch_into<K>(
+    api: Api<K>,
+    tx: mpsc::UnboundedSender<Dirty>,
+    dirty: fn(&K) -> Dirty,
+) -> (Store<K>, tokio::task::JoinHandle<()>)
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Default,
+{
+    let (reader, writer) = reflector::store::<K>();
+    let stream =
+        reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
+    let task = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(ev) = stream.next().await {
+            let d = match ev {
+                Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) => dirty(&o),
+                // A (re)list replaced the store: anything may have changed.
+                Ok(watcher::Event::InitDone) => Dirty::All,
+                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
+                Err(e) => {
+                    tracing::warn!(kind = %K::kind(&Default::default()), error = %e, "watch failed; retrying");
+                    continue;
+                }
+            };
+            if tx.send(d).is_err() {
+                return;
+            }
+        }
+    });
+    (reader, task)
+}
+
+fn ns_of<K: Resource>(o: &K) -> Dirty {
+    Dirty::Namespace(o.meta().namespace.clone().unwrap_or_default())
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Runs the controller until `stop` turns true.
+pub async fn run(
+    client: Client,
+    reg: Registry,
+    cfg: Config,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (namespaces, t1) = watch_into(Api::<Namespace>::all(client.clone()), tx.clone(), |n| {
+        Dirty::Namespace(n.metadata.name.clone().unwrap_or_default())
+    });
+    let (services, t2) = watch_into(Api::<Service>::all(client.clone()), tx.clone(), ns_of);
+    let (slices, t3) = watch_into(Api::<EndpointSlice>::all(client.clone()), tx.clone(), ns_of);
+    let (pods, t4) = watch_into(Api::<Pod>::all(client.clone()), tx.clone(), ns_of);
+    let (nodes, t5) = watch_into(Api::<Node>::all(client), tx, |_| Dirty::All);
+    let tasks = [t1, t2, t3, t4, t5];
+    let stores = Stores {
+        namespaces,
+        services,
+        slices,
+        pods,
+        nodes,
+    };
+    let ready = async {
+        stores.namespaces.wait_until_ready().await?;
+        stores.services.wait_until_ready().await?;
+        stores.slices.wait_until_ready().await?;
+        stores.pods.wait_until_ready().await?;
+        stores.nodes.wait_until_ready().await
+    };
+    tokio::select! {
+        r = ready => r.map_err(|_| Error::WatchEnded)?,
+        _ = stopped(&mut stop) => {
+            tasks.iter().for_each(|t| t.abort());
+            return Ok(());
+        }
+    }
+    tracing::info!(cluster = %cfg.translate.cluster_name, "controller synced its watches; reconciling");
+    // Which registry service each synced Service was written to (annotations may rename it).
+    let mut written: HashMap<(String, String), ServiceKey> = HashMap::new();
+    let mut all = true;
+    let mut dirty: BTreeSet<String> = BTreeSet::new();
+    let mut resync = tokio::time::interval(cfg.resync);
+    resync.tick().await;
+    loop {
+        if all || !dirty.is_empty() {
+            let scope = if all { None } else { Some(&dirty) };
+            reconcile(&cfg, &reg, &stores, scope, &mut written, &metrics).await;
+            all = false;
+            dirty.clear();
+        }
+        tokio::select! {
+            _ = stopped(&mut stop) => break,
+            _ = resync.tick() => all = true,
+            d = rx.recv() => {
+                let Some(d) = d else { break };
+                let mut note = |d: Dirty| match d {
+                    Dirty::All => all = true,
+                    Dirty::Namespace(n) => { dirty.insert(n); }
+                };
+                note(d);
+                // Gather what else arrives within the debounce.
+                let until = tokio::time::Instant::now() + cfg.debounce;
+                while let Ok(Some(d)) = tokio::time::timeout_at(until, rx.recv()).await {
+                    note(d);
+                }
+            }
+        }
+    }
+    tasks.iter().for_each(|t| t.abort());
+    Ok(())
+}
+
+/// One pass over the Services of `scope` (every namespace: `None`, which also sweeps what this
+/// cluster owns in the registry but no Service stands for).
+async fn reconcile(
+    cfg: &Config,
+    reg: &Registry,
+    stores: &Stores,
+    scope: Option<&BTreeSet<String>>,
+    written: &mut HashMap<(String, String), ServiceKey>,
+    metrics: &Metrics,
+) {
+    metrics.controller_passes.inc();
+    let in_scope = |ns: &str| scope.is_none_or(|s| s.contains(ns));
+    let mut slices_of: BTreeMap<(String, String), Vec<Arc<EndpointSlice>>> = BTreeMap::new();
+    for s in stores.slices.state() {
+        let ns = s.metadata.namespace.clone().unwrap_or_default();
+        if let (true, Some(svc)) = (in_scope(&ns), slice_service(&s)) {
+            slices_of
+                .entry((ns, svc.to_string()))
+                .or_default()
+                .push(s.clone());
+        }
+    }
+    // Desired state of every synced Service in scope.
+    let mut desired = Vec::new();
+    let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
+    for svc in stores.services.state() {
+        let ns = svc.metadata.namespace.clone().unwrap_or_default();
+        if !in_scope(&ns) {
+            continue;
+        }
+        let name = svc.metadata.name.clone().unwrap_or_default();
+        let namespace = stores
+            .namespaces
+            .get(&ObjectRef::new(&ns))
+            .map(|n| (*n).clone())
+            .unwrap_or_else(|| Namespace {
+                metadata: kube::api::ObjectMeta {
+                    name: Some(ns.clone()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            });
+        if !synced(&cfg.translate, &namespace, &svc) {
+            continue;
+        }
+        let k8s = (ns.clone(), name.clone());
+        seen.insert(k8s.clone());
+        let slices = slices_of.remove(&k8s).unwrap_or_default();
+        let pods: HashMap<String, Arc<Pod>> = slices
+            .iter()
+            .flat_map(|s| s.endpoints.iter())
+            .filter_map(|e| e.target_ref.as_ref()?.name.clone())
+            .filter_map(|p| {
+                let pod = stores.pods.get(&ObjectRef::new(&p).within(&ns))?;
+                Some((p, pod))
+            })
+            .collect();
+        let nodes: HashMap<String, Arc<Node>> = slices
+            .iter()
+            .flat_map(|s| s.endpoints.iter())
+            .filter_map(|e| e.node_name.clone())
+            .filter_map(|n| Some((n.clone(), stores.nodes.get(&ObjectRef::new(&n))?)))
+            .collect();
+        match translate(
+            &cfg.translate,
+            &svc,
+            slices.iter().map(|s| s.as_ref()),
+            |p| pods.get(p).map(|p| p.as_ref()),
+            |n| nodes.get(n).map(|n| n.as_ref()),
+        ) {
+            Ok(d) => desired.push((k8s, d)),
+            Err(e) => tracing::warn!(error = %e, "Service left as the registry has it"),
+        }
+    }
+    // Services gone, or no longer synced, in scope.
+    let mut gone: Vec<ServiceKey> = written
+        .iter()
+        .filter(|(k, _)| in_scope(&k.0) && !seen.contains(*k))
+        .map(|(_, v)| v.clone())
+        .collect();
+    written.retain(|k, _| !in_scope(&k.0) || seen.contains(k));
+    for (k8s, d) in &desired {
+        let key = ServiceKey::new(&d.namespace, &d.name);
+        if let Some(old) = written.insert(k8s.clone(), key.clone()) {
+            if old != key {
+                gone.push(old);
+            }
+        }
+    }
+    if scope.is_none() {
+        // What this cluster owns in the registry that no Service stands for now.
+        let wanted: BTreeSet<&ServiceKey> = written.values().collect();
+        let st = reg.read();
+        gone.extend(
+            st.services
+                .iter()
+                .filter(|(k, e)| {
+                    !wanted.contains(k)
+                        && e.service.alias_for.is_none()
+                        && (owned(&cfg.translate, &e.service.metadata)
+                            || e.instances
+                                .values()
+                                .any(|i| owned(&cfg.translate, &i.metadata)))
+                })
+                .map(|(k, _)| k.clone()),
+        );
+    }
+    let now = crate::model::now_rfc3339();
+    let work = desired
+        .iter()
+        .map(|(_, d)| (ServiceKey::new(&d.namespace, &d.name), Some(d)))
+        .chain(gone.into_iter().map(|k| (k, None)));
+    for (key, d) in work {
+        let p = match plan(&cfg.translate, &key, d, &reg.read(), &now) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(service = %key, error = %e, "cannot sync this Service");
+                continue;
+            }
+        };
+        for id in &p.foreign {
+            tracing::warn!(service = %key, instance = %id, "address held by another writer; left alone");
+        }
+        let n = p.writes();
+        if n == 0 {
+            continue;
+        }
+        match apply(reg, p).await {
+            Ok(()) => {
+                metrics.controller_writes.add(n as u64);
+            }
+            Err(e) => {
+                tracing::warn!(service = %key, error = %e, "sync write failed; the next pass retries")
+            }
+        }
+    }
+}
