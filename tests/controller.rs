@@ -223,3 +223,112 @@ async fn what_no_service_stands_for_is_swept_at_start() {
     let _s2 = Server::start(&dir.path().join("d"), &flags).await;
     until(&c, &_s2, &["10.8.8.8:7000 ready"], "swept at start").await;
 }
+
+/// Against the real kube-apiserver (1.20: no EndpointSlice v1, so Services sync without
+/// instances): Namespaces and Services created for real reach the registry, and labelling a
+/// Service `polarismesh.cn/tls-mode=strict` makes the service strict, as xDS then serves it.
+#[tokio::test]
+async fn a_service_label_on_a_real_apiserver_sets_the_tls_mode() {
+    use k8s_openapi::api::core::v1::{Namespace, Service};
+    use kube::api::{Api, Patch, PatchParams, PostParams};
+    let k = common::kube::TestKube::from_env();
+    let client = k.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kc = k.kubeconfig(dir.path());
+    let ns_name = format!("ctl-{}", std::process::id());
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": ns_name}})).unwrap();
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    let svcs: Api<Service> = Api::namespaced(client.clone(), &ns_name);
+    let svc: Service = serde_json::from_value(
+        json!({"metadata": {"name": "pay", "labels": {"app": "pay"}},
+        "spec": {"selector": {"app": "pay"}, "ports": [{"name": "http", "port": 80}]}}),
+    )
+    .unwrap();
+    svcs.create(&PostParams::default(), &svc).await.unwrap();
+    let s = Server::start(
+        &dir.path().join("d"),
+        &[
+            "--kubernetes",
+            "--kubeconfig",
+            kc.to_str().unwrap(),
+            "--cluster-name",
+            "real",
+        ],
+    )
+    .await;
+    let c = reqwest::Client::new();
+    let meta = |c: reqwest::Client, url: String| async move {
+        let (_, v) = get(&c, &url).await;
+        v["services"][0]["metadata"].clone()
+    };
+    let url = s.url(&format!("/naming/v1/services?namespace={ns_name}&name=pay"));
+    let start = Instant::now();
+    while meta(c.clone(), url.clone()).await["app"] != "pay" {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "service not synced\n{}",
+            std::fs::read_to_string(&s.log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    svcs.patch(
+        "pay",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"polarismesh.cn/tls-mode": "strict"}}})),
+    )
+    .await
+    .unwrap();
+    let start = Instant::now();
+    while meta(c.clone(), url.clone()).await["polarismesh.cn/tls-mode"] != "strict" {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "label not synced"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A sidecar of the namespace sees the service rolled out strict on both sides.
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+    let node = format!("sidecar~{ns_name}/web-0~127.0.0.1");
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(DeltaDiscoveryRequest {
+        node: Some(Node {
+            id: node.clone(),
+            ..Default::default()
+        }),
+        type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut ads =
+        AggregatedDiscoveryServiceClient::connect(format!("http://127.0.0.1:{}", s.xds_port))
+            .await
+            .unwrap();
+    let _stream = ads
+        .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap();
+    let url = s.url(&format!("/debug/xds/config?node={node}&service=pay"));
+    let start = Instant::now();
+    loop {
+        let (_, cfg) = get(&c, &url).await;
+        let tls = &cfg["translation"][0]["tls"];
+        if tls == &json!({"mode": "strict", "client": "strict", "server": "strict"}) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "never strict: {cfg}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Api::<Namespace>::all(client)
+        .delete(&ns_name, &Default::default())
+        .await
+        .unwrap();
+}

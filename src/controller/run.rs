@@ -130,7 +130,29 @@ pub async fn run(
         Dirty::Namespace(n.metadata.name.clone().unwrap_or_default())
     });
     let (services, t2) = watch_into(Api::<Service>::all(client.clone()), tx.clone(), ns_of);
-    let (slices, t3) = watch_into(Api::<EndpointSlice>::all(client.clone()), tx.clone(), ns_of);
+    let slices_api = Api::<EndpointSlice>::all(client.clone());
+    let (slices, t3) = match slices_api
+        .list(&kube::api::ListParams::default().limit(1))
+        .await
+    {
+        Err(kube::Error::Api(e)) if e.code == 404 => {
+            // Kubernetes before 1.21 serves no discovery.k8s.io/v1: Services still sync (their
+            // labels, so TLS modes), without instances.
+            tracing::error!("the Kubernetes API serves no discovery.k8s.io/v1 EndpointSlices (Kubernetes 1.21 or later is needed); Services sync without instances");
+            let (reader, mut writer) = reflector::store::<EndpointSlice>();
+            writer.apply_watcher_event(&watcher::Event::Init);
+            writer.apply_watcher_event(&watcher::Event::InitDone);
+            (
+                reader,
+                tokio::spawn(async move {
+                    // The writer lives as long as the controller: its store stays ready and empty.
+                    std::future::pending::<()>().await;
+                    drop(writer);
+                }),
+            )
+        }
+        _ => watch_into(slices_api, tx.clone(), ns_of),
+    };
     let (pods, t4) = watch_into(Api::<Pod>::all(client.clone()), tx.clone(), ns_of);
     let (nodes, t5) = watch_into(Api::<Node>::all(client), tx, |_| Dirty::All);
     let tasks = [t1, t2, t3, t4, t5];
