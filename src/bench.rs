@@ -16,6 +16,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 mod ca;
+mod controller;
+pub mod kube_fake;
 mod rls;
 mod xds;
 
@@ -39,6 +41,8 @@ enum What {
     Ca(ca::CaArgs),
     /// Global rate-limit decisions/s and latency over loopback gRPC.
     Rls(rls::RlsArgs),
+    /// The Kubernetes controller: cold sync, readiness changes, a restart that writes nothing.
+    Controller(controller::ControllerArgs),
     /// The client side of `bench xds` (started by it).
     #[command(hide = true)]
     XdsClients(xds::ClientArgs),
@@ -77,6 +81,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         What::Xds(a) => xds::run(a).await,
         What::Ca(a) => ca::run(a).await,
         What::Rls(a) => rls::run(a).await,
+        What::Controller(a) => controller::run(a).await,
         What::XdsClients(a) => xds::clients(a).await,
     }
 }

@@ -9,8 +9,8 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::kube_fake::FakeApi;
 use common::{get, post, Server};
+use polaris_mesh::bench::kube_fake::FakeApi;
 use serde_json::{json, Value};
 
 fn recorded(name: &str) -> Value {

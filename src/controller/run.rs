@@ -45,7 +45,7 @@ impl Default for Config {
                 mode: translate::SyncMode::All,
             },
             resync: Duration::from_secs(30),
-            debounce: Duration::from_millis(100),
+            debounce: Duration::from_millis(20),
         }
     }
 }
@@ -61,10 +61,29 @@ pub enum Error {
 /// What a watch event makes dirty.
 #[derive(Debug, Clone)]
 enum Dirty {
-    /// The Services of one namespace.
+    /// One Service (its record or its EndpointSlices changed).
+    Service(String, String),
+    /// The Services of one namespace (a namespace or a pod changed).
     Namespace(String),
     /// Everything.
     All,
+}
+
+/// What a pass covers, short of everything.
+#[derive(Debug, Default)]
+struct Scope {
+    namespaces: BTreeSet<String>,
+    services: BTreeSet<(String, String)>,
+}
+
+impl Scope {
+    fn is_empty(&self) -> bool {
+        self.namespaces.is_empty() && self.services.is_empty()
+    }
+
+    fn covers(&self, ns: &str, svc: &str) -> bool {
+        self.namespaces.contains(ns) || self.services.contains(&(ns.to_string(), svc.to_string()))
+    }
 }
 
 struct Stores {
@@ -129,7 +148,12 @@ pub async fn run(
     let (namespaces, t1) = watch_into(Api::<Namespace>::all(client.clone()), tx.clone(), |n| {
         Dirty::Namespace(n.metadata.name.clone().unwrap_or_default())
     });
-    let (services, t2) = watch_into(Api::<Service>::all(client.clone()), tx.clone(), ns_of);
+    let (services, t2) = watch_into(Api::<Service>::all(client.clone()), tx.clone(), |s| {
+        Dirty::Service(
+            s.metadata.namespace.clone().unwrap_or_default(),
+            s.metadata.name.clone().unwrap_or_default(),
+        )
+    });
     let slices_api = Api::<EndpointSlice>::all(client.clone());
     let (slices, t3) = match slices_api
         .list(&kube::api::ListParams::default().limit(1))
@@ -151,7 +175,13 @@ pub async fn run(
                 }),
             )
         }
-        _ => watch_into(slices_api, tx.clone(), ns_of),
+        _ => watch_into(slices_api, tx.clone(), |s| {
+            let ns = s.metadata.namespace.clone().unwrap_or_default();
+            match slice_service(s) {
+                Some(svc) => Dirty::Service(ns, svc.to_string()),
+                None => Dirty::Namespace(ns),
+            }
+        }),
     };
     let (pods, t4) = watch_into(Api::<Pod>::all(client.clone()), tx.clone(), ns_of);
     let (nodes, t5) = watch_into(Api::<Node>::all(client), tx, |_| Dirty::All);
@@ -181,7 +211,7 @@ pub async fn run(
     // Which registry service each synced Service was written to (annotations may rename it).
     let mut written: HashMap<(String, String), ServiceKey> = HashMap::new();
     let mut all = true;
-    let mut dirty: BTreeSet<String> = BTreeSet::new();
+    let mut dirty = Scope::default();
     let mut resync = tokio::time::interval(cfg.resync);
     resync.tick().await;
     loop {
@@ -189,7 +219,7 @@ pub async fn run(
             let scope = if all { None } else { Some(&dirty) };
             reconcile(&cfg, &reg, &stores, scope, &mut written, &metrics).await;
             all = false;
-            dirty.clear();
+            dirty = Scope::default();
         }
         tokio::select! {
             _ = stopped(&mut stop) => break,
@@ -198,7 +228,8 @@ pub async fn run(
                 let Some(d) = d else { break };
                 let mut note = |d: Dirty| match d {
                     Dirty::All => all = true,
-                    Dirty::Namespace(n) => { dirty.insert(n); }
+                    Dirty::Namespace(n) => { dirty.namespaces.insert(n); }
+                    Dirty::Service(n, s) => { dirty.services.insert((n, s)); }
                 };
                 note(d);
                 // Gather what else arrives within the debounce.
@@ -219,16 +250,19 @@ async fn reconcile(
     cfg: &Config,
     reg: &Registry,
     stores: &Stores,
-    scope: Option<&BTreeSet<String>>,
+    scope: Option<&Scope>,
     written: &mut HashMap<(String, String), ServiceKey>,
     metrics: &Metrics,
 ) {
     metrics.controller_passes.inc();
-    let in_scope = |ns: &str| scope.is_none_or(|s| s.contains(ns));
+    let in_scope = |ns: &str, svc: &str| scope.is_none_or(|s| s.covers(ns, svc));
     let mut slices_of: BTreeMap<(String, String), Vec<Arc<EndpointSlice>>> = BTreeMap::new();
     for s in stores.slices.state() {
         let ns = s.metadata.namespace.clone().unwrap_or_default();
-        if let (true, Some(svc)) = (in_scope(&ns), slice_service(&s)) {
+        let Some(svc) = slice_service(&s) else {
+            continue;
+        };
+        if in_scope(&ns, svc) {
             slices_of
                 .entry((ns, svc.to_string()))
                 .or_default()
@@ -240,10 +274,10 @@ async fn reconcile(
     let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
     for svc in stores.services.state() {
         let ns = svc.metadata.namespace.clone().unwrap_or_default();
-        if !in_scope(&ns) {
+        let name = svc.metadata.name.clone().unwrap_or_default();
+        if !in_scope(&ns, &name) {
             continue;
         }
-        let name = svc.metadata.name.clone().unwrap_or_default();
         let namespace = stores
             .namespaces
             .get(&ObjectRef::new(&ns))
@@ -290,10 +324,10 @@ async fn reconcile(
     // Services gone, or no longer synced, in scope.
     let mut gone: Vec<ServiceKey> = written
         .iter()
-        .filter(|(k, _)| in_scope(&k.0) && !seen.contains(*k))
+        .filter(|(k, _)| in_scope(&k.0, &k.1) && !seen.contains(*k))
         .map(|(_, v)| v.clone())
         .collect();
-    written.retain(|k, _| !in_scope(&k.0) || seen.contains(k));
+    written.retain(|k, _| !in_scope(&k.0, &k.1) || seen.contains(k));
     for (k8s, d) in &desired {
         let key = ServiceKey::new(&d.namespace, &d.name);
         if let Some(old) = written.insert(k8s.clone(), key.clone()) {

@@ -2,7 +2,6 @@
 #![allow(dead_code)]
 
 pub mod kube;
-pub mod kube_fake;
 pub mod raw;
 
 use std::net::TcpListener;

@@ -1,10 +1,9 @@
-//! A loopback Kubernetes API speaking list + watch for the resources the controller watches
+//! A loopback Kubernetes API speaking list + watch (for `bench controller` and the controller's
+//! tests) for the resources the controller watches
 //! (namespaces, services, pods, nodes; discovery.k8s.io/v1 endpointslices, which the real 1.20
 //! apiserver of the other tier does not serve). Lists answer with a resourceVersion; watches
 //! replay what happened after the requested version, then stream, with bookmarks. The test can
 //! expire history (the next watch gets 410 Gone and must relist) and drop every open watch.
-
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -61,6 +60,7 @@ fn kind_of(plural: &str) -> (&'static str, &'static str) {
 }
 
 impl FakeApi {
+    /// Starts serving on a free loopback port.
     pub async fn start() -> FakeApi {
         let (events, _) = broadcast::channel(4096);
         let (drops, _) = watch::channel(0);
