@@ -64,6 +64,10 @@ pub struct BootstrapArgs {
     /// With `--tls`: ADS in plaintext (a development control plane on loopback) instead of mTLS.
     #[arg(long, requires = "tls")]
     pub xds_plaintext: bool,
+    /// Write the bootstrap to this file instead of standard output (an init container without a
+    /// shell writes Envoy's configuration this way).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
 }
 
 /// The ADS cluster's mTLS: the agent's certificate, the control plane checked against the roots
@@ -249,6 +253,7 @@ mod tests {
             tls: false,
             sds_socket: DEFAULT_SDS_SOCKET.into(),
             xds_plaintext: false,
+            output: None,
             locality: None,
         }
     }

@@ -10,6 +10,7 @@ pub mod bootstrap;
 pub mod ca;
 pub mod config;
 pub mod controller;
+pub mod inject;
 pub mod limit;
 pub mod metrics;
 pub mod model;

@@ -335,7 +335,12 @@ fn main() -> anyhow::Result<()> {
             .context("polaris agent")
         }
         Cmd::Bootstrap(a) => {
-            print!("{}", polaris_mesh::bootstrap::render(&a)?);
+            let text = polaris_mesh::bootstrap::render(&a)?;
+            match &a.output {
+                Some(path) => std::fs::write(path, text)
+                    .with_context(|| format!("writing {}", path.display()))?,
+                None => print!("{text}"),
+            }
             Ok(())
         }
         Cmd::Bench(a) => {
