@@ -13,19 +13,33 @@
 #
 # A cold build takes about 5 minutes on 2 cores (most of it Go compiling the apiserver).
 #
-# Built with Debian's Go (newer than 1.20's), the apiserver's vendored reflect2 panics when it
-# pretty-prints JSON, which it does for clients whose User-Agent starts with "curl": with curl, pass
-# another agent (`curl -A polaris ...`) or `?pretty=false`. API clients (kube-rs, kubectl) are not
-# affected.
+# Debian builds 1.20 with its Go 1.19, newer than the Go the vendored modern-go/reflect2 1.0.1
+# knows: its map iteration crashes the apiserver (SIGSEGV in json-iterator) when it encodes a map
+# through reflection, as it does to pretty-print for curl and to record a mutating webhook's patch.
+# The build applies reflect2 1.0.2's fix (reflect.mapiterinit takes the iterator since Go 1.18).
 set -euo pipefail
 
 CACHE="${POLARIS_CACHE:-$HOME/.cache/polaris-mesh}"
 K8S_VERSION="1.20.5+really1.20.2"
 ROOT="$CACHE/kube-$K8S_VERSION"
-APISERVER="$ROOT/bin/kube-apiserver"
+# The suffix names the reflect2 fix: a binary built without it is not reused.
+APISERVER="$ROOT/bin/kube-apiserver-reflect2"
 ETCD="$ROOT/etcd/usr/bin/etcd"
 
 log() { echo "apiserver.sh: $*" >&2; }
+
+# reflect2 1.0.2's fix for Go 1.18 and later, applied to the vendored 1.0.1: the caller allocates
+# the (full-size) map iterator that reflect.mapiterinit now fills.
+patch_reflect2() {
+    local dir="$1"
+    perl -0pi -e 's{// m escapes into the return value.*?func mapiterinit\(rtype unsafe.Pointer, m unsafe.Pointer\) \*hiter}{//go:linkname mapiterinit reflect.mapiterinit\nfunc mapiterinit(rtype unsafe.Pointer, m unsafe.Pointer, it *hiter)}s' "$dir/unsafe_link.go"
+    perl -0pi -e 's{type hiter struct \{.*?\n\}}{type hiter struct {\n\tkey         unsafe.Pointer\n\tvalue       unsafe.Pointer\n\tt           unsafe.Pointer\n\th           unsafe.Pointer\n\tbuckets     unsafe.Pointer\n\tbptr        unsafe.Pointer\n\toverflow    *[]unsafe.Pointer\n\toldoverflow *[]unsafe.Pointer\n\tstartBucket uintptr\n\toffset      uint8\n\twrapped     bool\n\tB           uint8\n\ti           uint8\n\tbucket      uintptr\n\tcheckBucket uintptr\n}}s' "$dir/unsafe_link.go"
+    perl -0pi -e 's#return &UnsafeMapIterator\{\n\t\thiter:      mapiterinit\(type2.rtype, \*\(\*unsafe.Pointer\)\(obj\)\),#var it hiter\n\tmapiterinit(type2.rtype, *(*unsafe.Pointer)(obj), &it)\n\treturn &UnsafeMapIterator{\n\t\thiter:      &it,#' "$dir/unsafe_map.go"
+    grep -q 'it \*hiter)' "$dir/unsafe_link.go" && grep -q 'hiter:      &it' "$dir/unsafe_map.go" || {
+        log "patching reflect2 failed"
+        exit 1
+    }
+}
 
 # Downloads Debian packages into $1 and unpacks them there.
 unpack_debs() {
@@ -75,6 +89,7 @@ build() {
         tar xzf "$src"/kubernetes_*.orig.tar.gz -C "$tree"
         local top
         top=$(find "$tree" -mindepth 1 -maxdepth 1 -type d | head -1)
+        patch_reflect2 "$top/vendor/github.com/modern-go/reflect2"
         local tools="$ROOT/tools"
         local goroot="$tools/usr/lib/go-1.19"
         # The build wants the tree at its import path inside a GOPATH.

@@ -178,6 +178,26 @@ pub struct ServerConfig {
     pub sync_mode: crate::controller::translate::SyncMode,
     /// Everything is reconciled this often, in seconds.
     pub kube_resync_secs: u64,
+    /// Serve the sidecar injector's admission webhook (HTTPS, `/inject`) on this address.
+    pub webhook_addr: Option<SocketAddr>,
+    /// The webhook's certificate chain (PEM); the MutatingWebhookConfiguration's caBundle must
+    /// verify it.
+    pub webhook_cert_file: Option<PathBuf>,
+    /// The webhook's key (PEM).
+    pub webhook_key_file: Option<PathBuf>,
+    /// Inject pods whose pod and namespace labels say nothing.
+    pub inject_default: bool,
+    /// Injected pods get the agent and the mTLS bootstrap unless annotated
+    /// `polarismesh.cn/tls-mode: none`.
+    pub inject_mtls: bool,
+    /// The `polaris` image injected (bootstrap, agent).
+    pub polaris_image: String,
+    /// The Envoy image injected.
+    pub envoy_image: String,
+    /// The ADS address injected sidecars reach.
+    pub sidecar_xds_addr: String,
+    /// The CA address injected agents reach.
+    pub sidecar_ca_addr: String,
     /// Test hooks (never in production): a service with metadata
     /// `polarismesh.cn/test-invalid-cluster: "true"` gets a cluster Envoy rejects.
     pub test_hooks: bool,
@@ -229,6 +249,15 @@ impl Default for ServerConfig {
             ca_review_cache_secs: 30,
             ca_dns_names: vec![],
             kubeconfig: None,
+            webhook_addr: None,
+            webhook_cert_file: None,
+            webhook_key_file: None,
+            inject_default: false,
+            inject_mtls: true,
+            polaris_image: crate::inject::patch::Config::default().polaris_image,
+            envoy_image: crate::inject::patch::Config::default().envoy_image,
+            sidecar_xds_addr: crate::inject::patch::Config::default().xds_addr,
+            sidecar_ca_addr: crate::inject::patch::Config::default().ca_addr,
             kubernetes: false,
             cluster_name: "default".into(),
             sync_mode: Default::default(),
@@ -443,6 +472,19 @@ impl ServerConfig {
             return Ok(AdminSecret::Given(s.trim().to_string()));
         }
         Ok(AdminSecret::Generate(self.data_dir.join("admin-token")))
+    }
+
+    /// The injector's settings.
+    pub fn inject_config(&self) -> crate::inject::patch::Config {
+        crate::inject::patch::Config {
+            default_enabled: self.inject_default,
+            default_mtls: self.inject_mtls,
+            polaris_image: self.polaris_image.clone(),
+            envoy_image: self.envoy_image.clone(),
+            xds_addr: self.sidecar_xds_addr.clone(),
+            ca_addr: self.sidecar_ca_addr.clone(),
+            ..Default::default()
+        }
     }
 
     /// The controller's settings.

@@ -137,6 +137,18 @@ struct ServerArgs {
     /// Kubeconfig for the Kubernetes API [default: in-cluster, then $KUBECONFIG, ~/.kube/config].
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// Serve the sidecar injector's admission webhook (HTTPS, /inject) on this address.
+    #[arg(long)]
+    webhook_addr: Option<SocketAddr>,
+    /// The webhook's certificate chain (PEM).
+    #[arg(long)]
+    webhook_cert_file: Option<PathBuf>,
+    /// The webhook's key (PEM).
+    #[arg(long)]
+    webhook_key_file: Option<PathBuf>,
+    /// Inject pods whose pod and namespace labels say nothing.
+    #[arg(long)]
+    inject_default: bool,
     /// Sync Kubernetes Services and EndpointSlices into the registry (the API from --kubeconfig).
     #[arg(long)]
     kubernetes: bool,
@@ -258,6 +270,16 @@ fn main() -> anyhow::Result<()> {
                 cfg.rls_addr = a.rls_addr;
             }
             cfg.kubernetes |= a.kubernetes;
+            cfg.inject_default |= a.inject_default;
+            if a.webhook_addr.is_some() {
+                cfg.webhook_addr = a.webhook_addr;
+            }
+            if a.webhook_cert_file.is_some() {
+                cfg.webhook_cert_file = a.webhook_cert_file;
+            }
+            if a.webhook_key_file.is_some() {
+                cfg.webhook_key_file = a.webhook_key_file;
+            }
             if let Some(v) = a.cluster_name {
                 cfg.cluster_name = v;
             }

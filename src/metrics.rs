@@ -230,6 +230,8 @@ pub struct Metrics {
     pub controller_passes: Counter,
     /// Registry items the Kubernetes controller wrote.
     pub controller_writes: Counter,
+    /// Pods the injector patched.
+    pub injections: Counter,
     /// xDS NACKs received.
     pub xds_nacks: Counter,
     /// Bytes of xDS resources sent.
@@ -252,6 +254,8 @@ pub struct Metrics {
     pub xds_conns: std::sync::Arc<ConnMetrics>,
     /// Connections of the CA port.
     pub ca_conns: std::sync::Arc<ConnMetrics>,
+    /// Connections of the injector's webhook port.
+    pub webhook_conns: std::sync::Arc<ConnMetrics>,
 }
 
 /// Instance counts by health, computed at scrape time.
@@ -367,6 +371,12 @@ impl Metrics {
             "polaris_controller_writes_total",
             "Registry items the Kubernetes controller wrote (0 on a pass that found nothing changed).",
             self.controller_writes.get(),
+        );
+        counter(
+            &mut out,
+            "polaris_injections_total",
+            "Pods the sidecar injector patched.",
+            self.injections.get(),
         );
         counter(
             &mut out,
@@ -501,6 +511,7 @@ impl Metrics {
                 ("http", &self.http_conns),
                 ("xds", &self.xds_conns),
                 ("ca", &self.ca_conns),
+                ("webhook", &self.webhook_conns),
             ] {
                 let _ = writeln!(out, "{name}{{port=\"{port}\"}} {}", get(c));
             }

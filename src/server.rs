@@ -169,6 +169,35 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
+    let webhook = match cfg.webhook_addr {
+        Some(addr) => {
+            let (Some(cert), Some(key)) = (&cfg.webhook_cert_file, &cfg.webhook_key_file) else {
+                anyhow::bail!("--webhook-addr needs --webhook-cert-file and --webhook-key-file");
+            };
+            let tls = crate::inject::webhook::tls_config(cert, key)?;
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the webhook on {addr}"))?;
+            let w = Arc::new(crate::inject::webhook::Webhook {
+                config: cfg.inject_config(),
+                kube: kube_client(cfg.kubeconfig.as_deref()).await?,
+                metrics: metrics.clone(),
+            });
+            let acceptor = Acceptor::new(
+                listener,
+                cfg.http_limits(),
+                metrics.webhook_conns.clone(),
+                "webhook",
+            )
+            .with_tls(tls);
+            Some(tokio::spawn(api::serve(
+                acceptor,
+                w.router(),
+                stop_rx.clone(),
+            )))
+        }
+        None => None,
+    };
     let controller = match cfg.kubernetes {
         true => {
             let kube = kube_client(cfg.kubeconfig.as_deref()).await?;
@@ -205,6 +234,9 @@ pub async fn run(
         r.await
             .context("rate-limit service task")?
             .context("rate-limit service")?;
+    }
+    if let Some(w) = webhook {
+        w.await.context("webhook task")?.context("webhook server")?;
     }
     if let Some(c) = controller {
         c.await

@@ -2,3 +2,4 @@
 //! the certificate agent to pods (`patch` decides and builds the patch; `webhook` serves it).
 
 pub mod patch;
+pub mod webhook;
