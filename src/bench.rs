@@ -74,6 +74,38 @@ struct RegistryArgs {
     compare_auth: bool,
 }
 
+/// CPU time this process has used (user + system), in milliseconds.
+pub(crate) fn cpu_ms() -> f64 {
+    let ticks = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name (which may contain spaces): utime is the 12th, stime the 13th.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    // USER_HZ is 100 on Linux.
+    ticks as f64 * 10.0
+}
+
+/// A registry on a fresh store in the temporary directory `polaris-bench-<what>-<pid>`, and that
+/// directory (for the caller to remove).
+pub(crate) async fn temp_registry(
+    what: &str,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> anyhow::Result<(crate::registry::Registry, std::path::PathBuf)> {
+    let dir = std::env::temp_dir().join(format!("polaris-bench-{what}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let reg = crate::registry::Registry::open(
+        Arc::new(crate::store::RedbStore::open(&dir)?),
+        crate::registry::Config::default(),
+        metrics,
+    )
+    .await?;
+    Ok((reg, dir))
+}
+
 /// Runs the chosen benchmark.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.what {

@@ -18,8 +18,7 @@ use super::kube_fake::FakeApi;
 use crate::controller::run::{run as run_controller, Config};
 use crate::metrics::Metrics;
 use crate::model::ServiceKey;
-use crate::registry::{self, Registry};
-use crate::store::RedbStore;
+use crate::registry::Registry;
 
 /// `polaris bench controller` arguments.
 #[derive(Debug, Args)]
@@ -86,15 +85,8 @@ pub async fn run(a: ControllerArgs) -> anyhow::Result<()> {
         }
         api.put("endpointslices", slice(s, a.endpoints, None));
     }
-    let dir = std::env::temp_dir().join(format!("polaris-bench-controller-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
     let metrics = Arc::new(Metrics::default());
-    let reg = Registry::open(
-        Arc::new(RedbStore::open(&dir)?),
-        registry::Config::default(),
-        metrics.clone(),
-    )
-    .await?;
+    let (reg, dir) = super::temp_registry("controller", metrics.clone()).await?;
     let client = || -> anyhow::Result<kube::Client> {
         let cfg = kube::Config::new(api.url.parse().context("fake API url")?);
         Ok(kube::Client::try_from(cfg)?)

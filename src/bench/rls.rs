@@ -21,11 +21,11 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 
+use super::cpu_ms;
 use crate::metrics::Metrics;
 use crate::model::rules::ratelimit::RateLimitRule;
 use crate::model::rules::Rule;
-use crate::registry::{self, Command, Registry};
-use crate::store::RedbStore;
+use crate::registry::Command;
 
 /// `polaris bench rls` arguments.
 #[derive(Debug, Args)]
@@ -48,19 +48,6 @@ pub struct RlsArgs {
     /// Requests a second each rule allows per value.
     #[arg(long, default_value_t = 50)]
     amount: u32,
-}
-
-/// CPU time this process has used (user + system), in milliseconds.
-fn cpu_ms() -> f64 {
-    let ticks = std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|s| {
-            let rest = s.rsplit_once(')')?.1;
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-        })
-        .unwrap_or(0);
-    ticks as f64 * 10.0
 }
 
 fn rule(k: usize, amount: u32, now: &str) -> anyhow::Result<Rule> {
@@ -107,15 +94,8 @@ pub async fn run(a: RlsArgs) -> anyhow::Result<()> {
     if a.streams == 0 || a.connections == 0 || a.rules == 0 || a.values == 0 {
         bail!("--streams, --connections, --rules and --values must be at least 1");
     }
-    let dir = std::env::temp_dir().join(format!("polaris-bench-rls-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
     let metrics = Arc::new(Metrics::default());
-    let reg = Registry::open(
-        Arc::new(RedbStore::open(&dir)?),
-        registry::Config::default(),
-        metrics.clone(),
-    )
-    .await?;
+    let (reg, dir) = super::temp_registry("rls", metrics.clone()).await?;
     let now = crate::model::now_rfc3339();
     let rules = (0..a.rules)
         .map(|k| rule(k, a.amount, &now))

@@ -22,13 +22,13 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::cpu_ms;
 use crate::metrics::Metrics;
 use crate::model::rules::ratelimit::RateLimitRule;
 use crate::model::rules::routing::RoutingRule;
 use crate::model::rules::Rule;
 use crate::model::{InstanceInput, Service, TlsMode, TLS_MODE_KEY};
-use crate::registry::{self, Command, Registry};
-use crate::store::RedbStore;
+use crate::registry::Command;
 use crate::xds::server::{Ads, Nodes};
 use crate::xds::snapshot::{self, Builder, Cache};
 use crate::xds::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, VIRTUAL_HOST_TYPE};
@@ -195,21 +195,6 @@ fn now_ns() -> u128 {
         .as_nanos()
 }
 
-/// CPU time this process has used (user + system), in milliseconds.
-fn cpu_ms() -> f64 {
-    let ticks = std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|s| {
-            // Fields after the command name (which may contain spaces): utime is the 12th, stime the 13th.
-            let rest = s.rsplit_once(')')?.1;
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-        })
-        .unwrap_or(0);
-    // USER_HZ is 100 on Linux.
-    ticks as f64 * 10.0
-}
-
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -364,15 +349,8 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
         return run_each_mode(a).await;
     }
     raise_fd_limit();
-    let dir = std::env::temp_dir().join(format!("polaris-bench-xds-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
     let metrics = Arc::new(Metrics::default());
-    let reg = Registry::open(
-        Arc::new(RedbStore::open(&dir)?),
-        registry::Config::default(),
-        metrics.clone(),
-    )
-    .await?;
+    let (reg, dir) = super::temp_registry("xds", metrics.clone()).await?;
     let now = crate::model::now_rfc3339();
     if a.tls_mode != TlsMode::None {
         let services = (0..a.services)
