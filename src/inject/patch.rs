@@ -336,6 +336,17 @@ pub fn patch(
         spec.volumes.as_ref().is_some_and(|v| !v.is_empty()),
         volumes.iter().map(to).collect(),
     );
+    if mtls
+        && spec
+            .service_account_name
+            .as_deref()
+            .unwrap_or("")
+            .is_empty()
+    {
+        // A projected token needs the pod's ServiceAccount named (the API server refuses it
+        // otherwise); `default` is what the ServiceAccount admission plugin would have named.
+        ops.push(json!({"op": "add", "path": "/spec/serviceAccountName", "value": "default"}));
+    }
     match &pod.metadata.annotations {
         Some(_) => ops.push(json!({"op": "add",
             "path": format!("/metadata/annotations/{}", escape(STATUS_ANNOTATION)), "value": "injected"})),
@@ -432,6 +443,10 @@ mod tests {
             .find(|v| v["name"] == TOKEN_VOLUME)
             .unwrap()["projected"]["sources"][0]["serviceAccountToken"];
         assert_eq!(token["audience"], "polaris-ca");
+        assert_eq!(
+            doc["spec"]["serviceAccountName"], "default",
+            "a projected token needs one"
+        );
         // Injected once: a replayed admission changes nothing.
         assert_eq!(
             patch(&Config::default(), &after, "shop", &BTreeMap::new()),
