@@ -19,6 +19,7 @@ mod ca;
 mod controller;
 pub mod kube_fake;
 mod rls;
+mod webhook;
 mod xds;
 
 use crate::config::ServerConfig;
@@ -43,6 +44,8 @@ enum What {
     Rls(rls::RlsArgs),
     /// The Kubernetes controller: cold sync, readiness changes, a restart that writes nothing.
     Controller(controller::ControllerArgs),
+    /// The sidecar injector's webhook: pod admissions/s and latency over HTTPS.
+    Webhook(webhook::WebhookArgs),
     /// The client side of `bench xds` (started by it).
     #[command(hide = true)]
     XdsClients(xds::ClientArgs),
@@ -114,6 +117,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         What::Ca(a) => ca::run(a).await,
         What::Rls(a) => rls::run(a).await,
         What::Controller(a) => controller::run(a).await,
+        What::Webhook(a) => webhook::run(a).await,
         What::XdsClients(a) => xds::clients(a).await,
     }
 }
