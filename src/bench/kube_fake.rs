@@ -74,6 +74,7 @@ impl FakeApi {
         };
         let app = Router::new()
             .route("/api/v1/{plural}", get(core))
+            .route("/api/v1/{plural}/{name}", get(one))
             .route("/apis/discovery.k8s.io/v1/{plural}", get(core))
             .with_state(shared.clone());
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -164,6 +165,20 @@ impl FakeApi {
     pub fn requests(&self) -> (u64, u64) {
         let g = self.shared.inner.lock().unwrap();
         (g.lists, g.watches)
+    }
+}
+
+/// GET of one cluster-scoped object (a namespace, a node).
+async fn one(State(s): State<Shared>, Path((plural, name)): Path<(String, String)>) -> Response {
+    let g = s.inner.lock().unwrap();
+    match g.objects.get(&(plural, String::new(), name.clone())) {
+        Some(o) => axum::Json(o.clone()).into_response(),
+        None => (
+            axum::http::StatusCode::NOT_FOUND,
+            axum::Json(json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                              "message": format!("{name} not found"), "reason": "NotFound", "code": 404})),
+        )
+            .into_response(),
     }
 }
 
