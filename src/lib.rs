@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod protojson;
+pub mod ready;
 pub mod registry;
 pub mod rls;
 pub mod server;

@@ -151,6 +151,7 @@ pub async fn run(
     } else if !cfg.http_addr.ip().is_loopback() {
         tracing::warn!(http = %cfg.http_addr, "REST authentication is OFF on a non-loopback address (--auth off): anyone who reaches the port can change the registry");
     }
+    let ready = Arc::new(crate::ready::Readiness::default());
     let state = AppState {
         registry: registry.clone(),
         metrics: metrics.clone(),
@@ -161,6 +162,7 @@ pub async fn run(
             metrics.clone(),
         )),
         global_limits: cfg.rls_addr.is_some(),
+        ready: ready.clone(),
     };
     let app = api::router(state, debug::routes(cache, nodes, registry.clone()));
     tracing::info!(http = %bound.http, xds = %bound.xds, ca = ?bound.ca, data_dir = %cfg.data_dir.display(), "polaris server started");
@@ -206,6 +208,7 @@ pub async fn run(
                 registry.clone(),
                 cfg.controller_config(),
                 metrics.clone(),
+                ready.clone(),
                 stop_rx.clone(),
             )))
         }

@@ -113,6 +113,9 @@ async fn services_and_endpoint_slices_sync_and_follow_changes_through_watch_fail
     let mut s = Server::start(&dir.path().join("d"), &flags).await;
     let c = reqwest::Client::new();
     until(&c, &s, &ALL_FOUR, "first sync").await;
+    let (st, v) = get(&c, &s.url("/readyz")).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["components"]["kubernetes-controller"], "ready");
     let (_, v) = get(&c, &s.url("/naming/v1/services?namespace=shop&name=echo")).await;
     assert_eq!(
         v["services"][0]["metadata"]["polarismesh.cn/tls-mode"], "strict",
@@ -331,4 +334,37 @@ async fn a_service_label_on_a_real_apiserver_sets_the_tls_mode() {
         .delete(&ns_name, &Default::default())
         .await
         .unwrap();
+}
+
+/// Until its watches have listed, the controller keeps the server unready (`/readyz` 503 naming
+/// it) while the server is alive (`/healthz`).
+#[tokio::test]
+async fn an_unreachable_api_server_keeps_the_server_unready_not_dead() {
+    let dir = tempfile::tempdir().unwrap();
+    let kc = dir.path().join("kubeconfig");
+    let nowhere = common::free_port();
+    std::fs::write(
+        &kc,
+        format!("apiVersion: v1\nkind: Config\nclusters:\n- name: x\n  cluster:\n    server: http://127.0.0.1:{nowhere}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context:\n    cluster: x\n    user: u\ncurrent-context: c\n"),
+    )
+    .unwrap();
+    let s = Server::start(
+        &dir.path().join("d"),
+        &["--kubernetes", "--kubeconfig", kc.to_str().unwrap()],
+    )
+    .await;
+    let c = reqwest::Client::new();
+    let (st, _) = get(&c, &s.url("/healthz")).await;
+    assert_eq!(st, 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (st, v) = get(&c, &s.url("/readyz")).await;
+    assert_eq!(st, 503, "{v}");
+    assert_eq!(v["ready"], false);
+    assert!(
+        v["components"]["kubernetes-controller"]
+            .as_str()
+            .unwrap()
+            .contains("listed"),
+        "{v}"
+    );
 }

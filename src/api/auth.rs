@@ -298,6 +298,7 @@ pub async fn write(
 /// Paths any caller may use.
 fn public(cfg: &Config, path: &str) -> bool {
     path == "/healthz"
+        || path == "/readyz"
         || path == "/openapi.json"
         || (cfg.public_metrics && path == "/metrics")
         || (cfg.public_debug && path.starts_with("/debug/"))

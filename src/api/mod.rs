@@ -51,12 +51,15 @@ pub struct AppState {
     pub auth: Arc<auth::Auth>,
     /// Whether the rate-limit service runs (global rate-limit rules are refused otherwise).
     pub global_limits: bool,
+    /// Components' readiness (`/readyz`).
+    pub ready: Arc<crate::ready::Readiness>,
 }
 
 /// Builds the router with every REST route; `extra` adds routes from other layers.
 pub fn router(state: AppState, extra: Extension) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
         .route(
@@ -240,6 +243,32 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
+#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "Every component is ready"),
+    (status = 503, description = "A component is not ready yet: `components` says which and why")))]
+async fn readyz(State(st): State<AppState>) -> Response {
+    let (ok, components) = st.ready.report();
+    let status = if ok {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    let components: serde_json::Map<String, serde_json::Value> = components
+        .into_iter()
+        .map(|(k, v)| {
+            let v = match v {
+                None => serde_json::json!("ready"),
+                Some(why) => serde_json::json!(why),
+            };
+            (k.to_string(), v)
+        })
+        .collect();
+    (
+        status,
+        axum::Json(serde_json::json!({"ready": ok, "components": components})),
+    )
+        .into_response()
+}
+
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text")))]
 async fn metrics(State(st): State<AppState>) -> Response {
     let mut g = InstanceGauges::default();
@@ -274,6 +303,7 @@ async fn metrics(State(st): State<AppState>) -> Response {
     ),
     paths(
         healthz,
+        readyz,
         metrics,
         naming::list_namespaces,
         naming::create_namespaces,

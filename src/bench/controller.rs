@@ -99,6 +99,7 @@ pub async fn run(a: ControllerArgs) -> anyhow::Result<()> {
         reg.clone(),
         Config::default(),
         metrics.clone(),
+        Arc::new(Default::default()),
         stop_rx,
     ));
     while instances(&reg) < total {
@@ -167,6 +168,7 @@ pub async fn run(a: ControllerArgs) -> anyhow::Result<()> {
         reg.clone(),
         Config::default(),
         metrics.clone(),
+        Arc::new(Default::default()),
         stop_rx,
     ));
     while metrics.controller_passes.get() == passes {

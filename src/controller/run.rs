@@ -136,14 +136,20 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// Runs the controller until `stop` turns true.
+/// The controller's name in `/readyz`.
+pub const COMPONENT: &str = "kubernetes-controller";
+
+/// Runs the controller until `stop` turns true; ready (`/readyz`) once its watches have listed and
+/// its first pass has run.
 pub async fn run(
     client: Client,
     reg: Registry,
     cfg: Config,
     metrics: Arc<Metrics>,
+    ready: Arc<crate::ready::Readiness>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), Error> {
+    ready.not_ready(COMPONENT, "watches have not listed yet");
     let (tx, mut rx) = mpsc::unbounded_channel();
     let (namespaces, t1) = watch_into(Api::<Namespace>::all(client.clone()), tx.clone(), |n| {
         Dirty::Namespace(n.metadata.name.clone().unwrap_or_default())
@@ -193,7 +199,7 @@ pub async fn run(
         pods,
         nodes,
     };
-    let ready = async {
+    let listed = async {
         stores.namespaces.wait_until_ready().await?;
         stores.services.wait_until_ready().await?;
         stores.slices.wait_until_ready().await?;
@@ -201,7 +207,7 @@ pub async fn run(
         stores.nodes.wait_until_ready().await
     };
     tokio::select! {
-        r = ready => r.map_err(|_| Error::WatchEnded)?,
+        r = listed => r.map_err(|_| Error::WatchEnded)?,
         _ = stopped(&mut stop) => {
             tasks.iter().for_each(|t| t.abort());
             return Ok(());
@@ -218,6 +224,7 @@ pub async fn run(
         if all || !dirty.is_empty() {
             let scope = if all { None } else { Some(&dirty) };
             reconcile(&cfg, &reg, &stores, scope, &mut written, &metrics).await;
+            ready.ready(COMPONENT);
             all = false;
             dirty = Scope::default();
         }
