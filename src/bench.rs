@@ -21,6 +21,7 @@ pub mod kube_fake;
 mod rls;
 mod webhook;
 mod xds;
+mod xds_clients;
 
 use crate::config::ServerConfig;
 use crate::model::instance_id;
@@ -48,7 +49,7 @@ enum What {
     Webhook(webhook::WebhookArgs),
     /// The client side of `bench xds` (started by it).
     #[command(hide = true)]
-    XdsClients(xds::ClientArgs),
+    XdsClients(xds_clients::ClientArgs),
 }
 
 #[derive(Debug, Args)]
@@ -118,7 +119,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         What::Rls(a) => rls::run(a).await,
         What::Controller(a) => controller::run(a).await,
         What::Webhook(a) => webhook::run(a).await,
-        What::XdsClients(a) => xds::clients(a).await,
+        What::XdsClients(a) => xds_clients::clients(a).await,
     }
 }
 
