@@ -185,6 +185,8 @@ pub struct ServerConfig {
     pub webhook_cert_file: Option<PathBuf>,
     /// The webhook's key (PEM).
     pub webhook_key_file: Option<PathBuf>,
+    /// Names for the webhook's certificate when the CA issues it (the Service's DNS names).
+    pub webhook_dns_names: Vec<String>,
     /// Inject pods whose pod and namespace labels say nothing.
     pub inject_default: bool,
     /// Injected pods get the agent and the mTLS bootstrap unless annotated
@@ -252,6 +254,7 @@ impl Default for ServerConfig {
             webhook_addr: None,
             webhook_cert_file: None,
             webhook_key_file: None,
+            webhook_dns_names: vec![],
             inject_default: false,
             inject_mtls: true,
             polaris_image: crate::inject::patch::Config::default().polaris_image,

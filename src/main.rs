@@ -146,6 +146,9 @@ struct ServerArgs {
     /// The webhook's key (PEM).
     #[arg(long)]
     webhook_key_file: Option<PathBuf>,
+    /// A name for the webhook's certificate when the CA issues it (repeatable).
+    #[arg(long = "webhook-dns-name")]
+    webhook_dns_names: Vec<String>,
     /// Inject pods whose pod and namespace labels say nothing.
     #[arg(long)]
     inject_default: bool,
@@ -280,6 +283,7 @@ fn main() -> anyhow::Result<()> {
             if a.webhook_key_file.is_some() {
                 cfg.webhook_key_file = a.webhook_key_file;
             }
+            cfg.webhook_dns_names.extend(a.webhook_dns_names);
             if let Some(v) = a.cluster_name {
                 cfg.cluster_name = v;
             }

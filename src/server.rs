@@ -173,10 +173,22 @@ pub async fn run(
     });
     let webhook = match cfg.webhook_addr {
         Some(addr) => {
-            let (Some(cert), Some(key)) = (&cfg.webhook_cert_file, &cfg.webhook_key_file) else {
-                anyhow::bail!("--webhook-addr needs --webhook-cert-file and --webhook-key-file");
+            let tls = match (&cfg.webhook_cert_file, &cfg.webhook_key_file, &ca) {
+                (Some(cert), Some(key), _) => crate::inject::webhook::tls_config(cert, key)?,
+                // The CA issues the webhook's certificate; its root is the caBundle.
+                (None, None, Some((ca, _))) => {
+                    let mut names = cfg.webhook_dns_names.clone();
+                    names.extend(["localhost".to_string(), addr.ip().to_string()]);
+                    if !addr.ip().is_loopback() {
+                        names.push("127.0.0.1".into());
+                    }
+                    let (chain, key) = ca.serving_cert(&names, "polaris-webhook")?;
+                    crate::inject::webhook::tls_from(chain, key)?
+                }
+                _ => anyhow::bail!(
+                    "--webhook-addr needs --webhook-cert-file and --webhook-key-file, or the CA (--ca-addr) to issue its certificate"
+                ),
             };
-            let tls = crate::inject::webhook::tls_config(cert, key)?;
             let listener = TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding the webhook on {addr}"))?;

@@ -21,12 +21,8 @@ fn names(p: &Pod) -> Vec<String> {
 
 #[tokio::test]
 async fn pods_created_for_real_are_injected_by_the_webhook() {
-    use base64::Engine;
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
-    let k = common::kube::TestKube::from_env();
-    let client = k.client().await;
     let dir = tempfile::tempdir().unwrap();
-    let kc = k.kubeconfig(dir.path());
     // The webhook's certificate, and the CA bundle the apiserver verifies it with.
     let ca_key = KeyPair::generate().unwrap();
     let mut p = CertificateParams::default();
@@ -38,29 +34,62 @@ async fn pods_created_for_real_are_injected_by_the_webhook() {
     let cert = p.signed_by(&key, &ca, &ca_key).unwrap();
     std::fs::write(dir.path().join("wh.pem"), cert.pem()).unwrap();
     std::fs::write(dir.path().join("wh-key.pem"), key.serialize_pem()).unwrap();
-    let port = common::free_port();
-    let _s = common::Server::start(
-        &dir.path().join("d"),
-        &[
-            "--webhook-addr",
-            &format!("127.0.0.1:{port}"),
-            "--webhook-cert-file",
-            dir.path().join("wh.pem").to_str().unwrap(),
-            "--webhook-key-file",
-            dir.path().join("wh-key.pem").to_str().unwrap(),
-            "--kubeconfig",
-            kc.to_str().unwrap(),
-        ],
-    )
+    let files = [
+        "--webhook-cert-file".to_string(),
+        dir.path().join("wh.pem").to_str().unwrap().to_string(),
+        "--webhook-key-file".to_string(),
+        dir.path().join("wh-key.pem").to_str().unwrap().to_string(),
+    ];
+    scenario(&dir, "files", &files, |_| ca.pem()).await;
+}
+
+/// Without certificate files, the control plane's CA issues the webhook's certificate, and its
+/// root is the caBundle.
+#[tokio::test]
+async fn the_ca_issues_the_webhook_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = [
+        "--ca-addr".to_string(),
+        format!("127.0.0.1:{}", common::free_port()),
+    ];
+    scenario(&dir, "ca", &ca, |data: &std::path::Path| {
+        std::fs::read_to_string(data.join("ca/root-cert.pem")).unwrap()
+    })
     .await;
-    let ns = format!("inj-{}", std::process::id());
+}
+
+/// A server with `flags` serving the webhook, registered with the apiserver with the caBundle
+/// `bundle(data dir)`; pods created for real come back injected.
+async fn scenario(
+    dir: &tempfile::TempDir,
+    tag: &str,
+    flags: &[String],
+    bundle: impl FnOnce(&std::path::Path) -> String,
+) {
+    use base64::Engine;
+    let k = common::kube::TestKube::from_env();
+    let client = k.client().await;
+    let kc = k.kubeconfig(dir.path());
+    let port = common::free_port();
+    let mut args: Vec<String> = vec![
+        "--webhook-addr".into(),
+        format!("127.0.0.1:{port}"),
+        "--kubeconfig".into(),
+        kc.to_str().unwrap().into(),
+    ];
+    args.extend(flags.iter().cloned());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let data = dir.path().join("d");
+    let _s = common::Server::start(&data, &args).await;
+    let ca_bundle = bundle(&data);
+    let ns = format!("inj-{tag}-{}", std::process::id());
     let hook_name = format!("polaris-inject-{ns}");
     let hook: MutatingWebhookConfiguration = serde_json::from_value(json!({
         "metadata": {"name": hook_name},
         "webhooks": [{
             "name": "inject.polarismesh.cn",
             "clientConfig": {"url": format!("https://127.0.0.1:{port}/inject"),
-                             "caBundle": base64::engine::general_purpose::STANDARD.encode(ca.pem())},
+                             "caBundle": base64::engine::general_purpose::STANDARD.encode(ca_bundle)},
             "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
             "namespaceSelector": {"matchLabels": {"polaris-test": ns}},
             "sideEffects": "None", "admissionReviewVersions": ["v1"], "failurePolicy": "Fail", "timeoutSeconds": 10,
