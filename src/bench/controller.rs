@@ -87,21 +87,23 @@ pub async fn run(a: ControllerArgs) -> anyhow::Result<()> {
     }
     let metrics = Arc::new(Metrics::default());
     let (reg, dir) = super::temp_registry("controller", metrics.clone()).await?;
-    let client = || -> anyhow::Result<kube::Client> {
-        let cfg = kube::Config::new(api.url.parse().context("fake API url")?);
-        Ok(kube::Client::try_from(cfg)?)
+    let url: http::Uri = api.url.parse().context("fake API url")?;
+    // A controller on the registry, as `polaris server --kubernetes` starts it.
+    let start = |stop| -> anyhow::Result<_> {
+        let client = kube::Client::try_from(kube::Config::new(url.clone()))?;
+        Ok(tokio::spawn(run_controller(
+            client,
+            reg.clone(),
+            Config::default(),
+            metrics.clone(),
+            Arc::new(Default::default()),
+            stop,
+        )))
     };
     let total = a.services * a.endpoints;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let t0 = Instant::now();
-    let ctl = tokio::spawn(run_controller(
-        client()?,
-        reg.clone(),
-        Config::default(),
-        metrics.clone(),
-        Arc::new(Default::default()),
-        stop_rx,
-    ));
+    let ctl = start(stop_rx)?;
     while instances(&reg) < total {
         if t0.elapsed() > Duration::from_secs(600) {
             bail!(
@@ -163,14 +165,7 @@ pub async fn run(a: ControllerArgs) -> anyhow::Result<()> {
     let passes = metrics.controller_passes.get();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let t1 = Instant::now();
-    let ctl = tokio::spawn(run_controller(
-        client()?,
-        reg.clone(),
-        Config::default(),
-        metrics.clone(),
-        Arc::new(Default::default()),
-        stop_rx,
-    ));
+    let ctl = start(stop_rx)?;
     while metrics.controller_passes.get() == passes {
         if t1.elapsed() > Duration::from_secs(120) {
             bail!("the restarted controller made no pass");

@@ -91,14 +91,7 @@ impl FakeApi {
 
     /// A kubeconfig for this server, written to `path`.
     pub fn kubeconfig(&self, path: &std::path::Path) {
-        std::fs::write(
-            path,
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context:\n    cluster: fake\n    user: u\ncurrent-context: c\n",
-                self.url
-            ),
-        )
-        .unwrap();
+        write_kubeconfig(path, &self.url);
     }
 
     /// Creates or replaces an object of `plural` (ADDED or MODIFIED to watchers).
@@ -285,4 +278,15 @@ where
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(f(tx));
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Writes a kubeconfig for the API server at `url` (plain HTTP, no credentials) to `path`.
+pub fn write_kubeconfig(path: &std::path::Path, url: &str) {
+    std::fs::write(
+        path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {url}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context:\n    cluster: fake\n    user: u\ncurrent-context: c\n"
+        ),
+    )
+    .unwrap();
 }

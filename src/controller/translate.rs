@@ -15,7 +15,9 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use crate::model::{instance_id, HealthCheckInput, HeartbeatInput, InstanceInput, Location};
+use crate::model::{
+    instance_id, HealthCheckInput, HeartbeatInput, InstanceInput, Location, MAX_WEIGHT, TTL_RANGE,
+};
 
 /// Metadata key naming who wrote a record.
 pub const SOURCE_KEY: &str = "source";
@@ -165,22 +167,27 @@ pub fn translate<'a>(
             .trim()
             .parse()
             .ok()
-            .filter(|w| (0..=10_000).contains(w))
+            .filter(|w| (0..=MAX_WEIGHT).contains(w))
             .ok_or_else(|| {
                 err(
                     WEIGHT_ANNOTATION,
-                    format!("{w:?} is not an integer in 0..=10000"),
+                    format!("{w:?} is not an integer in 0..={MAX_WEIGHT}"),
                 )
             })?,
     };
-    let ttl: Option<u32> = match get(TTL_ANNOTATION) {
+    let ttl: Option<i64> = match get(TTL_ANNOTATION) {
         None => None,
         Some(t) => Some(
             t.trim()
                 .parse()
                 .ok()
-                .filter(|t| (1..=60).contains(t))
-                .ok_or_else(|| err(TTL_ANNOTATION, format!("{t:?} is not an integer in 1..=60")))?,
+                .filter(|t| TTL_RANGE.contains(t))
+                .ok_or_else(|| {
+                    err(
+                        TTL_ANNOTATION,
+                        format!("{t:?} is not an integer in {TTL_RANGE:?}"),
+                    )
+                })?,
         ),
     };
     let extra: BTreeMap<String, String> = match get(METADATA_ANNOTATION) {
@@ -277,9 +284,7 @@ pub fn translate<'a>(
                         enable_health_check: Some(ttl.is_some()),
                         health_check: ttl.map(|t| HealthCheckInput {
                             kind: Some(serde_json::json!("HEARTBEAT")),
-                            heartbeat: Some(HeartbeatInput {
-                                ttl: Some(i64::from(t)),
-                            }),
+                            heartbeat: Some(HeartbeatInput { ttl: Some(t) }),
                         }),
                         metadata: Some(meta.clone()),
                         location: Some(location.clone()),

@@ -5,6 +5,7 @@
 mod cluster;
 mod endpoint;
 mod listener;
+mod matchers;
 mod nearby;
 mod ratelimit;
 mod resilience;

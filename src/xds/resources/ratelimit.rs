@@ -36,19 +36,17 @@ use envoy_types::pb::envoy::extensions::filters::http::ratelimit::v3::RateLimit 
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     http_filter, HttpFilter,
 };
-use envoy_types::pb::envoy::r#type::matcher::v3::{
-    string_matcher::MatchPattern, RegexMatcher, StringMatcher,
-};
 use envoy_types::pb::envoy::r#type::v3::{
     fractional_percent::DenominatorType, FractionalPercent, TokenBucket,
 };
 use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
 use envoy_types::util::pack_any;
 
+use super::matchers::{header, pattern, regex};
 use super::{duration_ms, socket};
 use crate::model::rules::ratelimit::{AmountMode, LimitArgumentType, LimitFailover, LimitType};
 use crate::model::rules::{RateLimitRule, Rule};
-use crate::model::{MatchString, MatchType};
+use crate::model::MatchType;
 
 /// The cluster of the control plane's rate-limit service.
 pub const RLS_CLUSTER: &str = "polaris-ratelimit";
@@ -149,52 +147,6 @@ pub fn inbound_filters(ns: &str, svc: &str, rls: bool) -> Vec<HttpFilter> {
     out
 }
 
-fn regex(re: String) -> StringMatcher {
-    StringMatcher {
-        match_pattern: Some(MatchPattern::SafeRegex(RegexMatcher {
-            regex: re,
-            ..Default::default()
-        })),
-        ..Default::default()
-    }
-}
-
-fn alternatives(list: &str) -> String {
-    list.split(',')
-        .map(|v| regex::escape(v.trim()))
-        .collect::<Vec<_>>()
-        .join("|")
-}
-
-/// The pattern of a match's values (for regex matchers).
-fn pattern(m: &MatchString) -> String {
-    match m.kind {
-        MatchType::Exact | MatchType::NotEquals => regex::escape(&m.value),
-        MatchType::In | MatchType::NotIn => format!("(?:{})", alternatives(&m.value)),
-        _ => format!("(?:{})", m.value),
-    }
-}
-
-fn header_matcher(name: &str, m: &MatchString) -> HeaderMatcher {
-    let spec = match m.kind {
-        MatchType::Range => {
-            let (lo, hi) = crate::model::rules::routing::int_range(&m.value).unwrap_or((0, 0));
-            HeaderMatchSpecifier::RangeMatch(envoy_types::pb::envoy::r#type::v3::Int64Range {
-                start: lo,
-                end: hi.saturating_add(1),
-            })
-        }
-        _ => HeaderMatchSpecifier::StringMatch(regex(pattern(m))),
-    };
-    let invert = matches!(m.kind, MatchType::NotEquals | MatchType::NotIn);
-    HeaderMatcher {
-        name: name.to_string(),
-        header_match_specifier: Some(spec),
-        invert_match: invert,
-        treat_missing_header_as_empty: invert,
-    }
-}
-
 /// The actions producing a rule's descriptor for `amount`: all must match.
 fn actions(r: &RateLimitRule, amount: usize, global: bool) -> (Vec<Action>, Vec<Entry>) {
     let value = descriptor_value(&r.id, amount);
@@ -214,9 +166,9 @@ fn actions(r: &RateLimitRule, amount: usize, global: bool) -> (Vec<Action>, Vec<
     let mut per_value = Vec::new();
     for a in &r.arguments {
         match a.kind {
-            LimitArgumentType::Method => headers.push(header_matcher(":method", &a.value)),
+            LimitArgumentType::Method => headers.push(header(":method", &a.value)),
             LimitArgumentType::Header => {
-                headers.push(header_matcher(&a.key.to_ascii_lowercase(), &a.value))
+                headers.push(header(&a.key.to_ascii_lowercase(), &a.value))
             }
             LimitArgumentType::Query => queries.push(QueryParameterMatcher {
                 name: a.key.clone(),
@@ -395,6 +347,7 @@ pub fn rls_cluster(addr: SocketAddr) -> Cluster {
 mod tests {
     use super::*;
     use crate::model::rules::ratelimit::{Amount, LimitArgument};
+    use crate::model::MatchString;
     use envoy_types::pb::envoy::config::route::v3::route::Action as RouteAction;
     use prost::Message;
 

@@ -16,14 +16,12 @@ use envoy_types::pb::envoy::config::route::v3::{
     route_action::HashPolicy, route_match::PathSpecifier, weighted_cluster::ClusterWeight,
     HeaderMatcher, QueryParameterMatcher, Route, RouteAction, RouteMatch, WeightedCluster,
 };
-use envoy_types::pb::envoy::r#type::matcher::v3::{
-    string_matcher::MatchPattern, RegexMatcher, StringMatcher,
-};
-use envoy_types::pb::envoy::r#type::v3::Int64Range;
+use envoy_types::pb::envoy::r#type::matcher::v3::RegexMatcher;
 use envoy_types::pb::google::protobuf::UInt32Value;
 
+use super::matchers::{alternatives, header, pattern, regex, string_match};
 use super::outbound_name;
-use crate::model::rules::routing::{int_range, Argument, ArgumentType, Source};
+use crate::model::rules::routing::{Argument, ArgumentType, Source};
 use crate::model::rules::{RoutingRule, Rule};
 use crate::model::{MatchString, MatchType, Service};
 
@@ -159,71 +157,13 @@ fn applies(s: &Source, caller: Option<&str>) -> bool {
     s.service == svc && (is_any(&s.namespace) || s.namespace == ns)
 }
 
-fn string_matcher(pattern: MatchPattern) -> StringMatcher {
-    StringMatcher {
-        match_pattern: Some(pattern),
-        ..Default::default()
-    }
-}
-
-fn regex(re: String) -> StringMatcher {
-    string_matcher(MatchPattern::SafeRegex(RegexMatcher {
-        regex: re,
-        ..Default::default()
-    }))
-}
-
-/// `a|b|c` of the comma-separated values, escaped.
-fn alternatives(list: &str) -> String {
-    list.split(',')
-        .map(|v| regex::escape(v.trim()))
-        .collect::<Vec<_>>()
-        .join("|")
-}
-
-/// A string match of `m`, and whether it is inverted (NOT_EQUALS, NOT_IN).
-fn string_match(m: &MatchString) -> (StringMatcher, bool) {
-    match m.kind {
-        MatchType::Exact => (string_matcher(MatchPattern::Exact(m.value.clone())), false),
-        MatchType::NotEquals => (string_matcher(MatchPattern::Exact(m.value.clone())), true),
-        MatchType::Regex => (regex(m.value.clone()), false),
-        MatchType::In => (regex(alternatives(&m.value)), false),
-        MatchType::NotIn => (regex(alternatives(&m.value)), true),
-        // Refused by validation except on headers, which take a range match.
-        MatchType::Range => (regex(".*".into()), false),
-    }
-}
-
-fn header(name: &str, m: &MatchString) -> HeaderMatcher {
-    let spec = match m.kind {
-        MatchType::Range => {
-            let (lo, hi) = int_range(&m.value).unwrap_or((0, 0));
-            // Envoy's range is half open.
-            HeaderMatchSpecifier::RangeMatch(Int64Range {
-                start: lo,
-                end: hi.saturating_add(1),
-            })
-        }
-        _ => HeaderMatchSpecifier::StringMatch(string_match(m).0),
-    };
-    let invert = matches!(m.kind, MatchType::NotEquals | MatchType::NotIn);
-    HeaderMatcher {
-        name: name.to_string(),
-        header_match_specifier: Some(spec),
-        invert_match: invert,
-        // A request without the header "is not equal" to the value.
-        treat_missing_header_as_empty: invert,
-    }
-}
-
 /// A cookie's value, matched in the `cookie` header.
 fn cookie(name: &str, m: &MatchString) -> HeaderMatcher {
-    let value = match m.kind {
-        MatchType::Exact | MatchType::NotEquals => regex::escape(&m.value),
-        MatchType::In | MatchType::NotIn => format!("(?:{})", alternatives(&m.value)),
-        _ => format!("(?:{})", m.value),
-    };
-    let re = format!("(?:.*;\\s*)?{}=(?:{value})(?:;.*)?", regex::escape(name));
+    let re = format!(
+        "(?:.*;\\s*)?{}=(?:{})(?:;.*)?",
+        regex::escape(name),
+        pattern(m)
+    );
     let invert = matches!(m.kind, MatchType::NotEquals | MatchType::NotIn);
     HeaderMatcher {
         name: "cookie".into(),
@@ -380,6 +320,8 @@ pub fn service_routes_with(
 mod tests {
     use super::*;
     use crate::model::rules::routing::{Destination, RoutingConfig, SubRule};
+    use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
+    use envoy_types::pb::envoy::r#type::v3::Int64Range;
 
     fn rule(sources: Vec<Source>, dests: Vec<(&str, u32)>) -> RoutingRule {
         RoutingRule {

@@ -593,20 +593,8 @@ impl Builder {
                         });
                     }
                     if let Some(f) = failover {
-                        let fname: Arc<str> = Arc::from(f.name.as_str());
-                        let enc = Encoded::new(fname.clone(), &f);
-                        if view
-                            .clusters
-                            .get(&fname)
-                            .is_none_or(|c| c.version != enc.version)
-                        {
-                            Arc::make_mut(&mut view.clusters).insert(fname.clone(), enc);
-                            changes.push(Changed {
-                                namespace: ns_arc.clone(),
-                                kind: TypeKind::Cluster,
-                                name: fname,
-                            });
-                        }
+                        let enc = Encoded::new(Arc::from(f.name.as_str()), &f);
+                        put_changed_cluster(&mut view, changes, &ns_arc, enc);
                     }
                     for (g, gname) in groups.iter().zip(cluster_names.iter().skip(1)) {
                         let members: Vec<&Instance> = instances
@@ -757,18 +745,7 @@ fn put_cluster(
             )
         }
     };
-    if view
-        .clusters
-        .get(&cname)
-        .is_none_or(|c| c.version != enc.version)
-    {
-        Arc::make_mut(&mut view.clusters).insert(cname.clone(), enc);
-        changes.push(Changed {
-            namespace: ns.clone(),
-            kind: TypeKind::Cluster,
-            name: cname.clone(),
-        });
-    }
+    put_changed_cluster(view, changes, ns, enc);
     let eds = r::LoadAssignmentSpec::eds(&cname, instances.iter().copied(), server_tls);
     let version = eds.version();
     if view
@@ -785,6 +762,27 @@ fn put_cluster(
             kind: TypeKind::Endpoint,
             name: cname,
         });
+    }
+}
+
+/// Puts an encoded cluster into the view unless the same version is there, recording the change.
+fn put_changed_cluster(
+    view: &mut NamespaceView,
+    changes: &mut Vec<Changed>,
+    ns: &Arc<str>,
+    enc: Arc<Encoded>,
+) {
+    if view
+        .clusters
+        .get(&enc.name)
+        .is_none_or(|c| c.version != enc.version)
+    {
+        changes.push(Changed {
+            namespace: ns.clone(),
+            kind: TypeKind::Cluster,
+            name: enc.name.clone(),
+        });
+        Arc::make_mut(&mut view.clusters).insert(enc.name.clone(), enc);
     }
 }
 
