@@ -51,10 +51,10 @@ source "$KUBE_DIR/env"
 
 # Style is a gate, not a habit: formatting and lints fail the run before any test.
 cargo fmt --all -- --check
-cargo clippy --locked --all-targets -- -D warnings
+cargo clippy --locked --all-targets --all-features -- -D warnings
 
 # Our patch of h2 (vendor/h2/POLARIS.md) is tested with the crate's own unit tests. The HPACK
 # fixture tests read files that are not part of the published crate.
 cargo test --locked --manifest-path vendor/h2/Cargo.toml --target-dir target/vendor-h2 --lib \
     --quiet -- --skip hpack::test::fixture
-cargo test --all-targets "$@"
+cargo test --all-targets --features test-hooks "$@"

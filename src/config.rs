@@ -200,9 +200,6 @@ pub struct ServerConfig {
     pub sidecar_xds_addr: String,
     /// The CA address injected agents reach.
     pub sidecar_ca_addr: String,
-    /// Test hooks (never in production): a service with metadata
-    /// `polarismesh.cn/test-invalid-cluster: "true"` gets a cluster Envoy rejects.
-    pub test_hooks: bool,
 }
 
 impl Default for ServerConfig {
@@ -265,7 +262,6 @@ impl Default for ServerConfig {
             cluster_name: "default".into(),
             sync_mode: Default::default(),
             kube_resync_secs: 30,
-            test_hooks: false,
         }
     }
 }
@@ -509,7 +505,6 @@ impl ServerConfig {
             tls_phase: Duration::from_millis(self.xds_tls_phase_ms),
             trust_domain: std::sync::Arc::from(self.trust_domain.as_str()),
             rls: self.rls_advertise_addr.or(self.rls_addr),
-            test_hooks: self.test_hooks,
         }
     }
 

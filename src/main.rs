@@ -161,9 +161,6 @@ struct ServerArgs {
     /// Which Services are synced [default: all].
     #[arg(long, value_enum)]
     sync_mode: Option<polaris_mesh::controller::translate::SyncMode>,
-    /// Enable test hooks (for the end-to-end NACK test; never in production).
-    #[arg(long, hide = true)]
-    test_hooks: bool,
 }
 
 #[derive(Args)]
@@ -330,10 +327,9 @@ fn main() -> anyhow::Result<()> {
             if !a.ca_dns_names.is_empty() {
                 cfg.ca_dns_names = a.ca_dns_names;
             }
-            cfg.test_hooks |= a.test_hooks;
             init_tracing(&cfg.log_level, cfg.log_format);
-            if cfg.test_hooks {
-                tracing::warn!("test hooks are enabled: not for production");
+            if cfg!(feature = "test-hooks") {
+                tracing::warn!("built with the test-hooks feature: not for production");
             }
             rt.block_on(polaris_mesh::server::run(
                 cfg,

@@ -3,6 +3,7 @@
 
 pub mod kube;
 pub mod raw;
+pub mod traffic;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

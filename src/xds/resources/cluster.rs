@@ -9,13 +9,12 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_optio
     explicit_http_config::ProtocolConfig, ExplicitHttpConfig, UpstreamProtocolOptions,
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
-use envoy_types::pb::google::protobuf::Duration;
 use envoy_types::util::pack_any;
 
 use super::LoadAssignmentSpec;
 use super::{
     ads, duration_ms, inbound_name, outbound_name, CONNECT_TIMEOUT_KEY, HTTP_OPTIONS_EXT,
-    LB_POLICY_KEY, TEST_INVALID_KEY,
+    LB_POLICY_KEY,
 };
 use crate::model::{Service, TlsMode};
 
@@ -82,24 +81,27 @@ fn eds_cluster(name: String, svc: &Service) -> Cluster {
 
 /// The outbound EDS cluster of a service.
 pub fn outbound_cluster(svc: &Service) -> Cluster {
-    eds_cluster(outbound_name(&svc.namespace, &svc.name), svc)
+    #[allow(unused_mut)]
+    let mut c = eds_cluster(outbound_name(&svc.namespace, &svc.name), svc);
+    #[cfg(feature = "test-hooks")]
+    test_hook(&mut c, svc);
+    c
 }
 
-/// [`outbound_cluster`], made invalid on purpose when test hooks are on and the service asks for it.
-pub fn outbound_cluster_with_hooks(svc: &Service, test_hooks: bool) -> Cluster {
-    let mut c = outbound_cluster(svc);
-    if test_hooks
-        && svc
-            .metadata
-            .get(TEST_INVALID_KEY)
-            .is_some_and(|v| v == "true")
+/// Test builds only (feature `test-hooks`): the outbound cluster of a service that asks for it
+/// with [`super::TEST_INVALID_KEY`] gets a negative connect timeout, which Envoy rejects.
+#[cfg(feature = "test-hooks")]
+fn test_hook(c: &mut Cluster, svc: &Service) {
+    if svc
+        .metadata
+        .get(super::TEST_INVALID_KEY)
+        .is_some_and(|v| v == "true")
     {
-        c.connect_timeout = Some(Duration {
+        c.connect_timeout = Some(envoy_types::pb::google::protobuf::Duration {
             seconds: -1,
             nanos: 0,
         });
     }
-    c
 }
 
 /// `c` as callers of `svc` in TLS `mode` see it (see [`super::transport_socket_matches`]).

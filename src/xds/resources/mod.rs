@@ -48,8 +48,9 @@ pub use crate::model::LB_POLICY_KEY;
 /// Service metadata key for the connect timeout in milliseconds.
 pub const CONNECT_TIMEOUT_KEY: &str = "polarismesh.cn/connectTimeoutMs";
 
-/// Service metadata key honoured only when the server runs with `--test-hooks`: the service's
+/// Service metadata key honoured only by test builds (feature `test-hooks`): the service's
 /// cluster gets a negative connect timeout, which Envoy rejects (to test NACK handling end to end).
+#[cfg(feature = "test-hooks")]
 pub const TEST_INVALID_KEY: &str = "polarismesh.cn/test-invalid-cluster";
 
 /// Node metadata key: the sidecar's own service.

@@ -30,8 +30,6 @@ pub struct Config {
     pub trust_domain: Arc<str>,
     /// The rate-limit service's address as sidecars reach it (global rate limits).
     pub rls: Option<std::net::SocketAddr>,
-    /// Honour [`r::TEST_INVALID_KEY`] (for end-to-end NACK tests only).
-    pub test_hooks: bool,
 }
 
 impl Default for Config {
@@ -41,7 +39,6 @@ impl Default for Config {
             tls_phase: Duration::from_millis(400),
             trust_domain: Arc::from(r::DEFAULT_TRUST_DOMAIN),
             rls: None,
-            test_hooks: false,
         }
     }
 }
@@ -553,7 +550,7 @@ impl Builder {
                     }
                     let base = r::with_resilience(
                         r::with_tls(
-                            r::outbound_cluster_with_hooks(&svc, self.cfg.test_hooks),
+                            r::outbound_cluster(&svc),
                             &svc,
                             tls.client,
                             &self.cfg.trust_domain,

@@ -9,7 +9,9 @@ use anyhow::Context;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+
+pub mod components;
+use components::Components;
 
 use crate::api::{self, AppState};
 use crate::config::ServerConfig;
@@ -51,8 +53,13 @@ pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result
     kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
+/// How long components have to drain after the stop signal (Kubernetes gives 30 s by default
+/// between SIGTERM and SIGKILL).
+const DRAIN: Duration = Duration::from_secs(25);
+
 /// Runs the control plane until `shutdown` completes, then drains: in-flight HTTP requests finish,
-/// queued writes commit, and the store is closed.
+/// queued writes commit, and the store is closed. Every listener is bound before `on_bound` is
+/// called; a component that fails stops the server with its error (see [`components`]).
 pub async fn run(
     cfg: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -73,6 +80,39 @@ pub async fn run(
         metrics.clone(),
     )
     .await?;
+    let ready = Arc::new(crate::ready::Readiness::default());
+    let mut components = Components::new(ready.clone());
+    let started = start(&cfg, &registry, &metrics, &ready, &mut components).await;
+    let result = match started {
+        Ok(bound) => {
+            tracing::info!(http = %bound.http, xds = %bound.xds, ca = ?bound.ca, data_dir = %cfg.data_dir.display(), "polaris server started");
+            on_bound(bound);
+            components
+                .run_until(shutdown, DRAIN)
+                .await
+                .map_err(Into::into)
+        }
+        Err(e) => {
+            // Whatever did start stops before the store closes.
+            let _ = components.run_until(async {}, DRAIN).await;
+            Err(e)
+        }
+    };
+    tracing::info!("draining: waiting for queued writes to commit");
+    registry.close().await?;
+    result?;
+    tracing::info!("polaris server stopped");
+    Ok(())
+}
+
+/// Binds every listener and starts every component the configuration turns on.
+async fn start(
+    cfg: &ServerConfig,
+    registry: &Registry,
+    metrics: &Arc<Metrics>,
+    ready: &Arc<crate::ready::Readiness>,
+    components: &mut Components,
+) -> anyhow::Result<Bound> {
     tracing::debug!("binding listeners");
     let http = TcpListener::bind(cfg.http_addr)
         .await
@@ -94,7 +134,7 @@ pub async fn run(
         }
         None => None,
     };
-    let rls_listener = match cfg.rls_addr {
+    let rls = match cfg.rls_addr {
         Some(a) => Some(
             TcpListener::bind(a)
                 .await
@@ -102,10 +142,18 @@ pub async fn run(
         ),
         None => None,
     };
-    raise_fd_limit(&cfg);
+    let webhook = match cfg.webhook_addr {
+        Some(addr) => Some(webhook(cfg, addr, ca.as_ref().map(|(c, _)| c), metrics).await?),
+        None => None,
+    };
+    let kube_controller = match cfg.kubernetes {
+        true => Some(kube_client(cfg.kubeconfig.as_deref()).await?),
+        false => None,
+    };
+    raise_fd_limit(cfg);
     let http = Acceptor::new(http, cfg.http_limits(), metrics.http_conns.clone(), "http");
     let xds_bound = xds.local_addr()?;
-    let xds_security = xds_security(&cfg, ca.as_ref().map(|(c, _)| c), xds_bound).await?;
+    let xds_security = xds_security(cfg, ca.as_ref().map(|(c, _)| c), xds_bound).await?;
     let mut xds = Acceptor::new(xds, cfg.xds_limits(), metrics.xds_conns.clone(), "xds");
     if let Some((tls, _)) = &xds_security {
         xds = xds.with_tls(tls.clone());
@@ -118,6 +166,9 @@ pub async fn run(
             None => None,
         },
     };
+    let stop = components.stop_signal();
+
+    // xDS: the snapshot builder feeds the cache the ADS streams read.
     let request_limits = Arc::new(RequestLimits::new(
         cfg.xds_max_request_bytes,
         cfg.xds_decode_budget_bytes,
@@ -126,21 +177,24 @@ pub async fn run(
     ));
     let cache = Arc::new(Cache::default());
     let nodes = Arc::new(Nodes::default());
-    let builder = tokio::spawn(snapshot::run(
-        registry.clone(),
-        cache.clone(),
-        cfg.snapshot_config(),
-    ));
-    let (stop_tx, stop_rx) = watch::channel(false);
+    components.spawn_background(
+        "snapshot builder",
+        snapshot::run(registry.clone(), cache.clone(), cfg.snapshot_config()),
+    );
     let mut ads =
-        Ads::new(cache.clone(), metrics.clone(), nodes.clone()).with_shutdown(stop_rx.clone());
+        Ads::new(cache.clone(), metrics.clone(), nodes.clone()).with_shutdown(stop.clone());
     if let Some((_, auth)) = xds_security {
         ads = ads.with_auth(auth);
     }
-    let streams = nodes.clone();
+    components.spawn(
+        "xds",
+        crate::xds::transport::serve(xds, ads.into_service(request_limits), stop.clone()),
+    );
+
+    // REST.
     let auth_cfg = cfg.api_auth();
     if auth_cfg.enabled {
-        if let Some(path) = api::auth::ensure_admin(&registry, cfg.admin_secret()?).await? {
+        if let Some(path) = api::auth::ensure_admin(registry, cfg.admin_secret()?).await? {
             tracing::warn!(path = %path.display(), "REST authentication on: generated the admin token, readable only by this user, in this file");
         }
         tracing::info!(
@@ -151,7 +205,7 @@ pub async fn run(
     } else if !cfg.http_addr.ip().is_loopback() {
         tracing::warn!(http = %cfg.http_addr, "REST authentication is OFF on a non-loopback address (--auth off): anyone who reaches the port can change the registry");
     }
-    let ready = Arc::new(crate::ready::Readiness::default());
+    let streams = nodes.clone();
     let state = AppState {
         registry: registry.clone(),
         metrics: metrics.clone(),
@@ -165,104 +219,76 @@ pub async fn run(
         ready: ready.clone(),
     };
     let app = api::router(state, debug::routes(cache, nodes, registry.clone()));
-    tracing::info!(http = %bound.http, xds = %bound.xds, ca = ?bound.ca, data_dir = %cfg.data_dir.display(), "polaris server started");
-    on_bound(bound);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
-    let webhook = match cfg.webhook_addr {
-        Some(addr) => {
-            let tls = match (&cfg.webhook_cert_file, &cfg.webhook_key_file, &ca) {
-                (Some(cert), Some(key), _) => crate::inject::webhook::tls_config(cert, key)?,
-                // The CA issues the webhook's certificate; its root is the caBundle.
-                (None, None, Some((ca, _))) => {
-                    let mut names = cfg.webhook_dns_names.clone();
-                    names.extend(["localhost".to_string(), addr.ip().to_string()]);
-                    if !addr.ip().is_loopback() {
-                        names.push("127.0.0.1".into());
-                    }
-                    let (chain, key) = ca.serving_cert(&names, "polaris-webhook")?;
-                    crate::inject::webhook::tls_from(chain, key)?
-                }
-                _ => anyhow::bail!(
-                    "--webhook-addr needs --webhook-cert-file and --webhook-key-file, or the CA (--ca-addr) to issue its certificate"
-                ),
-            };
-            let listener = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding the webhook on {addr}"))?;
-            let w = Arc::new(crate::inject::webhook::Webhook {
-                config: cfg.inject_config(),
-                kube: kube_client(cfg.kubeconfig.as_deref()).await?,
-                metrics: metrics.clone(),
-            });
-            let acceptor = Acceptor::new(
-                listener,
-                cfg.http_limits(),
-                metrics.webhook_conns.clone(),
-                "webhook",
-            )
-            .with_tls(tls);
-            Some(tokio::spawn(api::serve(
-                acceptor,
-                w.router(),
-                stop_rx.clone(),
-            )))
-        }
-        None => None,
-    };
-    let controller = match cfg.kubernetes {
-        true => {
-            let kube = kube_client(cfg.kubeconfig.as_deref()).await?;
-            Some(tokio::spawn(crate::controller::run::run(
+    components.spawn("rest", api::serve(http, app, stop.clone()));
+
+    if let Some((ca, acceptor)) = ca {
+        components.spawn("ca", api::serve(acceptor, ca.router(), stop.clone()));
+    }
+    if let Some((acceptor, router)) = webhook {
+        components.spawn("webhook", api::serve(acceptor, router, stop.clone()));
+    }
+    if let Some(l) = rls {
+        let rls = crate::rls::Rls::new(registry.clone(), metrics.clone(), cfg.rls_max_values);
+        components.spawn(
+            "rate-limit service",
+            crate::rls::serve(rls, l, stop.clone()),
+        );
+    }
+    if let Some(kube) = kube_controller {
+        components.spawn(
+            "kubernetes controller",
+            crate::controller::run::run(
                 kube,
                 registry.clone(),
                 cfg.controller_config(),
                 metrics.clone(),
                 ready.clone(),
-                stop_rx.clone(),
-            )))
-        }
-        false => None,
-    };
-    let rls = match rls_listener {
-        Some(l) => {
-            let rls = crate::rls::Rls::new(registry.clone(), metrics.clone(), cfg.rls_max_values);
-            Some(tokio::spawn(crate::rls::serve(rls, l, stop_rx.clone())))
-        }
-        None => None,
-    };
-    let grpc = crate::xds::transport::serve(xds, ads.into_service(request_limits), stop_rx.clone());
-    let rest = api::serve(http, app, stop_rx.clone());
-    let ca = async move {
-        match ca {
-            Some((ca, acceptor)) => api::serve(acceptor, ca.router(), stop_rx).await,
-            None => Ok(()),
-        }
-    };
-    let (g, h, c) = tokio::join!(grpc, rest, ca);
-    g.context("xDS server")?;
-    h.context("REST API server")?;
-    c.context("CA server")?;
-    if let Some(r) = rls {
-        r.await
-            .context("rate-limit service task")?
-            .context("rate-limit service")?;
+                stop,
+            ),
+        );
     }
-    if let Some(w) = webhook {
-        w.await.context("webhook task")?.context("webhook server")?;
-    }
-    if let Some(c) = controller {
-        c.await
-            .context("Kubernetes controller task")?
-            .context("Kubernetes controller")?;
-    }
-    builder.abort();
-    tracing::info!("draining: waiting for queued writes to commit");
-    registry.close().await?;
-    tracing::info!("polaris server stopped");
-    Ok(())
+    Ok(bound)
+}
+
+/// The injector's webhook: its listener with TLS (certificate from files, or issued by the CA
+/// whose root is then the caBundle) and its router.
+async fn webhook(
+    cfg: &ServerConfig,
+    addr: SocketAddr,
+    ca: Option<&Arc<crate::ca::Ca>>,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<(Acceptor, axum::Router)> {
+    let tls = match (&cfg.webhook_cert_file, &cfg.webhook_key_file, ca) {
+        (Some(cert), Some(key), _) => crate::inject::webhook::tls_config(cert, key)?,
+        (None, None, Some(ca)) => {
+            let mut names = cfg.webhook_dns_names.clone();
+            names.extend(["localhost".to_string(), addr.ip().to_string()]);
+            if !addr.ip().is_loopback() {
+                names.push("127.0.0.1".into());
+            }
+            let (chain, key) = ca.serving_cert(&names, "polaris-webhook")?;
+            crate::inject::webhook::tls_from(chain, key)?
+        }
+        _ => anyhow::bail!(
+            "--webhook-addr needs --webhook-cert-file and --webhook-key-file, or the CA (--ca-addr) to issue its certificate"
+        ),
+    };
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the webhook on {addr}"))?;
+    let w = Arc::new(crate::inject::webhook::Webhook {
+        config: cfg.inject_config(),
+        kube: kube_client(cfg.kubeconfig.as_deref()).await?,
+        metrics: metrics.clone(),
+    });
+    let acceptor = Acceptor::new(
+        listener,
+        cfg.http_limits(),
+        metrics.webhook_conns.clone(),
+        "webhook",
+    )
+    .with_tls(tls);
+    Ok((acceptor, w.router()))
 }
 
 /// The ADS port's TLS and authenticator, when it authenticates: its certificate from files or
