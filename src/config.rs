@@ -164,7 +164,7 @@ pub struct ServerConfig {
     /// rules are then refused].
     pub rls_addr: Option<SocketAddr>,
     /// The address sidecars reach the rate-limit service at [default: `rlsAddr`].
-    pub rls_advertise_addr: Option<SocketAddr>,
+    pub rls_advertise_addr: Option<crate::model::HostPort>,
     /// Buckets of distinct request values per rule amount in the rate-limit service.
     pub rls_max_values: usize,
     /// Sync Kubernetes Services and EndpointSlices into the registry (the controller, in this
@@ -339,7 +339,7 @@ impl ServerConfig {
                 });
             }
         }
-        if let (Some(a), None) = (self.rls_addr, self.rls_advertise_addr) {
+        if let (Some(a), None) = (self.rls_addr, &self.rls_advertise_addr) {
             if a.ip().is_unspecified() {
                 return Err(Error::Invalid {
                     field: "rlsAdvertiseAddr",
@@ -504,7 +504,10 @@ impl ServerConfig {
             debounce: Duration::from_millis(self.xds_debounce_ms),
             tls_phase: Duration::from_millis(self.xds_tls_phase_ms),
             trust_domain: std::sync::Arc::from(self.trust_domain.as_str()),
-            rls: self.rls_advertise_addr.or(self.rls_addr),
+            rls: self
+                .rls_advertise_addr
+                .clone()
+                .or(self.rls_addr.map(Into::into)),
         }
     }
 

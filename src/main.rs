@@ -40,6 +40,10 @@ struct ServerArgs {
     /// YAML configuration file; flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Check the configuration (file and flags) and exit: 0 and "configuration OK", or the first
+    /// error naming its setting.
+    #[arg(long)]
+    check_config: bool,
     /// Directory of the embedded store [default: ./data].
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -91,9 +95,10 @@ struct ServerArgs {
     /// Serve the global rate-limit service (gRPC) on this address [default: off].
     #[arg(long)]
     rls_addr: Option<SocketAddr>,
-    /// The address sidecars reach the rate-limit service at [default: --rls-addr].
+    /// The address sidecars reach the rate-limit service at, `host:port` (an IP or a DNS name such
+    /// as a Kubernetes Service's) [default: --rls-addr].
     #[arg(long)]
-    rls_advertise_addr: Option<SocketAddr>,
+    rls_advertise_addr: Option<polaris_mesh::model::HostPort>,
     /// File with the bootstrap admin token (else $POLARIS_ADMIN_TOKEN, else generated into
     /// <data-dir>/admin-token at the first start with auth on).
     #[arg(long)]
@@ -326,6 +331,12 @@ fn main() -> anyhow::Result<()> {
             }
             if !a.ca_dns_names.is_empty() {
                 cfg.ca_dns_names = a.ca_dns_names;
+            }
+            if a.check_config {
+                cfg.validate()?;
+                cfg.ca()?;
+                println!("configuration OK");
+                return Ok(());
             }
             init_tracing(&cfg.log_level, cfg.log_format);
             if cfg!(feature = "test-hooks") {

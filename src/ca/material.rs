@@ -191,8 +191,29 @@ fn certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, MaterialError> {
 
 /// Builds the issuer and checks, at start, that the signing certificate chains to the root
 /// through the given chain, and that the key is the certificate's.
+/// The CA's key: PKCS#8 (`PRIVATE KEY`), or PKCS#1 RSA (`RSA PRIVATE KEY`, what `openssl genrsa`,
+/// cert-manager and Helm's `genCA` write), converted to PKCS#8 for the signer.
+fn key_pair(pem: &str) -> Result<KeyPair, MaterialError> {
+    if pem.contains("-----BEGIN RSA PRIVATE KEY-----") {
+        use rsa::pkcs1::DecodeRsaPrivateKey;
+        use rsa::pkcs8::EncodePrivateKey;
+        let key = rsa::RsaPrivateKey::from_pkcs1_pem(pem)
+            .map_err(|e| MaterialError::Invalid(format!("bad PKCS#1 RSA key: {e}")))?;
+        let der = key
+            .to_pkcs8_der()
+            .map_err(|e| MaterialError::Invalid(format!("RSA key to PKCS#8: {e}")))?;
+        return Ok(KeyPair::try_from(der.as_bytes())?);
+    }
+    if pem.contains("-----BEGIN EC PRIVATE KEY-----") {
+        return Err(MaterialError::Invalid(
+            "an EC key in SEC1 form (EC PRIVATE KEY): convert it to PKCS#8 (openssl pkcs8 -topk8 -nocrypt)".into(),
+        ));
+    }
+    Ok(KeyPair::from_pem(pem)?)
+}
+
 fn issuer(p: Pems) -> Result<Issuer, MaterialError> {
-    let key = KeyPair::from_pem(&p.key)?;
+    let key = key_pair(&p.key)?;
     let signing = certs(&p.cert)?;
     let leaf = signing
         .first()
@@ -305,6 +326,36 @@ mod tests {
             Some((c, k)) => p.signed_by(&key, c, k).unwrap(),
         };
         (cert, key)
+    }
+
+    #[test]
+    fn a_pkcs1_rsa_key_signs_like_its_pkcs8_form() {
+        use rsa::pkcs1::EncodeRsaPrivateKey;
+        use rsa::pkcs8::EncodePrivateKey;
+        let rsa_key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).unwrap();
+        let pkcs1 = rsa_key.to_pkcs1_pem(rsa::pkcs8::LineEnding::LF).unwrap();
+        let pkcs8 = rsa_key.to_pkcs8_pem(rsa::pkcs8::LineEnding::LF).unwrap();
+        let from1 = key_pair(&pkcs1).unwrap();
+        let from8 = key_pair(&pkcs8).unwrap();
+        assert_eq!(from1.public_key_der(), from8.public_key_der());
+        assert!(std::ptr::eq(from1.algorithm(), &rcgen::PKCS_RSA_SHA256));
+        // A self-signed root from that key is accepted as the CA's material.
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::CommonName, "rsa root");
+        p.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let cert = p.self_signed(&from1).unwrap();
+        issuer(Pems {
+            cert: cert.pem(),
+            key: pkcs1.to_string(),
+            chain: String::new(),
+            root: String::new(),
+        })
+        .unwrap();
+        let e = key_pair("-----BEGIN EC PRIVATE KEY-----\nAAAA\n-----END EC PRIVATE KEY-----\n")
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("PKCS#8"), "{e}");
     }
 
     #[test]

@@ -6,6 +6,8 @@
 pub mod rules;
 mod token;
 pub use token::*;
+mod hostport;
+pub use hostport::{HostPort, HostPortError};
 
 use std::collections::BTreeMap;
 use std::fmt;

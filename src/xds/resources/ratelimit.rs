@@ -13,7 +13,7 @@
 //!   request passes (`failure_mode_deny: false`); a rule whose failover is `FAILOVER_LOCAL` also
 //!   has local buckets of the same amounts, which then still hold.
 
-use std::net::SocketAddr;
+use crate::model::HostPort;
 
 use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster};
 use envoy_types::pb::envoy::config::core::v3::{
@@ -312,20 +312,23 @@ pub fn with_limits(mut route: Route, rules: &[&RateLimitRule], instances: u32) -
     route
 }
 
-/// The rate-limit service's cluster (HTTP/2 to `addr`).
-pub fn rls_cluster(addr: SocketAddr) -> Cluster {
+/// The rate-limit service's cluster (HTTP/2 to `addr`; resolved by DNS when it is a name, as a
+/// Kubernetes Service's is).
+pub fn rls_cluster(addr: &HostPort) -> Cluster {
+    let kind = match addr.ip() {
+        Some(_) => cluster::DiscoveryType::Static,
+        None => cluster::DiscoveryType::StrictDns,
+    };
     let mut c = Cluster {
         name: RLS_CLUSTER.into(),
-        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
-            cluster::DiscoveryType::Static as i32,
-        )),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(kind as i32)),
         connect_timeout: Some(duration_ms(1000)),
         load_assignment: Some(ClusterLoadAssignment {
             cluster_name: RLS_CLUSTER.into(),
             endpoints: vec![LocalityLbEndpoints {
                 lb_endpoints: vec![LbEndpoint {
                     host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
-                        address: Some(socket(&addr.ip().to_string(), addr.port())),
+                        address: Some(socket(&addr.host, addr.port)),
                         ..Default::default()
                     })),
                     ..Default::default()
@@ -350,6 +353,30 @@ mod tests {
     use crate::model::MatchString;
     use envoy_types::pb::envoy::config::route::v3::route::Action as RouteAction;
     use prost::Message;
+
+    #[test]
+    fn the_rls_cluster_resolves_a_name_by_dns_and_takes_an_ip_as_is() {
+        let kind = |c: &Cluster| c.cluster_discovery_type.clone();
+        let ip = rls_cluster(&"10.0.0.7:8081".parse().unwrap());
+        assert_eq!(
+            kind(&ip),
+            Some(cluster::ClusterDiscoveryType::Type(
+                cluster::DiscoveryType::Static as i32
+            ))
+        );
+        let name = rls_cluster(&"polaris.polaris-system.svc:8081".parse().unwrap());
+        assert_eq!(
+            kind(&name),
+            Some(cluster::ClusterDiscoveryType::Type(
+                cluster::DiscoveryType::StrictDns as i32
+            ))
+        );
+        let ep = &name.load_assignment.unwrap().endpoints[0].lb_endpoints[0];
+        let Some(HostIdentifier::Endpoint(e)) = &ep.host_identifier else {
+            panic!("no endpoint")
+        };
+        assert_eq!(e.address, Some(socket("polaris.polaris-system.svc", 8081)));
+    }
 
     fn rule(id: &str, kind: LimitType, amounts: &[(u32, &str)]) -> RateLimitRule {
         RateLimitRule {

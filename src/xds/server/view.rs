@@ -167,7 +167,7 @@ impl StreamState {
             by_kind
                 .get_or_default(TypeKind::Listener)
                 .push(Encoded::new(Arc::from(l.name.as_str()), &l));
-            if let Some(addr) = self.snap.rls {
+            if let Some(addr) = &self.snap.rls {
                 let c = r::rls_cluster(addr);
                 by_kind
                     .get_or_default(TypeKind::Cluster)

@@ -29,7 +29,7 @@ pub struct Config {
     /// SPIFFE trust domain of workload identities.
     pub trust_domain: Arc<str>,
     /// The rate-limit service's address as sidecars reach it (global rate limits).
-    pub rls: Option<std::net::SocketAddr>,
+    pub rls: Option<crate::model::HostPort>,
 }
 
 impl Default for Config {
@@ -148,7 +148,7 @@ impl Builder {
                 namespaces: self.namespaces.clone(),
                 secrets: Default::default(),
                 trust_domain: self.cfg.trust_domain.clone(),
-                rls: self.cfg.rls,
+                rls: self.cfg.rls.clone(),
             },
             changes,
         );
@@ -245,7 +245,7 @@ impl Builder {
                 namespaces: self.namespaces.clone(),
                 secrets: Default::default(),
                 trust_domain: self.cfg.trust_domain.clone(),
-                rls: self.cfg.rls,
+                rls: self.cfg.rls.clone(),
             },
             std::mem::take(changes),
         );

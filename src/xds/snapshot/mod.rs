@@ -127,7 +127,7 @@ pub struct Snapshot {
     /// SPIFFE trust domain of workload identities (inbound listeners check callers against it).
     pub trust_domain: Arc<str>,
     /// The control plane's rate-limit service, as sidecars reach it (global rate limits).
-    pub rls: Option<std::net::SocketAddr>,
+    pub rls: Option<crate::model::HostPort>,
 }
 
 /// The cache streams read: the latest snapshot and recent change lists.
@@ -251,7 +251,7 @@ impl Cache {
                 namespaces: cur.namespaces.clone(),
                 secrets: Arc::new(next),
                 trust_domain: cur.trust_domain.clone(),
-                rls: cur.rls,
+                rls: cur.rls.clone(),
             },
             changes,
         );
