@@ -89,7 +89,7 @@ async fn scenario(
         "webhooks": [{
             "name": "inject.polarismesh.cn",
             "clientConfig": {"url": format!("https://127.0.0.1:{port}/inject"),
-                             "caBundle": base64::engine::general_purpose::STANDARD.encode(ca_bundle)},
+                             "caBundle": base64::engine::general_purpose::STANDARD.encode(&ca_bundle)},
             "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
             "namespaceSelector": {"matchLabels": {"polaris-test": ns}},
             "sideEffects": "None", "admissionReviewVersions": ["v1"], "failurePolicy": "Fail", "timeoutSeconds": 10,
@@ -146,6 +146,18 @@ async fn scenario(
         stored.metadata.annotations.as_ref().unwrap()["sidecar.polarismesh.cn/status"],
         "injected"
     );
+    // Beside the CA, the pod carries its root (the agent reads it through the downward API).
+    let root = stored
+        .metadata
+        .annotations
+        .as_ref()
+        .unwrap()
+        .get("sidecar.polarismesh.cn/ca-root");
+    if tag == "ca" {
+        assert_eq!(root, Some(&ca_bundle));
+    } else {
+        assert!(root.is_none(), "no CA, no root: {root:?}");
+    }
     // Read back: the stored pod is the injected one.
     let again = pods
         .get(stored.metadata.name.as_deref().unwrap())

@@ -24,6 +24,9 @@ use serde_json::{json, Value};
 pub const INJECT_LABEL: &str = "polarismesh.cn/inject";
 /// Annotation marking an injected pod.
 pub const STATUS_ANNOTATION: &str = "sidecar.polarismesh.cn/status";
+/// Annotation holding the CA's root (PEM) when the injector knows it; the agent reads it through a
+/// downward API volume, so no ConfigMap has to be published into every namespace.
+pub const ROOT_ANNOTATION: &str = "sidecar.polarismesh.cn/ca-root";
 /// Pod annotation: the TLS mode the pod starts in (`none`, `permissive`, `strict`).
 pub const TLS_MODE_ANNOTATION: &str = "polarismesh.cn/tls-mode";
 /// Pod annotation: fetch virtual hosts on demand.
@@ -56,8 +59,11 @@ pub struct Config {
     pub xds_addr: String,
     /// The CA sidecars' agents reach (`https://host:port`).
     pub ca_addr: String,
-    /// ConfigMap holding the CA's root (`root-cert.pem`).
+    /// ConfigMap holding the CA's root (`root-cert.pem`), used when `root_pem` is not known.
     pub root_config_map: String,
+    /// The CA's root (PEM), when the injector runs beside the CA: it goes into the pod as
+    /// [`ROOT_ANNOTATION`].
+    pub root_pem: Option<String>,
     /// Audience of the agents' tokens.
     pub token_audience: String,
 }
@@ -72,6 +78,7 @@ impl Default for Config {
             xds_addr: "polaris.polaris-system:15010".into(),
             ca_addr: "https://polaris.polaris-system:8443".into(),
             root_config_map: "polaris-root-ca".into(),
+            root_pem: None,
             token_audience: "polaris-ca".into(),
         }
     }
@@ -301,13 +308,30 @@ pub fn patch(
             }),
             ..Default::default()
         });
-        volumes.push(Volume {
-            name: ROOT_VOLUME.into(),
-            config_map: Some(k8s_openapi::api::core::v1::ConfigMapVolumeSource {
-                name: cfg.root_config_map.clone(),
+        volumes.push(match &cfg.root_pem {
+            Some(_) => Volume {
+                name: ROOT_VOLUME.into(),
+                downward_api: Some(k8s_openapi::api::core::v1::DownwardAPIVolumeSource {
+                    items: Some(vec![k8s_openapi::api::core::v1::DownwardAPIVolumeFile {
+                        path: "root-cert.pem".into(),
+                        field_ref: Some(k8s_openapi::api::core::v1::ObjectFieldSelector {
+                            field_path: format!("metadata.annotations['{ROOT_ANNOTATION}']"),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                }),
                 ..Default::default()
-            }),
-            ..Default::default()
+            },
+            None => Volume {
+                name: ROOT_VOLUME.into(),
+                config_map: Some(k8s_openapi::api::core::v1::ConfigMapVolumeSource {
+                    name: cfg.root_config_map.clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
         });
     }
     let mut ops = Vec::new();
@@ -347,11 +371,23 @@ pub fn patch(
         // otherwise); `default` is what the ServiceAccount admission plugin would have named.
         ops.push(json!({"op": "add", "path": "/spec/serviceAccountName", "value": "default"}));
     }
+    let mut marks = vec![(STATUS_ANNOTATION, "injected")];
+    if let (true, Some(root)) = (mtls, &cfg.root_pem) {
+        marks.push((ROOT_ANNOTATION, root.as_str()));
+    }
     match &pod.metadata.annotations {
-        Some(_) => ops.push(json!({"op": "add",
-            "path": format!("/metadata/annotations/{}", escape(STATUS_ANNOTATION)), "value": "injected"})),
-        None => ops.push(json!({"op": "add", "path": "/metadata/annotations",
-            "value": {STATUS_ANNOTATION: "injected"}})),
+        Some(_) => {
+            for (k, v) in marks {
+                ops.push(json!({"op": "add", "path": format!("/metadata/annotations/{}", escape(k)), "value": v}));
+            }
+        }
+        None => {
+            let all: serde_json::Map<String, Value> = marks
+                .into_iter()
+                .map(|(k, v)| (k.into(), json!(v)))
+                .collect();
+            ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": all}));
+        }
     }
     Some(ops)
 }
@@ -407,6 +443,47 @@ mod tests {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    #[test]
+    fn the_root_goes_into_the_pod_when_the_injector_knows_it() {
+        let raw = json!({"metadata": {"name": "web", "annotations": {"a": "b"}, "labels": {"polarismesh.cn/inject": "enabled"}},
+                         "spec": {"containers": [{"name": "web", "image": "web:1"}]}});
+        let root = "-----BEGIN CERTIFICATE-----\nMII\n-----END CERTIFICATE-----\n";
+        let cfg = Config {
+            root_pem: Some(root.into()),
+            ..Config::default()
+        };
+        let vol = |doc: &Value| {
+            doc["spec"]["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["name"] == ROOT_VOLUME)
+                .cloned()
+                .unwrap()
+        };
+        let mut doc = raw.clone();
+        apply(
+            &mut doc,
+            &patch(&cfg, &pod(raw.clone()), "shop", &BTreeMap::new()).unwrap(),
+        );
+        assert_eq!(doc["metadata"]["annotations"][ROOT_ANNOTATION], root);
+        assert_eq!(doc["metadata"]["annotations"]["a"], "b");
+        let v = vol(&doc);
+        assert_eq!(
+            v["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"],
+            format!("metadata.annotations['{ROOT_ANNOTATION}']")
+        );
+        assert_eq!(v["downwardAPI"]["items"][0]["path"], "root-cert.pem");
+        // Without it, the ConfigMap of the pod's namespace.
+        let mut doc = raw.clone();
+        apply(
+            &mut doc,
+            &patch(&Config::default(), &pod(raw), "shop", &BTreeMap::new()).unwrap(),
+        );
+        assert!(doc["metadata"]["annotations"][ROOT_ANNOTATION].is_null());
+        assert_eq!(vol(&doc)["configMap"]["name"], "polaris-root-ca");
     }
 
     #[test]

@@ -276,8 +276,11 @@ async fn webhook(
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the webhook on {addr}"))?;
+    let mut config = cfg.inject_config();
+    // Beside the CA, pods get its root in an annotation (no ConfigMap per namespace to publish).
+    config.root_pem = ca.map(|ca| ca.root_pem().to_string());
     let w = Arc::new(crate::inject::webhook::Webhook {
-        config: cfg.inject_config(),
+        config,
         kube: kube_client(cfg.kubeconfig.as_deref()).await?,
         metrics: metrics.clone(),
     });
