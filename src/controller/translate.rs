@@ -26,6 +26,8 @@ pub const SOURCE: &str = "kubernetes";
 /// Metadata key naming the cluster whose controller wrote a record.
 pub const CLUSTER_KEY: &str = "clusterName";
 
+/// Instance metadata: the app's own port, behind the sidecar's inbound port.
+pub const APP_PORT_KEY: &str = "polarismesh.cn/appPort";
 /// Service or namespace annotation: `"true"` syncs, `"false"` does not (the Service's wins).
 pub const SYNC_ANNOTATION: &str = "polarismesh.cn/sync";
 /// Service annotation: instance weight (default 100).
@@ -256,11 +258,21 @@ pub fn translate<'a>(
                 .into_iter()
                 .collect();
             let version = labels.get("version").cloned();
+            // An injected pod is reached through its sidecar's inbound listener, which forwards
+            // to the app's ports: one instance at that port, the app's port kept in metadata.
+            let sidecar = pod.is_some_and(crate::inject::patch::injected);
             let mut meta = labels;
             meta.extend(extra.clone());
             ownership(&mut meta);
             for port in slice.ports.iter().flatten() {
-                let Some(p) = port.port else { continue };
+                let Some(app_port) = port.port else { continue };
+                let mut meta = meta.clone();
+                let p = if sidecar {
+                    meta.insert(APP_PORT_KEY.into(), app_port.to_string());
+                    i32::from(crate::inject::patch::SIDECAR_INBOUND_PORT)
+                } else {
+                    app_port
+                };
                 let protocol = port.app_protocol.clone().unwrap_or_else(|| {
                     format!(
                         "{}/{}",
@@ -430,6 +442,50 @@ mod tests {
         }
         // Same input, same output (the reconcile relies on it to write nothing on a resync).
         assert_eq!(run(&w).unwrap(), d);
+    }
+
+    #[test]
+    fn an_injected_pod_is_reached_at_its_sidecars_inbound_port() {
+        let mut w = world();
+        let ready_pod = w
+            .slice
+            .endpoints
+            .iter()
+            .find(|e| e.addresses == ["10.244.0.11"])
+            .and_then(|e| e.target_ref.as_ref()?.name.clone())
+            .unwrap();
+        let p = w
+            .pods
+            .iter_mut()
+            .find(|p| p.metadata.name.as_deref() == Some(ready_pod.as_str()))
+            .unwrap();
+        p.metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(
+                crate::inject::patch::STATUS_ANNOTATION.into(),
+                "injected".into(),
+            );
+        let d = run(&w).unwrap();
+        let of = |host: &str| -> Vec<(i64, Option<String>)> {
+            let mut v: Vec<_> = d
+                .instances
+                .iter()
+                .filter(|i| i.host.as_deref() == Some(host))
+                .map(|i| {
+                    (
+                        i.port.unwrap(),
+                        i.metadata.as_ref().unwrap().get(APP_PORT_KEY).cloned(),
+                    )
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        // One instance at the inbound port, whatever the Service's ports; the app's port kept.
+        assert_eq!(of("10.244.0.11"), [(15006, Some("8080".into()))]);
+        // A pod without a sidecar is reached at its own ports.
+        assert_eq!(of("10.244.0.12"), [(8080, None), (9090, None)]);
     }
 
     #[test]

@@ -22,6 +22,10 @@ use serde_json::{json, Value};
 
 /// Label (pod or namespace): `enabled` or `disabled`.
 pub const INJECT_LABEL: &str = "polarismesh.cn/inject";
+/// The port of an injected sidecar's inbound listener: callers reach the pod there (the controller
+/// registers an injected pod's instance at it), so that the service's TLS mode applies.
+pub const SIDECAR_INBOUND_PORT: u16 = 15006;
+
 /// Annotation marking an injected pod.
 pub const STATUS_ANNOTATION: &str = "sidecar.polarismesh.cn/status";
 /// Annotation holding the CA's root (PEM) when the injector knows it; the agent reads it through a
@@ -214,6 +218,7 @@ pub fn patch(
         format!("sidecar.polarismesh.cn/serviceName={service}"),
         format!("sidecar.polarismesh.cn/serviceNamespace={namespace}"),
         format!("polarismesh.cn/tls-mode={tls}"),
+        format!("polarismesh.cn/inboundPort={SIDECAR_INBOUND_PORT}"),
     ];
     if !ports.is_empty() {
         meta.push(format!(
