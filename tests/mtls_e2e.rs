@@ -617,3 +617,119 @@ async fn rotation_changes_the_presented_certificate_without_a_failed_request() {
         "the server sidecar restarted"
     );
 }
+
+/// The operator's switch: `kubectl label service echo polarismesh.cn/tls-mode=strict` on the real
+/// kube-apiserver reaches the control plane through its controller, and the service's real Envoy
+/// sidecar turns its inbound listener to mTLS only; removing the label turns it back.
+#[tokio::test]
+async fn a_kubernetes_service_label_switches_the_sidecars_inbound_listener_to_mtls() {
+    use k8s_openapi::api::core::v1::Service;
+    use kube::api::{Api, Patch, PatchParams, PostParams};
+    let kube = TestKube::from_env();
+    let client = kube.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ns = format!("k8s-tls-{}", free_port());
+    kube.service_account(&client, &ns, "echo").await;
+    let token = kube
+        .token(&client, &ns, "echo", &["polaris-ca"], 3600)
+        .await;
+    let token_file = dir.path().join("echo.token");
+    std::fs::write(&token_file, token).unwrap();
+    let svcs: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let svc: Service = serde_json::from_value(json!({"metadata": {"name": "echo"},
+        "spec": {"selector": {"app": "echo"}, "ports": [{"name": "http", "port": 80}]}}))
+    .unwrap();
+    svcs.create(&PostParams::default(), &svc).await.unwrap();
+    let cp = CaServer::start(
+        dir.path(),
+        &kube,
+        &["--xds-auth", "on", "--kubernetes", "--cluster-name", "kt"],
+    )
+    .await;
+    let agent = Agent::start(dir.path(), &cp, &token_file, &[]).await;
+    let c = reqwest::Client::new();
+    let synced = cp
+        .server
+        .url(&format!("/naming/v1/services?namespace={ns}&name=echo"));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while get(&c, &synced).await.1["amount"] != 1 {
+        assert!(Instant::now() < deadline, "the Service was never synced");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let app = HeaderApp::start().await;
+    let inbound = free_port();
+    let server = Envoy::start_tls(
+        dir.path(),
+        &format!("sidecar~{ns}/echo-0~127.0.0.1"),
+        cp.server.xds_port,
+        &[
+            "sidecar.polarismesh.cn/serviceName=echo",
+            &format!("polarismesh.cn/inboundPort={inbound}"),
+            &format!("sidecar.polarismesh.cn/bindPorts={}", app.port),
+        ],
+        &agent.socket,
+    )
+    .await;
+    let direct = || async {
+        let c = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        send(c.get(format!("http://127.0.0.1:{inbound}/"))).await
+    };
+    // The inbound listener's TLS, as Envoy holds it.
+    let requires_client_cert = || async {
+        let dump = reqwest::get(format!(
+            "{}/config_dump?resource=dynamic_listeners",
+            server.admin
+        ))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+        dump.contains("\"require_client_certificate\": true")
+    };
+    let eventually = |what: &'static str, want_plaintext: bool| {
+        let (direct, requires) = (&direct, &requires_client_cert);
+        let log = server.log.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                let r = direct().await;
+                let plaintext = r.as_ref().is_ok_and(|(st, _)| *st == 200);
+                if plaintext == want_plaintext && requires().await != want_plaintext {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "never {what}: last {r:?}; sidecar log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    eventually("plaintext without a label (none)", true).await;
+    let label = |mode: Option<&str>| {
+        let svcs = svcs.clone();
+        let mode = mode.map(str::to_string);
+        async move {
+            svcs.patch(
+                "echo",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {"polarismesh.cn/tls-mode": mode}}})),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    label(Some("strict")).await;
+    eventually("mTLS only after the strict label", false).await;
+    label(None).await;
+    eventually("plaintext again once the label is gone", true).await;
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(client)
+        .delete(&ns, &Default::default())
+        .await
+        .unwrap();
+}
