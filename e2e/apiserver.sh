@@ -41,21 +41,8 @@ patch_reflect2() {
     }
 }
 
-# Downloads Debian packages into $1 and unpacks them there.
-unpack_debs() {
-    local dest=$1
-    shift
-    mkdir -p "$dest" "$ROOT/debs"
-    (cd "$ROOT/debs" && apt-get download "$@" >/dev/null 2>&1) || {
-        log "apt-get download $* failed"
-        exit 1
-    }
-    for p in "$@"; do
-        for d in "$ROOT"/debs/"${p}"_*.deb; do
-            dpkg-deb -x "$d" "$dest"
-        done
-    done
-}
+# shellcheck source=e2e/debs.sh
+source "$(dirname "$0")/debs.sh"
 
 build() {
     if [ -x "$APISERVER" ] && [ -x "$ETCD" ]; then

@@ -26,20 +26,8 @@ GO_DEBS=(golang-github-masterminds-sprig-dev golang-github-masterminds-semver-de
 
 log() { echo "chart.sh: $*" >&2; }
 
-unpack_debs() {
-    local dest=$1
-    shift
-    mkdir -p "$dest" "$ROOT/debs"
-    (cd "$ROOT/debs" && apt-get download "$@" >/dev/null 2>&1) || {
-        log "apt-get download $* failed"
-        exit 1
-    }
-    for p in "$@"; do
-        for d in "$ROOT"/debs/"${p}"_*.deb; do
-            dpkg-deb -x "$d" "$dest"
-        done
-    done
-}
+# shellcheck source=e2e/debs.sh
+source e2e/debs.sh
 
 build() {
     if [ ! -x "$KUBECTL" ]; then

@@ -58,6 +58,30 @@ impl Drop for HeaderApp {
     }
 }
 
+/// The `echo` service's sidecar in `ns`: mTLS bootstrap with `agent`'s SDS socket, its inbound
+/// listener on `inbound` forwarding to the app on `app_port`.
+async fn echo_sidecar(
+    dir: &Path,
+    cp: &CaServer,
+    ns: &str,
+    inbound: u16,
+    app_port: u16,
+    agent: &Agent,
+) -> Envoy {
+    Envoy::start_tls(
+        dir,
+        &format!("sidecar~{ns}/echo-0~127.0.0.1"),
+        cp.server.xds_port,
+        &[
+            "sidecar.polarismesh.cn/serviceName=echo",
+            &format!("polarismesh.cn/inboundPort={inbound}"),
+            &format!("sidecar.polarismesh.cn/bindPorts={app_port}"),
+        ],
+        &agent.socket,
+    )
+    .await
+}
+
 /// A control plane with its CA, and the two sidecars.
 struct Mesh {
     ns: String,
@@ -128,18 +152,7 @@ impl Mesh {
         assert_eq!(st, 200, "{body}");
         let app = HeaderApp::start().await;
         let inbound = free_port();
-        let server = Envoy::start_tls(
-            dir.path(),
-            &format!("sidecar~{ns}/echo-0~127.0.0.1"),
-            cp.server.xds_port,
-            &[
-                "sidecar.polarismesh.cn/serviceName=echo",
-                &format!("polarismesh.cn/inboundPort={inbound}"),
-                &format!("sidecar.polarismesh.cn/bindPorts={}", app.port),
-            ],
-            &echo_agent.socket,
-        )
-        .await;
+        let server = echo_sidecar(dir.path(), &cp, &ns, inbound, app.port, &echo_agent).await;
         let (st, body) = post(
             &c,
             &cp.server.url("/naming/v1/instances"),
@@ -658,18 +671,7 @@ async fn a_kubernetes_service_label_switches_the_sidecars_inbound_listener_to_mt
     }
     let app = HeaderApp::start().await;
     let inbound = free_port();
-    let server = Envoy::start_tls(
-        dir.path(),
-        &format!("sidecar~{ns}/echo-0~127.0.0.1"),
-        cp.server.xds_port,
-        &[
-            "sidecar.polarismesh.cn/serviceName=echo",
-            &format!("polarismesh.cn/inboundPort={inbound}"),
-            &format!("sidecar.polarismesh.cn/bindPorts={}", app.port),
-        ],
-        &agent.socket,
-    )
-    .await;
+    let server = echo_sidecar(dir.path(), &cp, &ns, inbound, app.port, &agent).await;
     let direct = || async {
         let c = reqwest::Client::builder()
             .pool_max_idle_per_host(0)
