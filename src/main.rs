@@ -29,6 +29,8 @@ enum Cmd {
     Server(Box<ServerArgs>),
     /// Run the sidecar agent: workload certificates from the CA, served to Envoy over SDS.
     Agent(AgentArgs),
+    /// Run the Kubernetes controller on its own, writing to a control plane over REST.
+    Controller(ControllerArgs),
     /// Print an Envoy bootstrap (from bootstrap-templates/envoy.yaml) to stdout.
     Bootstrap(polaris_mesh::bootstrap::BootstrapArgs),
     /// Run a benchmark and print its figures.
@@ -166,6 +168,32 @@ struct ServerArgs {
     /// Which Services are synced [default: all].
     #[arg(long, value_enum)]
     sync_mode: Option<polaris_mesh::controller::translate::SyncMode>,
+}
+
+#[derive(Args)]
+struct ControllerArgs {
+    /// The control plane's REST API.
+    #[arg(long, default_value = "http://127.0.0.1:8090")]
+    server: String,
+    /// File with an admin token for the control plane [default: $POLARIS_TOKEN; none when the
+    /// control plane's REST authentication is off].
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Kubeconfig for the Kubernetes API [default: in-cluster, then $KUBECONFIG, ~/.kube/config].
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// This cluster's name in what its controller writes.
+    #[arg(long, default_value = "default")]
+    cluster_name: String,
+    /// Which Services are synced.
+    #[arg(long, value_enum, default_value = "all")]
+    sync_mode: polaris_mesh::controller::translate::SyncMode,
+    /// Everything is reconciled this often, in seconds.
+    #[arg(long, default_value_t = 30)]
+    resync_secs: u64,
+    /// Log filter [default: info; env RUST_LOG wins].
+    #[arg(long, default_value = "info")]
+    log_level: String,
 }
 
 #[derive(Args)]
@@ -366,6 +394,38 @@ fn main() -> anyhow::Result<()> {
                 polaris_mesh::server::shutdown_signal(),
             ))
             .context("polaris agent")
+        }
+        Cmd::Controller(a) => {
+            init_tracing(&a.log_level, LogFormat::Text);
+            let token = match &a.token_file {
+                Some(p) => Some(
+                    std::fs::read_to_string(p)
+                        .with_context(|| format!("reading {}", p.display()))?
+                        .trim()
+                        .to_string(),
+                ),
+                None => std::env::var("POLARIS_TOKEN").ok(),
+            };
+            let config = polaris_mesh::controller::run::Config {
+                translate: polaris_mesh::controller::translate::Config {
+                    cluster_name: a.cluster_name,
+                    mode: a.sync_mode,
+                },
+                resync: std::time::Duration::from_secs(a.resync_secs),
+                ..Default::default()
+            };
+            rt.block_on(async {
+                let kube = polaris_mesh::server::kube_client(a.kubeconfig.as_deref()).await?;
+                polaris_mesh::controller::run::standalone(
+                    a.server,
+                    token,
+                    kube,
+                    config,
+                    polaris_mesh::server::shutdown_signal(),
+                )
+                .await
+            })
+            .context("polaris controller")
         }
         Cmd::Bootstrap(a) => {
             let text = polaris_mesh::bootstrap::render(&a)?;

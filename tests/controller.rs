@@ -228,6 +228,132 @@ async fn what_no_service_stands_for_is_swept_at_start() {
     until(&c, &_s2, &["10.8.8.8:7000 ready"], "swept at start").await;
 }
 
+/// `polaris controller` in its own process, writing through the REST API of a server with
+/// authentication on: the same sync, ownership and sweep, its writes counted by the server; a
+/// restart writes nothing; a wrong token fails at once; the server refuses a malformed sync.
+#[tokio::test]
+async fn the_standalone_controller_syncs_through_rest() {
+    let api = FakeApi::start().await;
+    seed(&api);
+    let dir = tempfile::tempdir().unwrap();
+    let kc = dir.path().join("kubeconfig");
+    api.kubeconfig(&kc);
+    let admin = "controller-admin-0123456789abcdef";
+    let token = dir.path().join("admin.token");
+    std::fs::write(&token, admin).unwrap();
+    let s = Server::start(
+        &dir.path().join("d"),
+        &[
+            "--auth",
+            "on",
+            "--admin-token-file",
+            token.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let controller = |token_file: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_polaris"))
+            .args(["controller", "--server", &s.http, "--cluster-name", "c1"])
+            .arg("--kubeconfig")
+            .arg(&kc)
+            .arg("--token-file")
+            .arg(token_file)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("controller.log")).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    // Authentication on: reads need the token too.
+    let c = reqwest::Client::builder()
+        .default_headers(
+            [(
+                reqwest::header::HeaderName::from_static("x-polaris-token"),
+                reqwest::header::HeaderValue::from_static(admin),
+            )]
+            .into_iter()
+            .collect(),
+        )
+        .build()
+        .unwrap();
+
+    // A wrong token: the controller says so and exits, before watching anything.
+    let wrong = dir.path().join("wrong.token");
+    std::fs::write(&wrong, "not-a-token").unwrap();
+    let out = controller(&wrong).wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let log = std::fs::read_to_string(dir.path().join("controller.log")).unwrap();
+    assert!(log.contains("reaching the control plane"), "{log}");
+
+    let mut ctl = controller(&token);
+    until(&c, &s, &ALL_FOUR, "first sync through REST").await;
+    let (_, v) = get(&c, &s.url("/naming/v1/services?namespace=shop&name=echo")).await;
+    assert_eq!(v["services"][0]["metadata"]["clusterName"], "c1", "{v}");
+    let written = metric(&c, &s, "polaris_controller_writes_total").await;
+    assert!(
+        written >= 6,
+        "the server counts the controller's writes: {written}"
+    );
+    // A readiness change follows.
+    let mut slice = recorded("endpointslice.json");
+    slice["endpoints"][1]["conditions"]["ready"] = json!(true);
+    api.put("endpointslices", slice);
+    let ready = [
+        "10.244.0.11:8080 ready",
+        "10.244.0.11:9090 ready",
+        "10.244.0.12:8080 ready",
+        "10.244.0.12:9090 ready",
+    ];
+    until(&c, &s, &ready, "endpoint ready through REST").await;
+    ctl.kill().unwrap();
+    ctl.wait().unwrap();
+    // A restart with nothing changed writes nothing; a Service deleted while it was down is swept.
+    let before = metric(&c, &s, "polaris_controller_writes_total").await;
+    let passes = metric(&c, &s, "polaris_controller_passes_total").await;
+    let mut ctl = controller(&token);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        metric(&c, &s, "polaris_controller_writes_total").await,
+        before,
+        "restart wrote something"
+    );
+    assert_eq!(passes, 0, "the server ran no controller of its own");
+    api.delete("services", "shop", "echo");
+    until(&c, &s, &[], "the deleted Service's instances are gone").await;
+    ctl.kill().unwrap();
+    ctl.wait().unwrap();
+
+    // The server checks what it is sent: items naming another service, or instances without this
+    // cluster's ownership keys, are refused whole, naming the field.
+    let bad = json!({"clusterName": "c1", "items": [{"service": {"namespace": "shop", "name": "echo"},
+        "desired": {"namespace": "shop", "name": "other", "metadata": {"source": "kubernetes", "clusterName": "c1"},
+                    "alias": null, "instances": []}}]});
+    let (st, v) = post(&c, &s.url("/controller/v1/sync"), bad).await;
+    assert_eq!(st, 400, "{v}");
+    assert!(
+        v["info"].as_str().unwrap().contains("items[0].desired"),
+        "{v}"
+    );
+    let unowned = json!({"clusterName": "c1", "items": [{"service": {"namespace": "shop", "name": "echo"},
+        "desired": {"namespace": "shop", "name": "echo", "metadata": {"source": "kubernetes", "clusterName": "c1"},
+                    "alias": null, "instances": [{"namespace": "shop", "service": "echo", "host": "10.1.1.1", "port": 80}]}}]});
+    let (st, v) = post(&c, &s.url("/controller/v1/sync"), unowned).await;
+    assert_eq!(st, 400, "{v}");
+    assert!(
+        v["info"]
+            .as_str()
+            .unwrap()
+            .contains("items[0].desired.instances[0].metadata"),
+        "{v}"
+    );
+    let (st, _) = post(
+        &reqwest::Client::new(),
+        &s.url("/controller/v1/sync"),
+        json!({"clusterName": "c1", "items": []}),
+    )
+    .await;
+    assert_eq!(st, 401, "no token, no sync");
+}
+
 /// Against the real kube-apiserver (1.20: no EndpointSlice v1, so Services sync without
 /// instances): Namespaces and Services created for real reach the registry, and labelling a
 /// Service `polarismesh.cn/tls-mode=strict` makes the service strict, as xDS then serves it.

@@ -9,6 +9,7 @@
 pub mod auth;
 mod client;
 pub mod code;
+mod controller;
 mod error;
 mod input;
 mod naming;
@@ -101,6 +102,8 @@ pub fn router(state: AppState, extra: Extension) -> Router {
         )
         .route("/naming/v1/groups/delete", post(naming::delete_groups))
         .route("/core/v1/tokens", get(tokens::list).post(tokens::create))
+        .route("/controller/v1/sync", post(controller::sync))
+        .route("/controller/v1/owned", get(controller::owned))
         .route("/core/v1/tokens/delete", post(tokens::revoke))
         .route("/v1/RegisterInstance", post(client::register))
         .route("/v1/DeregisterInstance", post(client::deregister))

@@ -93,7 +93,10 @@ pub async fn run(a: ControllerArgs) -> anyhow::Result<()> {
         let client = kube::Client::try_from(kube::Config::new(url.clone()))?;
         Ok(tokio::spawn(run_controller(
             client,
-            reg.clone(),
+            Arc::new(crate::controller::target::Local {
+                registry: reg.clone(),
+                metrics: metrics.clone(),
+            }),
             Config::default(),
             metrics.clone(),
             Arc::new(Default::default()),

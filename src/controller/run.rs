@@ -20,11 +20,10 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource};
 use tokio::sync::{mpsc, watch};
 
-use super::reconcile::{apply, plan};
-use super::translate::{self, owned, slice_service, synced, translate};
+use super::target::{SyncItem, Target};
+use super::translate::{self, slice_service, synced, translate};
 use crate::metrics::Metrics;
 use crate::model::ServiceKey;
-use crate::registry::Registry;
 
 /// The controller's settings.
 #[derive(Debug, Clone)]
@@ -143,7 +142,7 @@ pub const COMPONENT: &str = "kubernetes-controller";
 /// its first pass has run.
 pub async fn run(
     client: Client,
-    reg: Registry,
+    target: Arc<dyn Target>,
     cfg: Config,
     metrics: Arc<Metrics>,
     ready: Arc<crate::ready::Readiness>,
@@ -223,7 +222,15 @@ pub async fn run(
     loop {
         if all || !dirty.is_empty() {
             let scope = if all { None } else { Some(&dirty) };
-            reconcile(&cfg, &reg, &stores, scope, &mut written, &metrics).await;
+            reconcile(
+                &cfg,
+                target.as_ref(),
+                &stores,
+                scope,
+                &mut written,
+                &metrics,
+            )
+            .await;
             ready.ready(COMPONENT);
             all = false;
             dirty = Scope::default();
@@ -255,7 +262,7 @@ pub async fn run(
 /// cluster owns in the registry but no Service stands for).
 async fn reconcile(
     cfg: &Config,
-    reg: &Registry,
+    target: &dyn Target,
     stores: &Stores,
     scope: Option<&Scope>,
     written: &mut HashMap<(String, String), ServiceKey>,
@@ -346,48 +353,68 @@ async fn reconcile(
     if scope.is_none() {
         // What this cluster owns in the registry that no Service stands for now.
         let wanted: BTreeSet<&ServiceKey> = written.values().collect();
-        let st = reg.read();
-        gone.extend(
-            st.services
-                .iter()
-                .filter(|(k, e)| {
-                    !wanted.contains(k)
-                        && e.service.alias_for.is_none()
-                        && (owned(&cfg.translate, &e.service.metadata)
-                            || e.instances
-                                .values()
-                                .any(|i| owned(&cfg.translate, &i.metadata)))
-                })
-                .map(|(k, _)| k.clone()),
-        );
-    }
-    let now = crate::model::now_rfc3339();
-    let work = desired
-        .iter()
-        .map(|(_, d)| (ServiceKey::new(&d.namespace, &d.name), Some(d)))
-        .chain(gone.into_iter().map(|k| (k, None)));
-    for (key, d) in work {
-        let p = match plan(&cfg.translate, &key, d, &reg.read(), &now) {
-            Ok(p) => p,
+        match target.owned(&cfg.translate).await {
+            Ok(owned) => gone.extend(owned.into_iter().filter(|k| !wanted.contains(k))),
             Err(e) => {
-                tracing::warn!(service = %key, error = %e, "cannot sync this Service");
-                continue;
-            }
-        };
-        for id in &p.foreign {
-            tracing::warn!(service = %key, instance = %id, "address held by another writer; left alone");
-        }
-        let n = p.writes();
-        if n == 0 {
-            continue;
-        }
-        match apply(reg, p).await {
-            Ok(()) => {
-                metrics.controller_writes.add(n as u64);
-            }
-            Err(e) => {
-                tracing::warn!(service = %key, error = %e, "sync write failed; the next pass retries")
+                tracing::warn!(error = %e, "cannot list what this cluster owns; the next pass sweeps")
             }
         }
     }
+    let items: Vec<SyncItem> = desired
+        .into_iter()
+        .map(|(_, d)| SyncItem {
+            service: ServiceKey::new(&d.namespace, &d.name),
+            desired: Some(d),
+        })
+        .chain(gone.into_iter().map(|k| SyncItem {
+            service: k,
+            desired: None,
+        }))
+        .collect();
+    match target.sync(&cfg.translate, items).await {
+        Ok(out) => {
+            for (key, id) in &out.foreign {
+                tracing::warn!(service = %key, instance = %id, "address held by another writer; left alone");
+            }
+            for (key, why) in &out.failed {
+                tracing::warn!(service = %key, error = %why, "cannot sync this Service; the next pass retries");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "sync failed; the next pass retries"),
+    }
+}
+
+/// `polaris controller`: the controller in its own process, writing to the control plane at
+/// `server` over REST (`token`: an admin token, when its authentication is on) until `shutdown`.
+/// The control plane is asked first, so a wrong address or token fails at once.
+pub async fn standalone(
+    server: String,
+    token: Option<String>,
+    kube: Client,
+    cfg: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let target = Arc::new(super::target::Remote::new(&server, token));
+    let owned = target
+        .owned(&cfg.translate)
+        .await
+        .context("reaching the control plane")?;
+    tracing::info!(%server, cluster = %cfg.translate.cluster_name, owned = owned.len(), "polaris controller started");
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = tx.send(true);
+    });
+    run(
+        kube,
+        target,
+        cfg,
+        Arc::new(Metrics::default()),
+        Arc::new(crate::ready::Readiness::default()),
+        rx,
+    )
+    .await?;
+    tracing::info!("polaris controller stopped");
+    Ok(())
 }

@@ -79,8 +79,9 @@ pub struct Config {
     pub mode: SyncMode,
 }
 
-/// A Service as the registry should hold it.
-#[derive(Debug, Clone, PartialEq)]
+/// A Service as the registry should hold it (also the body a standalone controller sends).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct DesiredService {
     /// Registry namespace.
     pub namespace: String,

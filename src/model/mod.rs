@@ -490,7 +490,7 @@ pub fn token_hash(token: &str) -> String {
 }
 
 /// Health check as clients send it: `type` may be `"HEARTBEAT"` or `1`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct HealthCheckInput {
     /// `"HEARTBEAT"` or `1`.
     #[serde(rename = "type", default)]
@@ -502,7 +502,7 @@ pub struct HealthCheckInput {
 }
 
 /// Heartbeat settings as sent.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct HeartbeatInput {
     /// Seconds, 1..=60; default 5.
     #[serde(default)]
@@ -510,7 +510,7 @@ pub struct HeartbeatInput {
 }
 
 /// An instance as clients send it (loosely typed so errors can name the field).
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct InstanceInput {
     /// Optional explicit id; derived from namespace+service+host+port otherwise.

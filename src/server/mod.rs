@@ -239,7 +239,10 @@ async fn start(
             "kubernetes controller",
             crate::controller::run::run(
                 kube,
-                registry.clone(),
+                Arc::new(crate::controller::target::Local {
+                    registry: registry.clone(),
+                    metrics: metrics.clone(),
+                }),
                 cfg.controller_config(),
                 metrics.clone(),
                 ready.clone(),
