@@ -48,9 +48,10 @@ pub enum Error {
     /// The instance has no heartbeat health check (heartbeats).
     #[error("instance {0} has no heartbeat health check (enableHealthCheck is false)")]
     HealthCheckOff(String),
-    /// The store failed; nothing was written (500).
+    /// The store failed; nothing was written (500). Shared: one failed commit fails every
+    /// request of its group.
     #[error(transparent)]
-    Store(#[from] store::Error),
+    Store(Arc<store::Error>),
     /// The registry is shutting down (503).
     #[error("registry is shutting down")]
     Closed,
@@ -296,7 +297,7 @@ impl Registry {
         config: Config,
         metrics: Arc<Metrics>,
     ) -> Result<Registry, Error> {
-        let snap = store.load()?;
+        let snap = store.load().await.map_err(|e| Error::Store(Arc::new(e)))?;
         let state = State::from_snapshot(snap);
         let (jobs, rx) = mpsc::channel(65536);
         let (feed, _) = broadcast::channel(config.feed_capacity);

@@ -16,7 +16,7 @@ use crate::model::{
     now_rfc3339, FieldError, Instance, InstanceGroup, InstanceInput, InstanceSelector, Namespace,
     NamespaceInput, Service, ServiceInput, ServiceKey, SYSTEM_NAMESPACES,
 };
-use crate::store::{self, Mutation, Store};
+use crate::store::{Mutation, Store};
 
 /// Most commands folded into one store transaction.
 const MAX_GROUP: usize = 1024;
@@ -74,12 +74,14 @@ pub(super) async fn writer_loop(
             continue;
         }
         let started = std::time::Instant::now();
-        let st = store.clone();
-        let committed = tokio::task::spawn_blocking(move || st.commit(&batch, revision))
-            .await
-            .unwrap_or_else(|e| Err(store::Error::Redb(format!("commit task failed: {e}"))));
-        match committed {
-            Ok(()) => {
+        // The store is where the state was before this group; a store shared with other writers
+        // would answer a conflict here (the single writer owns a local store, so it never does).
+        match store.commit(batch, revision - 1).await {
+            Ok(assigned) => {
+                debug_assert_eq!(
+                    assigned, revision,
+                    "a local store assigns the revision after the one expected"
+                );
                 inner
                     .metrics
                     .commit_seconds
@@ -95,13 +97,13 @@ pub(super) async fn writer_loop(
             }
             Err(e) => {
                 tracing::error!(error = %e, "store commit failed; reloading committed state");
-                let msg = e.to_string();
-                match store.load() {
+                match store.load().await {
                     Ok(snap) => *inner.state.write() = State::from_snapshot(snap),
                     Err(e2) => tracing::error!(error = %e2, "reload after failed commit failed"),
                 }
+                let e = Arc::new(e);
                 for (reply, r) in outcomes {
-                    let r = r.and(Err(Error::Store(store::Error::Redb(msg.clone()))));
+                    let r = r.and(Err(Error::Store(e.clone())));
                     let _ = reply.send(r);
                 }
             }
