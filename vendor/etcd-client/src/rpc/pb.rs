@@ -6,21 +6,21 @@
 #![allow(dead_code)]
 
 pub mod authpb {
-    tonic::include_proto!("authpb");
+    include!("../generated/authpb.rs");
 }
 
 pub mod etcdserverpb {
-    tonic::include_proto!("etcdserverpb");
+    include!("../generated/etcdserverpb.rs");
 }
 
 pub mod mvccpb {
-    tonic::include_proto!("mvccpb");
+    include!("../generated/mvccpb.rs");
 }
 
 pub mod v3electionpb {
-    tonic::include_proto!("v3electionpb");
+    include!("../generated/v3electionpb.rs");
 }
 
 pub mod v3lockpb {
-    tonic::include_proto!("v3lockpb");
+    include!("../generated/v3lockpb.rs");
 }
