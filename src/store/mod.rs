@@ -6,14 +6,17 @@
 //! [`Store::watch`] streams committed batches from a revision on, so a replica can follow what
 //! others write. The store knows nothing about validation or indexes; it keeps records by key.
 //!
-//! [`RedbStore`] is the embedded default; [`MemStore`] keeps records in memory (tests, benchmarks).
+//! [`RedbStore`] is the embedded default; [`EtcdStore`] is shared by replicas; [`MemStore`] keeps
+//! records in memory (tests, benchmarks).
 //! Both are single-process stores: their revisions advance by one per commit, and their watch
 //! serves a bounded history of recent commits ([`Feed`]).
 
+pub mod etcd;
 mod feed;
 mod memory;
 mod redb;
 
+pub use etcd::EtcdStore;
 pub use feed::Feed;
 pub use memory::MemStore;
 pub use redb::RedbStore;

@@ -39,6 +39,11 @@ impl RuleKind {
         RuleKind::FaultDetect,
     ];
 
+    /// The kind [`RuleKind::as_str`] names `s`.
+    pub fn parse(s: &str) -> Option<RuleKind> {
+        RuleKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
     /// The store's and the logs' name.
     pub fn as_str(self) -> &'static str {
         match self {
