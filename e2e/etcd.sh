@@ -3,7 +3,8 @@
 # under $POLARIS_CACHE (default ~/.cache/polaris-mesh), run on free loopback ports with its data in
 # a temporary directory.
 #
-#   e2e/etcd.sh start DIR   start etcd; writes DIR/env (POLARIS_TEST_ETCD=http://127.0.0.1:PORT) and
+#   e2e/etcd.sh start DIR   start etcd; writes DIR/env (POLARIS_TEST_ETCD=http://127.0.0.1:PORT, and
+#                           POLARIS_TEST_ETCD_BIN, for tests that run an etcd of their own) and
 #                           waits until it answers
 #   e2e/etcd.sh stop DIR    stop what `start DIR` started
 set -euo pipefail
@@ -41,7 +42,7 @@ import sys, urllib.request
 with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=1) as r:
     sys.exit(0 if b'"true"' in r.read() else 1)
 PY
-            echo "export POLARIS_TEST_ETCD=http://127.0.0.1:$client" >"$dir/env"
+            printf 'export POLARIS_TEST_ETCD=http://127.0.0.1:%s\nexport POLARIS_TEST_ETCD_BIN=%s\n' "$client" "$ETCD" >"$dir/env"
             log "etcd ready at http://127.0.0.1:$client"
             return
         fi

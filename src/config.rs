@@ -59,10 +59,39 @@ pub enum AuthMode {
     Off,
 }
 
+/// Where the registry is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// redb in the data directory: one server.
+    #[default]
+    Embedded,
+    /// etcd v3, shared by every replica (`etcdEndpoints`, `etcdPrefix`).
+    Etcd,
+}
+
 /// The server's settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServerConfig {
+    /// Where the registry is stored.
+    pub store: StoreKind,
+    /// etcd client URLs (`store: etcd`).
+    pub etcd_endpoints: Vec<String>,
+    /// Key prefix of this registry in etcd.
+    pub etcd_prefix: String,
+    /// etcd user (with `etcdPasswordFile`).
+    pub etcd_user: Option<String>,
+    /// File holding the etcd user's password.
+    pub etcd_password_file: Option<PathBuf>,
+    /// CA bundle (PEM) etcd's certificate chains to.
+    pub etcd_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd.
+    pub etcd_cert_file: Option<PathBuf>,
+    /// Its key (PEM).
+    pub etcd_key_file: Option<PathBuf>,
+    /// etcd's `--max-txn-ops`: most keys one commit may write.
+    pub etcd_max_txn_ops: usize,
     /// Directory of the embedded store.
     pub data_dir: PathBuf,
     /// REST API, `/metrics`, `/healthz`.
@@ -206,6 +235,15 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("./data"),
+            store: StoreKind::Embedded,
+            etcd_endpoints: vec!["http://127.0.0.1:2379".into()],
+            etcd_prefix: "/polaris".into(),
+            etcd_user: None,
+            etcd_password_file: None,
+            etcd_ca_file: None,
+            etcd_cert_file: None,
+            etcd_key_file: None,
+            etcd_max_txn_ops: 128,
             http_addr: "127.0.0.1:8090".parse().expect("literal"),
             xds_addr: "127.0.0.1:15010".parse().expect("literal"),
             log_level: "info".into(),
@@ -281,6 +319,28 @@ impl ServerConfig {
 
     /// Checks ranges.
     pub fn validate(&self) -> Result<(), Error> {
+        if self.store == StoreKind::Etcd {
+            if self.etcd_endpoints.is_empty() {
+                return Err(Error::Invalid {
+                    field: "etcdEndpoints",
+                    reason: "at least one with store: etcd".into(),
+                });
+            }
+            if !self.etcd_prefix.starts_with('/')
+                || self.etcd_prefix.trim_end_matches('/').is_empty()
+            {
+                return Err(Error::Invalid {
+                    field: "etcdPrefix",
+                    reason: "a key path such as /polaris".into(),
+                });
+            }
+            if self.etcd_max_txn_ops < 2 {
+                return Err(Error::Invalid {
+                    field: "etcdMaxTxnOps",
+                    reason: "at least 2".into(),
+                });
+            }
+        }
         if !(10..=60_000).contains(&self.health_check_interval_ms) {
             return Err(Error::Invalid {
                 field: "healthCheckIntervalMs",
@@ -484,6 +544,36 @@ impl ServerConfig {
             ca_addr: self.sidecar_ca_addr.clone(),
             ..Default::default()
         }
+    }
+
+    /// The etcd store's settings.
+    pub fn etcd_config(&self) -> Result<crate::store::etcd::Config, Error> {
+        let user = match (&self.etcd_user, &self.etcd_password_file) {
+            (Some(u), Some(p)) => {
+                let pw = std::fs::read_to_string(p).map_err(|source| Error::Read {
+                    path: p.clone(),
+                    source,
+                })?;
+                Some((u.clone(), pw.trim().to_string()))
+            }
+            (None, None) => None,
+            _ => {
+                return Err(Error::Invalid {
+                    field: "etcdUser",
+                    reason: "etcdUser and etcdPasswordFile go together".into(),
+                })
+            }
+        };
+        Ok(crate::store::etcd::Config {
+            endpoints: self.etcd_endpoints.clone(),
+            prefix: self.etcd_prefix.trim_end_matches('/').to_string(),
+            user,
+            ca_file: self.etcd_ca_file.clone(),
+            cert_file: self.etcd_cert_file.clone(),
+            key_file: self.etcd_key_file.clone(),
+            max_txn_ops: self.etcd_max_txn_ops,
+            ..Default::default()
+        })
     }
 
     /// The controller's settings.

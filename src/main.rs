@@ -46,6 +46,15 @@ struct ServerArgs {
     /// error naming its setting.
     #[arg(long)]
     check_config: bool,
+    /// Where the registry is stored [default: embedded].
+    #[arg(long, value_enum)]
+    store: Option<polaris_mesh::config::StoreKind>,
+    /// etcd client URLs, comma-separated (with --store etcd) [default: http://127.0.0.1:2379].
+    #[arg(long, value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// Key prefix of this registry in etcd [default: /polaris].
+    #[arg(long)]
+    etcd_prefix: Option<String>,
     /// Directory of the embedded store [default: ./data].
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -259,6 +268,15 @@ fn main() -> anyhow::Result<()> {
             };
             if let Some(v) = a.data_dir {
                 cfg.data_dir = v;
+            }
+            if let Some(v) = a.store {
+                cfg.store = v;
+            }
+            if !a.etcd_endpoints.is_empty() {
+                cfg.etcd_endpoints = a.etcd_endpoints;
+            }
+            if let Some(v) = a.etcd_prefix {
+                cfg.etcd_prefix = v;
             }
             if let Some(v) = a.http_addr {
                 cfg.http_addr = v;

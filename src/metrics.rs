@@ -230,6 +230,10 @@ pub struct Metrics {
     pub controller_passes: Counter,
     /// Registry items the Kubernetes controller wrote.
     pub controller_writes: Counter,
+    /// Commits of other replicas applied from a shared store's watch.
+    pub followed_commits: Counter,
+    /// Writes retried because another replica committed first.
+    pub store_conflicts: Counter,
     /// Pods the injector patched.
     pub injections: Counter,
     /// xDS NACKs received.
@@ -365,6 +369,18 @@ impl Metrics {
             "polaris_controller_passes_total",
             "Kubernetes controller reconcile passes.",
             self.controller_passes.get(),
+        );
+        counter(
+            &mut out,
+            "polaris_store_followed_commits_total",
+            "Commits of other replicas applied from the shared store's watch.",
+            self.followed_commits.get(),
+        );
+        counter(
+            &mut out,
+            "polaris_store_conflicts_total",
+            "Writes planned again because another replica committed first.",
+            self.store_conflicts.get(),
         );
         counter(
             &mut out,

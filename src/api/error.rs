@@ -67,7 +67,27 @@ impl ApiError {
             e @ registry::Error::HealthCheckOff(_) => {
                 ApiError::new(code::HEARTBEAT_ON_DISABLED, e.to_string())
             }
+            // A store that cannot be reached (etcd down, timeouts) is unavailable, not broken:
+            // 503, so clients and load balancers retry elsewhere or later.
+            registry::Error::Store(s)
+                if matches!(
+                    *s,
+                    crate::store::Error::Backend {
+                        backend: "etcd",
+                        ..
+                    }
+                ) =>
+            {
+                ApiError {
+                    status: Some(StatusCode::SERVICE_UNAVAILABLE),
+                    ..ApiError::new(code::STORE_EXCEPTION, s.to_string())
+                }
+            }
             e @ registry::Error::Store(_) => ApiError::new(code::STORE_EXCEPTION, e.to_string()),
+            e @ registry::Error::Conflict(_) => ApiError {
+                status: Some(StatusCode::CONFLICT),
+                ..ApiError::new(code::EXECUTE_EXCEPTION, e.to_string())
+            },
             e @ registry::Error::Closed => ApiError {
                 status: Some(StatusCode::SERVICE_UNAVAILABLE),
                 ..ApiError::new(code::EXECUTE_EXCEPTION, e.to_string())

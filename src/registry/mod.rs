@@ -10,6 +10,7 @@
 //! Heartbeats never touch the disk: the last beat time lives in a [`BeatSlot`] per instance. Only
 //! health *transitions* are written (as ordinary commands), so they are durable and on the feed.
 
+mod follow;
 mod health;
 mod state;
 mod writer;
@@ -52,6 +53,9 @@ pub enum Error {
     /// request of its group.
     #[error(transparent)]
     Store(Arc<store::Error>),
+    /// Other replicas kept committing first, every retry against fresh state too (409).
+    #[error("the write conflicted with other replicas' writes {0} times; retry it")]
+    Conflict(usize),
     /// The registry is shutting down (503).
     #[error("registry is shutting down")]
     Closed,
@@ -91,7 +95,7 @@ pub struct ServiceEntry {
 }
 
 /// A write, applied atomically.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Command {
     /// Create namespaces.
     CreateNamespaces(Vec<Namespace>),
@@ -255,6 +259,10 @@ pub struct Config {
     pub check_interval: Duration,
     /// Capacity of the change feed before slow subscribers lag.
     pub feed_capacity: usize,
+    /// The store is shared with other replicas' registries (etcd): follow what they commit
+    /// through the store's watch, and plan each write on a copy of the state, retried against the
+    /// fresh state when another replica committed first.
+    pub shared_store: bool,
 }
 
 impl Default for Config {
@@ -262,6 +270,7 @@ impl Default for Config {
         Self {
             check_interval: Duration::from_millis(250),
             feed_capacity: 4096,
+            shared_store: false,
         }
     }
 }
@@ -273,6 +282,10 @@ struct Inner {
     revision: watch::Sender<u64>,
     epoch: Instant,
     metrics: Arc<Metrics>,
+    /// With a shared store: held by the writer from planning to publishing a commit, and by the
+    /// follower while it applies another replica's, so each sees the other's work whole.
+    gate: tokio::sync::Mutex<()>,
+    shared: bool,
 }
 
 impl Inner {
@@ -309,6 +322,8 @@ impl Registry {
             revision,
             epoch: Instant::now(),
             metrics,
+            gate: tokio::sync::Mutex::new(()),
+            shared: config.shared_store,
         });
         {
             let st = inner.state.read();
@@ -321,6 +336,10 @@ impl Registry {
                     }
                 }
             }
+        }
+        if config.shared_store {
+            let from = inner.state.read().revision;
+            tokio::spawn(follow::follow(Arc::downgrade(&inner), store.clone(), from));
         }
         let writer_inner = inner.clone();
         let (done_tx, writer_done) = watch::channel(false);
@@ -465,6 +484,137 @@ mod tests {
         }
         .validate("t")
         .unwrap()
+    }
+
+    /// Everything a reader can see of a state, comparable.
+    fn dump(st: &State) -> String {
+        let mut out = format!("revision<={}\n", st.revision > 0);
+        for (k, n) in &st.namespaces {
+            out += &format!("ns {k} {}\n", serde_json::to_string(n).unwrap());
+            out += &format!("  cred {:?}\n", st.credential(&n.token_hash));
+        }
+        for (k, e) in &st.services {
+            out += &format!("svc {k} {}\n", serde_json::to_string(&e.service).unwrap());
+            out += &format!("  cred {:?}\n", st.credential(&e.service.token_hash));
+            for (id, i) in &e.instances {
+                out += &format!("  inst {id} {}\n", serde_json::to_string(i).unwrap());
+                let sel = crate::model::InstanceSelector::Address {
+                    service: ServiceKey::new(&i.namespace, &i.service),
+                    host: i.host.clone(),
+                    port: i.port,
+                };
+                out += &format!(
+                    "  resolves {:?} {:?}\n",
+                    st.resolve(&sel),
+                    st.instance(id).map(|i| &i.id)
+                );
+            }
+            for (n, g) in &e.groups {
+                out += &format!("  group {n} {}\n", serde_json::to_string(g).unwrap());
+            }
+        }
+        for (k, t) in &st.tokens {
+            out += &format!("token {k} {:?}\n", st.credential(&t.hash).is_some());
+        }
+        out
+    }
+
+    /// A replica that applies what another writer committed, as the store's watch reports it,
+    /// holds what that writer holds.
+    #[tokio::test]
+    async fn applying_committed_batches_rebuilds_the_writers_state() {
+        use futures::StreamExt;
+        let store = Arc::new(crate::store::MemStore::default());
+        let mut watch = store.watch(0).await.unwrap();
+        let reg = Registry::open(
+            store.clone(),
+            Config::default(),
+            Arc::new(Metrics::default()),
+        )
+        .await
+        .unwrap();
+        let mut svc = Service::bare("default", "echo", "t");
+        svc.token_hash = "svc-hash".into();
+        reg.submit(Command::CreateServices(vec![svc]))
+            .await
+            .unwrap();
+        reg.submit(Command::RegisterInstances(vec![
+            inst(80, None),
+            inst(81, Some(5)),
+            inst(82, None),
+        ]))
+        .await
+        .unwrap();
+        // The same instance id moved to another port would be another id; an update in place:
+        let mut heavier = inst(80, None);
+        heavier.weight = 3;
+        reg.submit(Command::RegisterInstances(vec![heavier]))
+            .await
+            .unwrap();
+        reg.submit(Command::DeregisterInstances(vec![InstanceSelector::Id(
+            inst(82, None).id,
+        )]))
+        .await
+        .unwrap();
+        reg.submit(Command::PutGroups(vec![InstanceGroup {
+            namespace: "default".into(),
+            service: "echo".into(),
+            name: "canary".into(),
+            labels: Default::default(),
+            ctime: "t".into(),
+        }]))
+        .await
+        .unwrap();
+        let token = crate::model::TokenInput {
+            name: Some("ci".into()),
+            role: Some("admin".into()),
+            namespaces: None,
+        }
+        .validate("token-hash".into(), "t")
+        .unwrap();
+        reg.submit(Command::PutTokens(vec![token])).await.unwrap();
+        // A second service comes and goes.
+        reg.submit(Command::RegisterInstances(vec![InstanceInput {
+            namespace: Some("default".into()),
+            service: Some("gone".into()),
+            host: Some("10.0.0.9".into()),
+            port: Some(9),
+            ..Default::default()
+        }
+        .validate("t")
+        .unwrap()]))
+            .await
+            .unwrap();
+        let gone = reg.read().services[&ServiceKey::new("default", "gone")]
+            .instances
+            .keys()
+            .next()
+            .unwrap()
+            .clone();
+        reg.submit(Command::DeregisterInstances(vec![InstanceSelector::Id(
+            gone,
+        )]))
+        .await
+        .unwrap();
+        reg.submit(Command::DeleteServices(vec![ServiceKey::new(
+            "default", "gone",
+        )]))
+        .await
+        .unwrap();
+        let want = reg.read().revision;
+        let mut follower = State::default();
+        let mut touched = Vec::new();
+        while follower.revision < want {
+            let c = tokio::time::timeout(std::time::Duration::from_secs(5), watch.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            touched.extend(follower.apply_committed(&c.batch, c.revision));
+        }
+        assert_eq!(dump(&follower), dump(&reg.read()));
+        assert!(touched.contains(&ChangeKey::Instances(ServiceKey::new("default", "echo"))));
+        assert!(touched.contains(&ChangeKey::Service(ServiceKey::new("default", "gone"))));
     }
 
     fn healthy(reg: &Registry, id: &str) -> bool {

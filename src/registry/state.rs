@@ -9,7 +9,7 @@ use crate::model::{AccessToken, Instance, InstanceSelector, Namespace, Service, 
 use crate::store;
 
 /// The in-memory state, read through [`Registry::read`].
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct State {
     /// Revision of the last committed change.
     pub revision: u64,
@@ -179,6 +179,133 @@ impl State {
         let inst = self.services.get_mut(&key)?.instances.remove(id)?;
         self.addr_index.remove(&(key, inst.host.clone(), inst.port));
         Some(inst)
+    }
+
+    /// Applies a batch another writer committed at `revision` (a replica's registry following a
+    /// shared store); answers what it touched. Records go in before what refers to them
+    /// (namespaces, services, then instances and groups) and come out in the reverse order,
+    /// whatever order the store reports them in.
+    pub(super) fn apply_committed(
+        &mut self,
+        batch: &[store::Mutation],
+        revision: u64,
+    ) -> Vec<super::ChangeKey> {
+        use super::ChangeKey;
+        use store::Mutation as M;
+        let rank = |m: &M| match m {
+            M::PutNamespace(_) => 0,
+            M::PutService(_) => 1,
+            M::PutInstance(_) | M::PutGroup(_) | M::PutToken(_) | M::PutRule(_) => 2,
+            M::DeleteInstance(_) | M::DeleteGroup { .. } | M::DeleteToken(_) | M::DeleteRule(_) => {
+                3
+            }
+            M::DeleteService { .. } => 4,
+            M::DeleteNamespace(_) => 5,
+        };
+        let mut ordered: Vec<&M> = batch.iter().collect();
+        ordered.sort_by_key(|m| rank(m));
+        let mut keys = Vec::new();
+        let touch = |st: &mut State, key: &ServiceKey| {
+            if let Some(e) = st.services.get_mut(key) {
+                e.revision = revision;
+            }
+        };
+        for m in ordered {
+            match m {
+                M::PutNamespace(n) => {
+                    keys.push(ChangeKey::Namespace(n.name.clone()));
+                    self.put_namespace(n.clone());
+                }
+                M::DeleteNamespace(n) => {
+                    keys.push(ChangeKey::Namespace(n.clone()));
+                    self.remove_namespace(n);
+                }
+                M::PutService(s) => {
+                    let key = s.key();
+                    let old = self.services.get(&key).map(|e| e.service.clone());
+                    self.service_token_changed(old.as_deref(), Some(s));
+                    let e =
+                        self.services
+                            .entry(key.clone())
+                            .or_insert_with(|| super::ServiceEntry {
+                                service: s.clone(),
+                                instances: BTreeMap::new(),
+                                groups: BTreeMap::new(),
+                                revision,
+                            });
+                    e.service = s.clone();
+                    e.revision = revision;
+                    keys.push(ChangeKey::Service(key));
+                }
+                M::DeleteService { namespace, name } => {
+                    let key = ServiceKey::new(namespace, name);
+                    if let Some(e) = self.services.remove(&key) {
+                        self.service_token_changed(Some(&e.service), None);
+                        for id in e.instances.keys() {
+                            self.instance_index.remove(id);
+                        }
+                        for i in e.instances.values() {
+                            self.addr_index
+                                .remove(&(key.clone(), i.host.clone(), i.port));
+                        }
+                    }
+                    keys.push(ChangeKey::Service(key));
+                }
+                M::PutInstance(i) => {
+                    self.remove_instance(&i.id);
+                    let key = ServiceKey::new(&i.namespace, &i.service);
+                    self.insert_instance(i.clone());
+                    touch(self, &key);
+                    keys.push(ChangeKey::Instances(key));
+                }
+                M::DeleteInstance(id) => {
+                    if let Some(i) = self.remove_instance(id) {
+                        let key = ServiceKey::new(&i.namespace, &i.service);
+                        touch(self, &key);
+                        keys.push(ChangeKey::Instances(key));
+                    }
+                }
+                M::PutGroup(g) => {
+                    let key = ServiceKey::new(&g.namespace, &g.service);
+                    if let Some(e) = self.services.get_mut(&key) {
+                        e.groups.insert(g.name.clone(), g.clone());
+                    }
+                    touch(self, &key);
+                    keys.push(ChangeKey::Instances(key));
+                }
+                M::DeleteGroup {
+                    namespace,
+                    service,
+                    name,
+                } => {
+                    let key = ServiceKey::new(namespace, service);
+                    if let Some(e) = self.services.get_mut(&key) {
+                        e.groups.remove(name);
+                    }
+                    touch(self, &key);
+                    keys.push(ChangeKey::Instances(key));
+                }
+                M::PutToken(t) => self.put_token(Arc::new(t.clone())),
+                M::DeleteToken(id) => {
+                    self.remove_token(id);
+                }
+                M::PutRule(r) => {
+                    if let Some(old) = self.put_rule(r.clone()) {
+                        keys.push(ChangeKey::Service(old.target()));
+                    }
+                    keys.push(ChangeKey::Service(r.target()));
+                }
+                M::DeleteRule(k) => {
+                    if let Some(old) = self.remove_rule(k) {
+                        keys.push(ChangeKey::Service(old.target()));
+                    }
+                }
+            }
+        }
+        self.revision = self.revision.max(revision);
+        let mut seen = std::collections::HashSet::new();
+        keys.retain(|k| seen.insert(k.clone()));
+        keys
     }
 
     pub(super) fn from_snapshot(snap: store::Snapshot) -> Self {

@@ -16,7 +16,7 @@ use crate::model::{
     now_rfc3339, FieldError, Instance, InstanceGroup, InstanceInput, InstanceSelector, Namespace,
     NamespaceInput, Service, ServiceInput, ServiceKey, SYSTEM_NAMESPACES,
 };
-use crate::store::{Mutation, Store};
+use crate::store::{self, Mutation, Store};
 
 /// Most commands folded into one store transaction.
 const MAX_GROUP: usize = 1024;
@@ -35,6 +35,11 @@ pub(super) async fn writer_loop(
                 Ok(j) => jobs.push(j),
                 Err(_) => break,
             }
+        }
+        if inner.shared {
+            let jobs = jobs.into_iter().map(|j| (j.cmd, j.reply)).collect();
+            shared_group(&inner, store.as_ref(), jobs).await;
+            continue;
         }
         let mut batch: Vec<Mutation> = Vec::new();
         let mut keys: Vec<ChangeKey> = Vec::new();
@@ -108,6 +113,133 @@ pub(super) async fn writer_loop(
                 }
             }
         }
+    }
+}
+
+/// Times a group is planned against fresh state after losing to another replica's commit.
+const MAX_ATTEMPTS: usize = 20;
+
+/// A group of jobs on a store shared with other replicas: planned on a copy of the state and
+/// committed only if the store is still where that copy is; when another replica committed
+/// first, planned again once this replica has followed that commit. The state and the change
+/// feed see the group only once it is committed.
+fn shared_group<'a>(
+    inner: &'a Arc<Inner>,
+    store: &'a dyn Store,
+    jobs: Vec<(Command, Reply)>,
+) -> futures::future::BoxFuture<'a, ()> {
+    Box::pin(shared_group_inner(inner, store, jobs))
+}
+
+async fn shared_group_inner(inner: &Arc<Inner>, store: &dyn Store, jobs: Vec<(Command, Reply)>) {
+    let (cmds, replies): (Vec<Command>, Vec<Reply>) = jobs.into_iter().unzip();
+    for attempt in 1..=MAX_ATTEMPTS {
+        let gate = inner.gate.lock().await;
+        let mut scratch = inner.state.read().clone();
+        let expected = scratch.revision;
+        let revision = expected + 1;
+        let now = now_rfc3339();
+        let mut batch: Vec<Mutation> = Vec::new();
+        let mut keys: Vec<ChangeKey> = Vec::new();
+        let mut beat_ops: Vec<BeatOp> = Vec::new();
+        let mut outcomes: Vec<Result<Vec<Item>, Error>> = Vec::with_capacity(cmds.len());
+        for cmd in cmds.iter().cloned() {
+            let mut tx = Tx {
+                inner,
+                st: &mut scratch,
+                muts: Vec::new(),
+                keys: Vec::new(),
+                beats: Vec::new(),
+                revision,
+                now: &now,
+            };
+            let r = tx.run(cmd);
+            if r.is_ok() {
+                batch.append(&mut tx.muts);
+                keys.append(&mut tx.keys);
+                beat_ops.append(&mut tx.beats);
+            }
+            outcomes.push(r);
+        }
+        if batch.is_empty() {
+            drop(gate);
+            for (reply, r) in replies.into_iter().zip(outcomes) {
+                let _ = reply.send(r);
+            }
+            return;
+        }
+        if let (Some(max), true) = (store.max_batch(), cmds.len() > 1) {
+            if batch.len() > max {
+                // More than one commit may hold: the requests go in halves, each whole.
+                drop(gate);
+                let mut jobs: Vec<(Command, Reply)> = cmds.into_iter().zip(replies).collect();
+                let second = jobs.split_off(jobs.len() / 2);
+                shared_group(inner, store, jobs).await;
+                shared_group(inner, store, second).await;
+                return;
+            }
+        }
+        let started = std::time::Instant::now();
+        match store.commit(batch, expected).await {
+            Ok(assigned) => {
+                inner
+                    .metrics
+                    .commit_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                scratch.revision = assigned;
+                *inner.state.write() = scratch;
+                apply_beat_ops(inner, beat_ops);
+                let mut seen = HashSet::new();
+                keys.retain(|k| seen.insert(k.clone()));
+                let _ = inner.feed.send(Arc::new(Change {
+                    revision: assigned,
+                    keys,
+                }));
+                inner.revision.send_replace(assigned);
+                drop(gate);
+                for (reply, r) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(r);
+                }
+                return;
+            }
+            Err(store::Error::Conflict { actual, .. }) => {
+                drop(gate);
+                inner.metrics.store_conflicts.inc();
+                tracing::debug!(
+                    attempt,
+                    expected,
+                    actual,
+                    "another replica committed first; planning again"
+                );
+                // Plan again once this replica holds what the other one wrote.
+                let mut rev = inner.revision.subscribe();
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    rev.wait_for(|r| *r >= actual),
+                )
+                .await;
+                // Replicas that lost together would collide again at once: spread them out,
+                // more with each loss.
+                let spread = (attempt as u64).min(8) * 2;
+                let jitter = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.subsec_nanos() as u64)
+                    % (spread * 1000 + 1);
+                tokio::time::sleep(std::time::Duration::from_micros(jitter)).await;
+            }
+            Err(e) => {
+                drop(gate);
+                tracing::error!(error = %e, "store commit failed; nothing written");
+                let e = Arc::new(e);
+                for reply in replies {
+                    let _ = reply.send(Err(Error::Store(e.clone())));
+                }
+                return;
+            }
+        }
+    }
+    for reply in replies {
+        let _ = reply.send(Err(Error::Conflict(MAX_ATTEMPTS)));
     }
 }
 

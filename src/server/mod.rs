@@ -66,15 +66,27 @@ pub async fn run(
     on_bound: impl FnOnce(Bound),
 ) -> anyhow::Result<()> {
     cfg.validate()?;
-    let store = Arc::new(
-        RedbStore::open(&cfg.data_dir)
-            .with_context(|| format!("opening store in {}", cfg.data_dir.display()))?,
-    );
+    let store: Arc<dyn crate::store::Store> = match cfg.store {
+        crate::config::StoreKind::Embedded => Arc::new(
+            RedbStore::open(&cfg.data_dir)
+                .with_context(|| format!("opening store in {}", cfg.data_dir.display()))?,
+        ),
+        crate::config::StoreKind::Etcd => {
+            let ec = cfg.etcd_config()?;
+            tracing::info!(endpoints = ?ec.endpoints, prefix = %ec.prefix, "registry on etcd");
+            Arc::new(
+                crate::store::EtcdStore::connect(ec)
+                    .await
+                    .context("connecting to etcd")?,
+            )
+        }
+    };
     let metrics = Arc::new(Metrics::default());
     let registry = Registry::open(
         store,
         registry::Config {
             check_interval: cfg.health_check_interval(),
+            shared_store: cfg.store == crate::config::StoreKind::Etcd,
             ..Default::default()
         },
         metrics.clone(),

@@ -321,6 +321,11 @@ impl Store for EtcdStore {
         Ok(r.header().map_or(0, |h| h.revision() as u64))
     }
 
+    fn max_batch(&self) -> Option<usize> {
+        // One operation of each transaction is the revision key.
+        Some(self.cfg.max_txn_ops.saturating_sub(1))
+    }
+
     async fn watch(&self, from: u64) -> Result<Watch, Error> {
         let stream = self
             .client

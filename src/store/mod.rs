@@ -161,6 +161,11 @@ pub trait Store: Send + Sync + 'static {
     /// Every batch committed after revision `from`, in order, then each as it commits (by any
     /// writer). [`Error::Compacted`] when the store no longer has that history.
     async fn watch(&self, from: u64) -> Result<Watch, Error>;
+
+    /// Most mutations one commit may hold, if the backend bounds it (etcd's `--max-txn-ops`).
+    fn max_batch(&self) -> Option<usize> {
+        None
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,264 @@
+//! Cluster mode: `polaris server` replicas sharing a registry on a real etcd (Debian's
+//! etcd-server, from `e2e/etcd.sh`). What one replica acknowledges, the others serve (REST and
+//! xDS, to a real Envoy); concurrent writes through two replicas lose nothing; a replica restarts
+//! from etcd; with etcd gone, writes fail with 503 and reads go on.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::traffic::{converge, register};
+use common::{free_port, get, post, Backend, Envoy, Server};
+use serde_json::json;
+
+fn etcd_url() -> String {
+    std::env::var("POLARIS_TEST_ETCD").expect(
+        "POLARIS_TEST_ETCD is not set: run ./scripts/test.sh (it starts a real etcd, e2e/etcd.sh)",
+    )
+}
+
+/// A replica on `endpoint` under `prefix`.
+async fn replica(dir: &std::path::Path, name: &str, endpoint: &str, prefix: &str) -> Server {
+    Server::start(
+        &dir.join(name),
+        &[
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            endpoint,
+            "--etcd-prefix",
+            prefix,
+        ],
+    )
+    .await
+}
+
+fn prefix(tag: &str) -> String {
+    format!("/polaris-cluster-test/{tag}-{}", std::process::id())
+}
+
+/// Instances (`host:port`) of `default/<svc>` as a replica lists them.
+async fn hosts(c: &reqwest::Client, s: &Server, svc: &str) -> BTreeSet<String> {
+    let (_, v) = get(
+        c,
+        &s.url(&format!(
+            "/naming/v1/instances?namespace=default&service={svc}&limit=10000"
+        )),
+    )
+    .await;
+    v["instances"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|i| format!("{}:{}", i["host"].as_str().unwrap(), i["port"]))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn eventually_hosts(c: &reqwest::Client, s: &Server, svc: &str, want: &BTreeSet<String>) {
+    let start = Instant::now();
+    loop {
+        let got = hosts(c, s, svc).await;
+        if &got == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{svc} on {}: {} of {} instances\n{}",
+            s.http,
+            got.len(),
+            want.len(),
+            std::fs::read_to_string(&s.log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_registration_through_one_replica_is_routed_by_an_envoy_on_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let (etcd, p) = (etcd_url(), prefix("route"));
+    let a = replica(dir.path(), "a", &etcd, &p).await;
+    let b = replica(dir.path(), "b", &etcd, &p).await;
+    let c = reqwest::Client::new();
+    let e = Envoy::start(
+        dir.path(),
+        "sidecar~default/cluster-0~127.0.0.1",
+        b.xds_port,
+        false,
+    )
+    .await;
+    let one = Backend::start("one").await;
+    register(&c, &a, "echo", one.port, json!({})).await;
+    let t = converge(&e, &c, "echo.default", &["one"], Duration::from_secs(10)).await;
+    eprintln!("registered through A, routed by an Envoy on B after {t:?}");
+    let two = Backend::start("two").await;
+    register(&c, &a, "echo", two.port, json!({})).await;
+    converge(
+        &e,
+        &c,
+        "echo.default",
+        &["one", "two"],
+        Duration::from_secs(5),
+    )
+    .await;
+    // Deregistered through B: gone from A's answers too.
+    let (st, _) = post(
+        &c,
+        &b.url("/naming/v1/instances/delete"),
+        json!([{"namespace": "default", "service": "echo", "host": "127.0.0.1", "port": one.port}]),
+    )
+    .await;
+    assert_eq!(st, 200);
+    converge(&e, &c, "echo.default", &["two"], Duration::from_secs(5)).await;
+    let want: BTreeSet<String> = [format!("127.0.0.1:{}", two.port)].into();
+    eventually_hosts(&c, &a, "echo", &want).await;
+}
+
+#[tokio::test]
+async fn concurrent_writes_through_two_replicas_lose_nothing_and_a_restart_reloads_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (etcd, p) = (etcd_url(), prefix("race"));
+    let a = replica(dir.path(), "a", &etcd, &p).await;
+    let mut b = replica(dir.path(), "b", &etcd, &p).await;
+    let c = reqwest::Client::new();
+    let mut tasks = Vec::new();
+    for i in 0..150u32 {
+        for (s, side) in [(&a, 1), (&b, 2)] {
+            let (c, url) = (c.clone(), s.url("/naming/v1/instances"));
+            tasks.push(tokio::spawn(async move {
+                let host = format!("10.{side}.{}.{}", i / 250, i % 250);
+                let (st, body) = post(
+                    &c,
+                    &url,
+                    json!([{"namespace": "default", "service": "race", "host": host, "port": 80}]),
+                )
+                .await;
+                (st, body, format!("{host}:80"))
+            }));
+        }
+    }
+    let mut acked = BTreeSet::new();
+    let mut conflicts = 0;
+    for t in tasks {
+        let (st, body, addr) = t.await.unwrap();
+        match st {
+            200 => {
+                acked.insert(addr);
+            }
+            409 => conflicts += 1,
+            other => panic!("registration answered {other}: {body}"),
+        }
+    }
+    eprintln!("{} acknowledged, {conflicts} answered 409", acked.len());
+    assert!(acked.len() >= 150, "most writes land: {}", acked.len());
+    // Every acknowledged write is on both replicas, and nothing that was not acknowledged.
+    eventually_hosts(&c, &a, "race", &acked).await;
+    eventually_hosts(&c, &b, "race", &acked).await;
+    // A replica killed and started again loads everything from etcd.
+    b.kill9();
+    let b2 = replica(dir.path(), "b2", &etcd, &p).await;
+    eventually_hosts(&c, &b2, "race", &acked).await;
+    let m = reqwest::get(a.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("polaris_store_followed_commits_total"), "{m}");
+}
+
+/// An etcd of this test's own, to stop.
+struct OwnEtcd {
+    child: Child,
+    url: String,
+}
+
+impl OwnEtcd {
+    async fn start(dir: &std::path::Path) -> OwnEtcd {
+        let bin = std::env::var("POLARIS_TEST_ETCD_BIN").expect(
+            "POLARIS_TEST_ETCD_BIN is not set: run ./scripts/test.sh (e2e/etcd.sh unpacks etcd)",
+        );
+        let (client, peer) = (free_port(), free_port());
+        let child = Command::new(bin)
+            .args([
+                "--data-dir",
+                dir.join("etcd").to_str().unwrap(),
+                "--name",
+                "own",
+            ])
+            .args([
+                "--listen-client-urls",
+                &format!("http://127.0.0.1:{client}"),
+            ])
+            .args([
+                "--advertise-client-urls",
+                &format!("http://127.0.0.1:{client}"),
+            ])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+            ])
+            .args(["--initial-cluster", &format!("own=http://127.0.0.1:{peer}")])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("etcd.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let url = format!("http://127.0.0.1:{client}");
+        let start = Instant::now();
+        while reqwest::get(format!("{url}/health")).await.is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "etcd did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        OwnEtcd { child, url }
+    }
+}
+
+impl Drop for OwnEtcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn with_etcd_gone_writes_fail_with_503_and_reads_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut etcd = OwnEtcd::start(dir.path()).await;
+    let s = replica(dir.path(), "a", &etcd.url, "/polaris").await;
+    let c = reqwest::Client::new();
+    let (st, body) = post(
+        &c,
+        &s.url("/naming/v1/instances"),
+        json!([{"namespace": "default", "service": "echo", "host": "10.0.0.1", "port": 80}]),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    etcd.child.kill().unwrap();
+    etcd.child.wait().unwrap();
+    let (st, body) = post(
+        &c,
+        &s.url("/naming/v1/instances"),
+        json!([{"namespace": "default", "service": "echo", "host": "10.0.0.2", "port": 80}]),
+    )
+    .await;
+    assert_eq!(st, 503, "{body}");
+    assert_eq!(body["code"], 500001, "{body}");
+    assert!(
+        body["responses"][0]["info"]
+            .as_str()
+            .unwrap()
+            .contains("etcd store"),
+        "the answer names the store: {body}"
+    );
+    // Reads are served from the replica's state.
+    let want: BTreeSet<String> = ["10.0.0.1:80".to_string()].into();
+    assert_eq!(hosts(&c, &s, "echo").await, want);
+}
