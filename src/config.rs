@@ -92,6 +92,9 @@ pub struct ServerConfig {
     pub etcd_key_file: Option<PathBuf>,
     /// etcd's `--max-txn-ops`: most keys one commit may write.
     pub etcd_max_txn_ops: usize,
+    /// How the other replicas reach this one's REST API (`store: etcd`) [default: from httpAddr,
+    /// which must then not be 0.0.0.0].
+    pub advertise_url: Option<String>,
     /// Directory of the embedded store.
     pub data_dir: PathBuf,
     /// REST API, `/metrics`, `/healthz`.
@@ -244,6 +247,7 @@ impl Default for ServerConfig {
             etcd_cert_file: None,
             etcd_key_file: None,
             etcd_max_txn_ops: 128,
+            advertise_url: None,
             http_addr: "127.0.0.1:8090".parse().expect("literal"),
             xds_addr: "127.0.0.1:15010".parse().expect("literal"),
             log_level: "info".into(),
@@ -332,6 +336,15 @@ impl ServerConfig {
                 return Err(Error::Invalid {
                     field: "etcdPrefix",
                     reason: "a key path such as /polaris".into(),
+                });
+            }
+            if self.advertise_url.is_none() && self.http_addr.ip().is_unspecified() {
+                return Err(Error::Invalid {
+                    field: "advertiseUrl",
+                    reason: format!(
+                        "replicas forward heartbeats to each other: give the URL they reach this one at (httpAddr {} is not one)",
+                        self.http_addr
+                    ),
                 });
             }
             if self.etcd_max_txn_ops < 2 {
@@ -573,6 +586,32 @@ impl ServerConfig {
             key_file: self.etcd_key_file.clone(),
             max_txn_ops: self.etcd_max_txn_ops,
             ..Default::default()
+        })
+    }
+
+    /// This replica's cluster settings (`store: etcd`); `http` is the bound REST address.
+    pub fn cluster_config(
+        &self,
+        http: std::net::SocketAddr,
+    ) -> Result<crate::cluster::Config, Error> {
+        let mut id = [0u8; 6];
+        getrandom::fill(&mut id).map_err(|e| Error::Invalid {
+            field: "replicaId",
+            reason: format!("no randomness for the replica id: {e}"),
+        })?;
+        let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let token = match self.admin_secret()? {
+            crate::api::auth::AdminSecret::Given(s) => Some(s),
+            crate::api::auth::AdminSecret::Generate(_) => None,
+        };
+        Ok(crate::cluster::Config {
+            id,
+            url: self
+                .advertise_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{http}")),
+            lease_ttl: Duration::from_secs(5),
+            token,
         })
     }
 

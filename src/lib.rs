@@ -8,6 +8,7 @@ pub mod api;
 pub mod bench;
 pub mod bootstrap;
 pub mod ca;
+pub mod cluster;
 pub mod config;
 pub mod controller;
 pub mod inject;

@@ -234,6 +234,8 @@ pub struct Metrics {
     pub followed_commits: Counter,
     /// Writes retried because another replica committed first.
     pub store_conflicts: Counter,
+    /// Heartbeats passed to the replica that owns their instance.
+    pub heartbeats_forwarded: Counter,
     /// Pods the injector patched.
     pub injections: Counter,
     /// xDS NACKs received.
@@ -375,6 +377,12 @@ impl Metrics {
             "polaris_store_followed_commits_total",
             "Commits of other replicas applied from the shared store's watch.",
             self.followed_commits.get(),
+        );
+        counter(
+            &mut out,
+            "polaris_heartbeats_forwarded_total",
+            "Heartbeats passed to the replica that owns their instance (cluster mode).",
+            self.heartbeats_forwarded.get(),
         );
         counter(
             &mut out,

@@ -262,3 +262,131 @@ async fn with_etcd_gone_writes_fail_with_503_and_reads_go_on() {
     let want: BTreeSet<String> = ["10.0.0.1:80".to_string()].into();
     assert_eq!(hosts(&c, &s, "echo").await, want);
 }
+
+/// `healthy` of each instance of `default/hb`, by host, as a replica lists them.
+async fn health(c: &reqwest::Client, s: &Server) -> std::collections::BTreeMap<String, bool> {
+    let (_, v) = get(
+        c,
+        &s.url("/naming/v1/instances?namespace=default&service=hb&limit=1000"),
+    )
+    .await;
+    v["instances"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|i| {
+                    (
+                        i["host"].as_str().unwrap().to_string(),
+                        i["healthy"].as_bool().unwrap(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Heartbeats for `hosts` through `s`, every 300 ms, until dropped; counts the failed ones.
+fn beat(
+    s: &Server,
+    hosts: Vec<String>,
+) -> (
+    tokio::task::JoinHandle<()>,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    let failed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (url, f) = (s.url("/v1/Heartbeat"), failed.clone());
+    let task = tokio::spawn(async move {
+        let c = reqwest::Client::new();
+        loop {
+            for h in &hosts {
+                let r = c
+                    .post(&url)
+                    .json(&json!({"namespace": "default", "service": "hb", "host": h, "port": 80}))
+                    .send()
+                    .await;
+                if !r.is_ok_and(|r| r.status().is_success()) {
+                    f.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    (task, failed)
+}
+
+#[tokio::test]
+async fn heartbeats_reach_the_owner_from_any_replica_and_ownership_survives_a_death() {
+    let dir = tempfile::tempdir().unwrap();
+    let (etcd, p) = (etcd_url(), prefix("beats"));
+    let mut a = replica(dir.path(), "a", &etcd, &p).await;
+    let b = replica(dir.path(), "b", &etcd, &p).await;
+    let c = reqwest::Client::new();
+    let hosts: Vec<String> = (1..=20).map(|i| format!("10.3.0.{i}")).collect();
+    let list: Vec<serde_json::Value> = hosts
+        .iter()
+        .map(|h| json!({"namespace": "default", "service": "hb", "host": h, "port": 80,
+            "enableHealthCheck": true, "healthCheck": {"type": "HEARTBEAT", "heartbeat": {"ttl": 1}}}))
+        .collect();
+    let (st, body) = post(&c, &a.url("/naming/v1/instances"), json!(list)).await;
+    assert_eq!(st, 200, "{body}");
+    let all: BTreeSet<String> = hosts.iter().map(|h| format!("{h}:80")).collect();
+    eventually_hosts(&c, &b, "hb", &all).await;
+    // Every heartbeat goes through B; A owns about half of the instances.
+    let (task, failed) = beat(&b, hosts.clone());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for s in [&a, &b] {
+        let h = health(&c, s).await;
+        assert_eq!(h.len(), 20);
+        assert!(h.values().all(|v| *v), "all healthy on {}: {h:?}", s.http);
+    }
+    assert_eq!(failed.load(std::sync::atomic::Ordering::Relaxed), 0);
+    let m = reqwest::get(b.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let forwarded: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("polaris_heartbeats_forwarded_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(forwarded > 0, "B forwarded the beats of A's instances");
+    task.abort();
+
+    // A dies. Half the instances go on beating through B, half fall silent.
+    let (beating, silent) = hosts.split_at(10);
+    let (task, _) = beat(&b, beating.to_vec());
+    let died = std::time::Instant::now();
+    a.kill9();
+    let mut silent_down = None;
+    while died.elapsed() < Duration::from_secs(20) {
+        let h = health(&c, &b).await;
+        for host in beating {
+            assert!(
+                h[host],
+                "{host} beats through B but turned unhealthy after A died: {h:?}"
+            );
+        }
+        let down = silent.iter().filter(|s| !h[*s]).count();
+        if down > 0 {
+            assert!(
+                died.elapsed() >= Duration::from_secs(3),
+                "a silent instance turned unhealthy {:?} after its last beat, before 3×TTL",
+                died.elapsed()
+            );
+        }
+        if down == silent.len() {
+            silent_down = Some(died.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let t = silent_down.expect("the silent instances turned unhealthy once B owned them");
+    eprintln!("silent instances unhealthy {t:?} after A died (lease 5 s + 3×TTL grace)");
+    // And the beating ones stay healthy a while longer.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let h = health(&c, &b).await;
+    assert!(beating.iter().all(|x| h[x]), "{h:?}");
+    task.abort();
+}

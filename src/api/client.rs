@@ -115,6 +115,31 @@ pub(super) async fn heartbeat(
     Ok(view::single(&Answer::ok("instance", json!({"id": id}))))
 }
 
+/// `POST /internal/v1/heartbeats` (cluster mode; admin when authentication is on): heartbeats
+/// another replica forwards to this one, the owner of their instances. Recorded here, never
+/// forwarded again.
+pub(super) async fn forwarded_heartbeats(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    body: Bytes,
+) -> ApiResult {
+    who.require(auth::Access::Admin, &st.metrics)?;
+    let beats: crate::cluster::Beats = parse_json(&body, Entity::Instance)?;
+    let mut results = Vec::with_capacity(beats.ids.len());
+    for id in beats.ids {
+        results.push(
+            st.registry
+                .heartbeat_local(id)
+                .await
+                .err()
+                .map(|e| e.to_string()),
+        );
+    }
+    Ok(axum::response::IntoResponse::into_response(axum::Json(
+        crate::cluster::BeatResults { results },
+    )))
+}
+
 /// Single-instance calls report `port`, not `[0].port`.
 fn strip_index(e: crate::registry::Error) -> crate::registry::Error {
     match e {

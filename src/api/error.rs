@@ -84,6 +84,10 @@ impl ApiError {
                 }
             }
             e @ registry::Error::Store(_) => ApiError::new(code::STORE_EXCEPTION, e.to_string()),
+            e @ registry::Error::Forward(..) => ApiError {
+                status: Some(StatusCode::SERVICE_UNAVAILABLE),
+                ..ApiError::new(code::EXECUTE_EXCEPTION, e.to_string())
+            },
             e @ registry::Error::Conflict(_) => ApiError {
                 status: Some(StatusCode::CONFLICT),
                 ..ApiError::new(code::EXECUTE_EXCEPTION, e.to_string())

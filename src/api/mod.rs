@@ -103,6 +103,10 @@ pub fn router(state: AppState, extra: Extension) -> Router {
         .route("/naming/v1/groups/delete", post(naming::delete_groups))
         .route("/core/v1/tokens", get(tokens::list).post(tokens::create))
         .route("/controller/v1/sync", post(controller::sync))
+        .route(
+            "/internal/v1/heartbeats",
+            post(client::forwarded_heartbeats),
+        )
         .route("/controller/v1/owned", get(controller::owned))
         .route("/core/v1/tokens/delete", post(tokens::revoke))
         .route("/v1/RegisterInstance", post(client::register))

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
+use super::health::{apply_beat_ops, BeatOp};
 use super::{Change, ChangeKey, Inner, State};
 use crate::store::{self, Store};
 
@@ -47,6 +48,17 @@ pub(super) async fn follow(inner: Weak<Inner>, store: Arc<dyn Store>, mut from: 
                         }
                         st.apply_committed(&c.batch, c.revision)
                     };
+                    // Every replica keeps beat slots, so heartbeat ownership can move to it.
+                    let beats: Vec<BeatOp> = c
+                        .batch
+                        .iter()
+                        .filter_map(|m| match m {
+                            store::Mutation::PutInstance(i) => Some(BeatOp::Upsert(i.clone())),
+                            store::Mutation::DeleteInstance(id) => Some(BeatOp::Remove(id.clone())),
+                            _ => None,
+                        })
+                        .collect();
+                    apply_beat_ops(&inner, beats);
                     from = c.revision;
                     publish(&inner, c.revision, keys);
                 }

@@ -51,17 +51,36 @@ pub(super) async fn health_checker(
 ) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut epoch = None;
     loop {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
         let now = inner.now_ms();
+        let owner = inner.ownership.read().clone();
+        if let Some(o) = &owner {
+            // Owners moved: every instance gets a fresh grace period here, since the beats of
+            // what this replica now owns went to another replica until now.
+            let e = o.epoch();
+            if epoch.is_some_and(|old| old != e) {
+                for s in inner.beats.read().values() {
+                    s.last_beat_ms.fetch_max(now, Ordering::Relaxed);
+                }
+                tracing::info!(
+                    epoch = e,
+                    "replicas changed: heartbeat ownership moved, fresh grace period"
+                );
+            }
+            epoch = Some(e);
+        }
+        let mine = |id: &str| owner.as_ref().is_none_or(|o| o.owns(id));
         let expired: Vec<String> = inner
             .beats
             .read()
             .iter()
-            .filter(|(_, s)| {
+            .filter(|(id, s)| {
                 s.healthy.load(Ordering::Acquire)
                     && s.expired(now)
+                    && mine(id)
                     && !s.expiring.swap(true, Ordering::AcqRel)
             })
             .map(|(id, _)| id.clone())

@@ -53,6 +53,9 @@ pub enum Error {
     /// request of its group.
     #[error(transparent)]
     Store(Arc<store::Error>),
+    /// The instance's owner could not record its heartbeat (503).
+    #[error("heartbeat of {0} not recorded by its owner replica: {1}")]
+    Forward(String, String),
     /// Other replicas kept committing first, every retry against fresh state too (409).
     #[error("the write conflicted with other replicas' writes {0} times; retry it")]
     Conflict(usize),
@@ -252,6 +255,18 @@ struct Job {
     reply: Reply,
 }
 
+/// Which replica decides an instance's heartbeat health (cluster mode): one owner per instance,
+/// so replicas never split the verdict.
+#[async_trait::async_trait]
+pub trait Ownership: Send + Sync {
+    /// Whether this replica decides `id`'s health.
+    fn owns(&self, id: &str) -> bool;
+    /// Changes whenever owners may have changed (a replica joined or left).
+    fn epoch(&self) -> u64;
+    /// Records a heartbeat for `id` at its owner, another replica.
+    async fn forward(&self, id: &str) -> Result<(), String>;
+}
+
 /// Registry settings.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -286,6 +301,7 @@ struct Inner {
     /// follower while it applies another replica's, so each sees the other's work whole.
     gate: tokio::sync::Mutex<()>,
     shared: bool,
+    ownership: RwLock<Option<Arc<dyn Ownership>>>,
 }
 
 impl Inner {
@@ -324,6 +340,7 @@ impl Registry {
             metrics,
             gate: tokio::sync::Mutex::new(()),
             shared: config.shared_store,
+            ownership: RwLock::new(None),
         });
         {
             let st = inner.state.read();
@@ -417,6 +434,27 @@ impl Registry {
                 .resolve(sel)
                 .ok_or_else(|| Error::NotFound("instance".into()))?,
         };
+        let owner = self.inner.ownership.read().clone();
+        if let Some(o) = owner {
+            if !o.owns(&id) && self.inner.beats.read().contains_key(&id) {
+                o.forward(&id)
+                    .await
+                    .map_err(|e| Error::Forward(id.clone(), e))?;
+                self.inner.metrics.heartbeats_forwarded.inc();
+                return Ok(id);
+            }
+        }
+        self.heartbeat_local(id).await
+    }
+
+    /// Sets who decides each instance's heartbeat health (cluster mode); without it, this
+    /// registry decides every instance's.
+    pub fn set_ownership(&self, o: Arc<dyn Ownership>) {
+        *self.inner.ownership.write() = Some(o);
+    }
+
+    /// Records a heartbeat here, whoever owns the instance (a forwarded one, from another replica).
+    pub async fn heartbeat_local(&self, id: String) -> Result<String, Error> {
         let slot = self.inner.beats.read().get(&id).cloned();
         let Some(slot) = slot else {
             return if self.read().instance(&id).is_some() {

@@ -66,19 +66,23 @@ pub async fn run(
     on_bound: impl FnOnce(Bound),
 ) -> anyhow::Result<()> {
     cfg.validate()?;
-    let store: Arc<dyn crate::store::Store> = match cfg.store {
-        crate::config::StoreKind::Embedded => Arc::new(
-            RedbStore::open(&cfg.data_dir)
-                .with_context(|| format!("opening store in {}", cfg.data_dir.display()))?,
+    let (store, etcd): (Arc<dyn crate::store::Store>, _) = match cfg.store {
+        crate::config::StoreKind::Embedded => (
+            Arc::new(
+                RedbStore::open(&cfg.data_dir)
+                    .with_context(|| format!("opening store in {}", cfg.data_dir.display()))?,
+            ),
+            None,
         ),
         crate::config::StoreKind::Etcd => {
             let ec = cfg.etcd_config()?;
             tracing::info!(endpoints = ?ec.endpoints, prefix = %ec.prefix, "registry on etcd");
-            Arc::new(
+            let etcd = Arc::new(
                 crate::store::EtcdStore::connect(ec)
                     .await
                     .context("connecting to etcd")?,
-            )
+            );
+            (etcd.clone() as Arc<dyn crate::store::Store>, Some(etcd))
         }
     };
     let metrics = Arc::new(Metrics::default());
@@ -94,7 +98,7 @@ pub async fn run(
     .await?;
     let ready = Arc::new(crate::ready::Readiness::default());
     let mut components = Components::new(ready.clone());
-    let started = start(&cfg, &registry, &metrics, &ready, &mut components).await;
+    let started = start(&cfg, &registry, etcd, &metrics, &ready, &mut components).await;
     let result = match started {
         Ok(bound) => {
             tracing::info!(http = %bound.http, xds = %bound.xds, ca = ?bound.ca, data_dir = %cfg.data_dir.display(), "polaris server started");
@@ -121,6 +125,7 @@ pub async fn run(
 async fn start(
     cfg: &ServerConfig,
     registry: &Registry,
+    etcd: Option<Arc<crate::store::EtcdStore>>,
     metrics: &Arc<Metrics>,
     ready: &Arc<crate::ready::Readiness>,
     components: &mut Components,
@@ -179,6 +184,18 @@ async fn start(
         },
     };
     let stop = components.stop_signal();
+
+    // Cluster mode: this replica joins, and heartbeat health goes to one owner per instance.
+    if let Some(etcd) = etcd {
+        let cc = cfg.cluster_config(bound.http)?;
+        let id = cc.id.clone();
+        let cluster =
+            crate::cluster::Cluster::start(etcd.client(), etcd.prefix(), cc, stop.clone())
+                .await
+                .context("joining the cluster in etcd")?;
+        tracing::info!(replica = %id, members = cluster.members().len(), "joined the cluster");
+        registry.set_ownership(Arc::new(cluster));
+    }
 
     // xDS: the snapshot builder feeds the cache the ADS streams read.
     let request_limits = Arc::new(RequestLimits::new(

@@ -125,6 +125,16 @@ impl EtcdStore {
         Ok(EtcdStore { client, cfg })
     }
 
+    /// The etcd client (cluster membership shares it).
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// The registry's key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.cfg.prefix
+    }
+
     fn key(&self, rest: &str) -> String {
         format!("{}/{rest}", self.cfg.prefix)
     }
@@ -370,21 +380,30 @@ impl Store for EtcdStore {
                         let e = invalid(format!("watch canceled: {}", resp.cancel_reason()));
                         return Some((vec![Err(e)], (stream, me, rk, from, true)));
                     }
-                    // One committed batch per etcd revision, in order.
+                    // One committed batch per etcd revision, in order. Only revisions that wrote
+                    // the revision key are commits; other keys under the prefix (the replicas'
+                    // membership) are not the registry's.
                     let mut out: Vec<Result<Committed, Error>> = Vec::new();
-                    let mut cur: Option<(u64, Vec<Mutation>)> = None;
+                    let mut cur: Option<(u64, bool, Vec<Mutation>)> = None;
+                    let close =
+                        |cur: Option<(u64, bool, Vec<Mutation>)>,
+                         out: &mut Vec<Result<Committed, Error>>| {
+                            if let Some((r, true, b)) = cur {
+                                out.push(Ok(Committed {
+                                    revision: r,
+                                    batch: Arc::new(b),
+                                }));
+                            }
+                        };
                     for ev in resp.events() {
                         let Some(kv) = ev.kv() else { continue };
                         let rev = kv.mod_revision() as u64;
-                        if cur.as_ref().is_some_and(|(r, _)| *r != rev) {
-                            let (r, b) = cur.take().expect("checked");
-                            out.push(Ok(Committed {
-                                revision: r,
-                                batch: Arc::new(b),
-                            }));
+                        if cur.as_ref().is_some_and(|(r, _, _)| *r != rev) {
+                            close(cur.take(), &mut out);
                         }
-                        let entry = cur.get_or_insert_with(|| (rev, Vec::new()));
+                        let entry = cur.get_or_insert_with(|| (rev, false, Vec::new()));
                         if kv.key() == rk.as_slice() {
+                            entry.1 = true;
                             continue;
                         }
                         let value = match ev.event_type() {
@@ -392,17 +411,12 @@ impl Store for EtcdStore {
                             EventType::Delete => None,
                         };
                         match me.mutation(kv.key(), value) {
-                            Ok(Some(m)) => entry.1.push(m),
+                            Ok(Some(m)) => entry.2.push(m),
                             Ok(None) => {}
                             Err(e) => out.push(Err(e)),
                         }
                     }
-                    if let Some((r, b)) = cur {
-                        out.push(Ok(Committed {
-                            revision: r,
-                            batch: Arc::new(b),
-                        }));
-                    }
+                    close(cur, &mut out);
                     if !out.is_empty() {
                         let last = out
                             .iter()
@@ -481,6 +495,31 @@ mod tests {
             "{lost}"
         );
         assert_eq!(b.load().await.unwrap().namespaces.len(), 2);
+    }
+
+    /// Keys under the prefix that are not records (the replicas' membership) are neither
+    /// commits to watchers nor a change of the store's revision.
+    #[tokio::test]
+    async fn other_keys_under_the_prefix_are_not_commits() {
+        use futures::StreamExt;
+        let s = fresh().await;
+        let mut w = s.watch(0).await.unwrap();
+        s.client
+            .kv_client()
+            .put(s.key("replicas/r1"), "{}", None)
+            .await
+            .unwrap();
+        assert_eq!(s.load().await.unwrap().revision, 0);
+        let r = s
+            .commit(vec![Mutation::DeleteNamespace("x".into())], 0)
+            .await
+            .unwrap();
+        let c = tokio::time::timeout(Duration::from_secs(5), w.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.revision, r, "the first commit seen is the registry's");
     }
 
     #[tokio::test]
