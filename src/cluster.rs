@@ -357,6 +357,46 @@ async fn follow(c: Arc<Cluster>, client: Client, dir: String, mut stop: watch::R
     }
 }
 
+/// `GET /debug/cluster`: this replica, the live replicas with the heartbeat instances each owns,
+/// the membership epoch and the registry revision this replica has applied.
+pub fn routes<S: Clone + Send + Sync + 'static>(
+    cluster: Arc<Cluster>,
+    registry: crate::registry::Registry,
+) -> axum::Router<S> {
+    axum::Router::new().route(
+        "/debug/cluster",
+        axum::routing::get(move || {
+            let (cluster, registry) = (cluster.clone(), registry.clone());
+            async move {
+                let members = cluster.members();
+                let mut owned: HashMap<&str, usize> = HashMap::new();
+                for id in registry.heartbeat_ids() {
+                    if let Some(m) = owner(&members, &id) {
+                        *owned.entry(m.id.as_str()).or_default() += 1;
+                    }
+                }
+                let replicas: Vec<serde_json::Value> = members
+                    .iter()
+                    .map(|m| {
+                        serde_json::json!({
+                            "id": m.id,
+                            "url": m.url,
+                            "heartbeatInstances": owned.get(m.id.as_str()).copied().unwrap_or(0),
+                        })
+                    })
+                    .collect();
+                axum::Json(serde_json::json!({
+                    "replica": cluster.id(),
+                    "epoch": cluster.epoch.load(Ordering::Acquire),
+                    "revision": *registry.revision().borrow(),
+                    "storeError": *registry.store_health().borrow(),
+                    "replicas": replicas,
+                }))
+            }
+        }),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -258,9 +258,20 @@ async fn with_etcd_gone_writes_fail_with_503_and_reads_go_on() {
             .contains("etcd store"),
         "the answer names the store: {body}"
     );
-    // Reads are served from the replica's state.
+    // Reads are served from the replica's state; readiness says the store is gone.
     let want: BTreeSet<String> = ["10.0.0.1:80".to_string()].into();
     assert_eq!(hosts(&c, &s, "echo").await, want);
+    let (st, v) = get(&c, &s.url("/readyz")).await;
+    assert_eq!(st, 503, "{v}");
+    assert!(
+        v["components"]["store"].as_str().unwrap().contains("etcd"),
+        "{v}"
+    );
+    assert_eq!(
+        get(&c, &s.url("/healthz")).await.0,
+        200,
+        "alive all the same"
+    );
 }
 
 /// `healthy` of each instance of `default/hb`, by host, as a replica lists them.
@@ -352,6 +363,18 @@ async fn heartbeats_reach_the_owner_from_any_replica_and_ownership_survives_a_de
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
     assert!(forwarded > 0, "B forwarded the beats of A's instances");
+    // Both replicas see both, and the instances split between them.
+    for s in [&a, &b] {
+        let (_, v) = get(&c, &s.url("/debug/cluster")).await;
+        let replicas = v["replicas"].as_array().unwrap();
+        assert_eq!(replicas.len(), 2, "{v}");
+        let total: u64 = replicas
+            .iter()
+            .map(|r| r["heartbeatInstances"].as_u64().unwrap())
+            .sum();
+        assert_eq!(total, 20, "{v}");
+        assert!(v["storeError"].is_null(), "{v}");
+    }
     task.abort();
     // The silent instances' last beat was at most one round (300 ms) before this.
     let last_round = std::time::Instant::now();

@@ -24,6 +24,9 @@ pub(super) async fn follow(inner: Weak<Inner>, store: Arc<dyn Store>, mut from: 
         let mut watch = match store.watch(from).await {
             Ok(w) => w,
             Err(e) => {
+                if let Some(inner) = inner.upgrade() {
+                    inner.store_health.send_replace(Some(e.to_string()));
+                }
                 tracing::warn!(error = %e, from, "cannot watch the store; retrying");
                 tokio::time::sleep(RETRY).await;
                 if inner.strong_count() == 0 {
@@ -36,6 +39,9 @@ pub(super) async fn follow(inner: Weak<Inner>, store: Arc<dyn Store>, mut from: 
             let Some(inner) = inner.upgrade() else {
                 return;
             };
+            if next.is_ok() {
+                inner.store_health.send_if_modified(|h| h.take().is_some());
+            }
             match next {
                 Ok(c) => {
                     let _gate = inner.gate.lock().await;
@@ -90,6 +96,7 @@ pub(super) async fn follow(inner: Weak<Inner>, store: Arc<dyn Store>, mut from: 
                     break;
                 }
                 Err(e) => {
+                    inner.store_health.send_replace(Some(e.to_string()));
                     tracing::warn!(error = %e, from, "the store's watch failed; resuming");
                     tokio::time::sleep(RETRY).await;
                     break;

@@ -302,6 +302,8 @@ struct Inner {
     gate: tokio::sync::Mutex<()>,
     shared: bool,
     ownership: RwLock<Option<Arc<dyn Ownership>>>,
+    /// Whether the store answers: `None` while it does, else the last error.
+    store_health: watch::Sender<Option<String>>,
 }
 
 impl Inner {
@@ -341,6 +343,7 @@ impl Registry {
             gate: tokio::sync::Mutex::new(()),
             shared: config.shared_store,
             ownership: RwLock::new(None),
+            store_health: watch::channel(None).0,
         });
         {
             let st = inner.state.read();
@@ -445,6 +448,16 @@ impl Registry {
             }
         }
         self.heartbeat_local(id).await
+    }
+
+    /// Whether the store answers (`None`), else its last error; changes as it comes and goes.
+    pub fn store_health(&self) -> watch::Receiver<Option<String>> {
+        self.inner.store_health.subscribe()
+    }
+
+    /// Ids of the instances with heartbeat checks.
+    pub fn heartbeat_ids(&self) -> Vec<String> {
+        self.inner.beats.read().keys().cloned().collect()
     }
 
     /// Sets who decides each instance's heartbeat health (cluster mode); without it, this

@@ -188,6 +188,7 @@ async fn shared_group_inner(inner: &Arc<Inner>, store: &dyn Store, jobs: Vec<(Co
                     .observe(started.elapsed().as_secs_f64());
                 scratch.revision = assigned;
                 *inner.state.write() = scratch;
+                inner.store_health.send_if_modified(|h| h.take().is_some());
                 apply_beat_ops(inner, beat_ops);
                 let mut seen = HashSet::new();
                 keys.retain(|k| seen.insert(k.clone()));
@@ -229,6 +230,7 @@ async fn shared_group_inner(inner: &Arc<Inner>, store: &dyn Store, jobs: Vec<(Co
             }
             Err(e) => {
                 drop(gate);
+                inner.store_health.send_replace(Some(e.to_string()));
                 tracing::error!(error = %e, "store commit failed; nothing written");
                 let e = Arc::new(e);
                 for reply in replies {

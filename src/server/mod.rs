@@ -186,6 +186,7 @@ async fn start(
     let stop = components.stop_signal();
 
     // Cluster mode: this replica joins, and heartbeat health goes to one owner per instance.
+    let mut cluster_routes = None;
     if let Some(etcd) = etcd {
         let cc = cfg.cluster_config(bound.http)?;
         let id = cc.id.clone();
@@ -194,7 +195,21 @@ async fn start(
                 .await
                 .context("joining the cluster in etcd")?;
         tracing::info!(replica = %id, members = cluster.members().len(), "joined the cluster");
-        registry.set_ownership(Arc::new(cluster));
+        registry.set_ownership(Arc::new(cluster.clone()));
+        cluster_routes = Some(crate::cluster::routes(cluster, registry.clone()));
+        // Not ready while the store does not answer: writes would fail (reads and xDS go on).
+        let (ready, mut health) = (ready.clone(), registry.store_health());
+        components.spawn_background("store health", async move {
+            loop {
+                match health.borrow_and_update().clone() {
+                    None => ready.ready("store"),
+                    Some(why) => ready.not_ready("store", format!("etcd: {why}")),
+                }
+                if health.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        });
     }
 
     // xDS: the snapshot builder feeds the cache the ADS streams read.
@@ -247,7 +262,11 @@ async fn start(
         global_limits: cfg.rls_addr.is_some(),
         ready: ready.clone(),
     };
-    let app = api::router(state, debug::routes(cache, nodes, registry.clone()));
+    let mut extra = debug::routes(cache, nodes, registry.clone());
+    if let Some(r) = cluster_routes {
+        extra = extra.merge(r);
+    }
+    let app = api::router(state, extra);
     components.spawn("rest", api::serve(http, app, stop.clone()));
 
     if let Some((ca, acceptor)) = ca {
