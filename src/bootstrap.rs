@@ -28,7 +28,8 @@ pub struct BootstrapArgs {
     /// Node id, e.g. `sidecar~default/pod-1~10.0.0.5`.
     #[arg(long)]
     pub node_id: String,
-    /// Control plane ADS address, `HOST:PORT`.
+    /// Control plane ADS address, `HOST:PORT`; replicas of one control plane comma-separated
+    /// (Envoy connects to one and moves to another when it goes).
     #[arg(long, default_value = "127.0.0.1:15010")]
     pub xds_addr: String,
     /// Envoy admin port (on 127.0.0.1).
@@ -135,19 +136,23 @@ pub fn render(a: &BootstrapArgs) -> Result<String, Error> {
             "must be non-empty without quotes, backslashes or newlines",
         ));
     }
-    let (host, port) = a
-        .xds_addr
-        .rsplit_once(':')
-        .ok_or_else(|| invalid("--xds-addr", "expected HOST:PORT"))?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let port: u16 = port
-        .parse()
-        .ok()
-        .filter(|p| *p > 0)
-        .ok_or_else(|| invalid("--xds-addr", format!("{port:?} is not a port")))?;
-    if host.is_empty() || host.contains(['"', '\\', ' ']) {
-        return Err(invalid("--xds-addr", "bad host"));
+    let mut addrs: Vec<(&str, u16)> = Vec::new();
+    for addr in a.xds_addr.split(',') {
+        let (host, port) = addr
+            .rsplit_once(':')
+            .ok_or_else(|| invalid("--xds-addr", "expected HOST:PORT"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port: u16 = port
+            .parse()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| invalid("--xds-addr", format!("{port:?} is not a port")))?;
+        if host.is_empty() || host.contains(['"', '\\', ' ']) {
+            return Err(invalid("--xds-addr", "bad host"));
+        }
+        addrs.push((host, port));
     }
+    let (host, port) = addrs[0];
     for (f, p) in [
         ("--admin-port", a.admin_port),
         ("--outbound-port", a.outbound_port),
@@ -208,10 +213,25 @@ pub fn render(a: &BootstrapArgs) -> Result<String, Error> {
         (None, false) => TEMPLATE.to_string(),
         (None, true) => TLS_TEMPLATE.to_string(),
     };
-    let cluster_type = if host.parse::<IpAddr>().is_ok() {
+    let cluster_type = if addrs.iter().all(|(h, _)| h.parse::<IpAddr>().is_ok()) {
         "STATIC"
     } else {
         "STRICT_DNS"
+    };
+    // One endpoint per control-plane address: the template's endpoint, repeated.
+    const ENDPOINT: &str = "        - endpoint:\n            address:\n              socket_address: { address: \"{{XDS_HOST}}\", port_value: {{XDS_PORT}} }\n";
+    let template = if template.contains(ENDPOINT) {
+        let endpoints: String = addrs
+            .iter()
+            .map(|(h, p)| {
+                ENDPOINT
+                    .replace("{{XDS_HOST}}", h)
+                    .replace("{{XDS_PORT}}", &p.to_string())
+            })
+            .collect();
+        template.replace(ENDPOINT, &endpoints)
+    } else {
+        template
     };
     let metadata = serde_json::to_string(&md).expect("string map serializes");
     Ok(template

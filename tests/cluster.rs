@@ -415,3 +415,117 @@ async fn heartbeats_reach_the_owner_from_any_replica_and_ownership_survives_a_de
     assert!(beating.iter().all(|x| h[x]), "{h:?}");
     task.abort();
 }
+
+/// An Envoy sidecar whose bootstrap lists both replicas keeps routing when the replica it is
+/// connected to dies: it reconnects to the other, which sends it nothing it already holds.
+#[tokio::test]
+async fn an_envoy_moves_to_the_other_replica_without_a_failed_request() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let (etcd, p) = (etcd_url(), prefix("failover"));
+    let mut a = replica(dir.path(), "a", &etcd, &p).await;
+    let mut b = replica(dir.path(), "b", &etcd, &p).await;
+    let c = reqwest::Client::new();
+    let one = Backend::start("one").await;
+    register(&c, &a, "echo", one.port, json!({})).await;
+    let node = "sidecar~default/failover-0~127.0.0.1";
+    let e = Envoy::start_bootstrap(
+        dir.path(),
+        node,
+        a.xds_port,
+        false,
+        &[],
+        &[
+            "--xds-addr",
+            &format!("127.0.0.1:{},127.0.0.1:{}", a.xds_port, b.xds_port),
+        ],
+    )
+    .await;
+    converge(&e, &c, "echo.default", &["one"], Duration::from_secs(10)).await;
+    // Which replica holds the stream?
+    let connected = |s: &Server| {
+        let (c, url) = (c.clone(), s.url("/debug/xds/nodes"));
+        async move {
+            let (_, v) = get(&c, &url).await;
+            v["nodes"]
+                .as_array()
+                .is_some_and(|n| n.iter().any(|n| n["node"]["id"] == node))
+        }
+    };
+    let on_a = connected(&a).await;
+    assert!(on_a || connected(&b).await, "the Envoy is on one replica");
+    let updates = |e: &Envoy| {
+        let admin = e.admin.clone();
+        async move {
+            let text = reqwest::get(format!("{admin}/stats"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let mut v: Vec<String> = text
+                .lines()
+                .filter(|l| l.contains(".update_success:") || l.contains(".update_rejected:"))
+                .map(String::from)
+                .collect();
+            v.sort();
+            v
+        }
+    };
+    let before = updates(&e).await;
+    // Steady traffic through the sidecar while its replica dies.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, bad) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let traffic = {
+        let (stop, ok, bad, c) = (stop.clone(), ok.clone(), bad.clone(), c.clone());
+        let url = format!("http://127.0.0.1:{}/", e.outbound_port);
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match c.get(&url).header("host", "echo.default").send().await {
+                    Ok(r) if r.status().is_success() => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => bad.fetch_add(1, Ordering::Relaxed),
+                };
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (dead, alive) = if on_a { (&mut a, &b) } else { (&mut b, &a) };
+    dead.kill9();
+    let start = Instant::now();
+    while !connected(alive).await {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the Envoy never reached the other replica; log:\n{}",
+            std::fs::read_to_string(&e.log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "reconnected to the other replica after {:?}",
+        start.elapsed()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    traffic.await.unwrap();
+    assert!(ok.load(Ordering::Relaxed) > 50);
+    assert_eq!(
+        bad.load(Ordering::Relaxed),
+        0,
+        "requests failed during the failover"
+    );
+    // Same content, same versions: the new replica sent nothing the Envoy already held.
+    assert_eq!(updates(&e).await, before, "updates after the failover");
+    // And a change now reaches it through the surviving replica.
+    let two = Backend::start("two").await;
+    register(&c, alive, "echo", two.port, json!({})).await;
+    converge(
+        &e,
+        &c,
+        "echo.default",
+        &["one", "two"],
+        Duration::from_secs(5),
+    )
+    .await;
+}

@@ -280,9 +280,12 @@ impl Envoy {
         let admin_port = free_port();
         let outbound_port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_polaris"));
-        cmd.args(["bootstrap", "--node-id", node_id])
-            .args(["--xds-addr", &format!("127.0.0.1:{xds_port}")])
-            .args(["--admin-port", &admin_port.to_string()])
+        cmd.args(["bootstrap", "--node-id", node_id]);
+        // Extra flags may name the control plane(s) themselves.
+        if !bootstrap_flags.contains(&"--xds-addr") {
+            cmd.args(["--xds-addr", &format!("127.0.0.1:{xds_port}")]);
+        }
+        cmd.args(["--admin-port", &admin_port.to_string()])
             .args(["--outbound-port", &outbound_port.to_string()]);
         if sotw {
             cmd.arg("--sotw");
