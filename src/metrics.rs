@@ -236,6 +236,8 @@ pub struct Metrics {
     pub store_conflicts: Counter,
     /// Heartbeats passed to the replica that owns their instance.
     pub heartbeats_forwarded: Counter,
+    /// Whole reloads of the state from the store (its history compacted past this replica).
+    pub store_reloads: Counter,
     /// Pods the injector patched.
     pub injections: Counter,
     /// xDS NACKs received.
@@ -383,6 +385,12 @@ impl Metrics {
             "polaris_heartbeats_forwarded_total",
             "Heartbeats passed to the replica that owns their instance (cluster mode).",
             self.heartbeats_forwarded.get(),
+        );
+        counter(
+            &mut out,
+            "polaris_store_reloads_total",
+            "Whole reloads of the state from the shared store (its history compacted past this replica).",
+            self.store_reloads.get(),
         );
         counter(
             &mut out,

@@ -171,18 +171,32 @@ async fn concurrent_writes_through_two_replicas_lose_nothing_and_a_restart_reloa
     assert!(m.contains("polaris_store_followed_commits_total"), "{m}");
 }
 
-/// An etcd of this test's own, to stop.
+/// An etcd of this test's own, to stop and restart.
 struct OwnEtcd {
     child: Child,
     url: String,
+    dir: std::path::PathBuf,
+    ports: (u16, u16),
 }
 
 impl OwnEtcd {
     async fn start(dir: &std::path::Path) -> OwnEtcd {
+        Self::start_on(dir, (free_port(), free_port())).await
+    }
+
+    /// Kills it and starts it again on the same data and ports.
+    async fn restart(&mut self, down: Duration) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        tokio::time::sleep(down).await;
+        *self = Self::start_on(&self.dir, self.ports).await;
+    }
+
+    async fn start_on(dir: &std::path::Path, ports: (u16, u16)) -> OwnEtcd {
         let bin = std::env::var("POLARIS_TEST_ETCD_BIN").expect(
             "POLARIS_TEST_ETCD_BIN is not set: run ./scripts/test.sh (e2e/etcd.sh unpacks etcd)",
         );
-        let (client, peer) = (free_port(), free_port());
+        let (client, peer) = ports;
         let child = Command::new(bin)
             .args([
                 "--data-dir",
@@ -205,7 +219,13 @@ impl OwnEtcd {
             ])
             .args(["--initial-cluster", &format!("own=http://127.0.0.1:{peer}")])
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("etcd.log")).unwrap())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join("etcd.log"))
+                    .unwrap(),
+            )
             .spawn()
             .unwrap();
         let url = format!("http://127.0.0.1:{client}");
@@ -217,7 +237,12 @@ impl OwnEtcd {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        OwnEtcd { child, url }
+        OwnEtcd {
+            child,
+            url,
+            dir: dir.to_path_buf(),
+            ports,
+        }
     }
 }
 
@@ -528,4 +553,68 @@ async fn an_envoy_moves_to_the_other_replica_without_a_failed_request() {
         Duration::from_secs(5),
     )
     .await;
+}
+
+/// etcd restarted while registrations go on through one replica: every acknowledged one is there,
+/// on both replicas, and they resumed their watches without reloading everything.
+#[tokio::test]
+async fn etcd_restarted_under_load_loses_no_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut etcd = OwnEtcd::start(dir.path()).await;
+    let a = replica(dir.path(), "a", &etcd.url, "/polaris").await;
+    let b = replica(dir.path(), "b", &etcd.url, "/polaris").await;
+    let c = reqwest::Client::new();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (c, url, stop) = (c.clone(), a.url("/naming/v1/instances"), stop.clone());
+        tokio::spawn(async move {
+            let (mut acked, mut refused) = (BTreeSet::new(), 0u32);
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                let host = format!("10.4.{}.{}", i / 250, i % 250);
+                let (st, _) = post(
+                    &c,
+                    &url,
+                    json!([{"namespace": "default", "service": "load", "host": host, "port": 80}]),
+                )
+                .await;
+                if st == 200 {
+                    acked.insert(format!("{host}:80"));
+                } else {
+                    refused += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (acked, refused)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    etcd.restart(Duration::from_millis(700)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (acked, refused) = load.await.unwrap();
+    eprintln!(
+        "{} registrations acknowledged, {refused} refused while etcd was down",
+        acked.len()
+    );
+    assert!(refused > 0, "some writes met etcd down");
+    assert!(acked.len() > 50);
+    eventually_hosts(&c, &a, "load", &acked).await;
+    eventually_hosts(&c, &b, "load", &acked).await;
+    for s in [&a, &b] {
+        let m = reqwest::get(s.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            m.contains("polaris_store_reloads_total 0\n"),
+            "{} reloaded everything:\n{m}",
+            s.http
+        );
+    }
+    let (st, _) = get(&c, &a.url("/readyz")).await;
+    assert_eq!(st, 200, "ready again once etcd is back");
 }

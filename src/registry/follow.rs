@@ -76,6 +76,7 @@ pub(super) async fn follow(inner: Weak<Inner>, store: Arc<dyn Store>, mut from: 
                     );
                     match store.load().await {
                         Ok(snap) => {
+                            inner.metrics.store_reloads.inc();
                             let _gate = inner.gate.lock().await;
                             let revision = snap.revision;
                             let fresh = State::from_snapshot(snap);
