@@ -12,6 +12,12 @@
 //! (values come from requests, a header's value say); past that, new values share one overflow
 //! bucket of that amount until idle buckets are swept (every minute, those untouched for a
 //! minute). Buckets of rules that no longer exist go with the sweep.
+//!
+//! In cluster mode every replica serves the service and each keeps its own buckets, holding an
+//! equal share of every amount: `ceil(amount / replicas)` ([`Rls::set_replicas`]). Admitted in all
+//! is then at most `amount + replicas - 1` per period; with traffic spread unevenly over the
+//! replicas (sidecars pinned to one replica's connection) fewer are admitted, down to one share
+//! when all of it reaches one replica. A change in the replica count starts fresh buckets.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -70,6 +76,8 @@ pub struct Rls {
     shards: Vec<Mutex<HashMap<Key, Bucket>>>,
     /// Distinct-value buckets per (rule, amount).
     counts: Mutex<HashMap<(Arc<str>, usize), usize>>,
+    /// How many replicas share each amount (cluster mode), else one.
+    replicas: parking_lot::RwLock<Option<Arc<dyn Fn() -> usize + Send + Sync>>>,
 }
 
 impl Rls {
@@ -81,7 +89,13 @@ impl Rls {
             max_values,
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             counts: Mutex::new(HashMap::new()),
+            replicas: parking_lot::RwLock::new(None),
         })
+    }
+
+    /// Shares every amount among the replicas `count` says are live.
+    pub fn set_replicas(&self, count: Arc<dyn Fn() -> usize + Send + Sync>) {
+        *self.replicas.write() = Some(count);
     }
 
     fn shard(&self, k: &Key) -> &Mutex<HashMap<Key, Bucket>> {
@@ -101,7 +115,8 @@ impl Rls {
             match rule.as_ref() {
                 Rule::RateLimit(r) if r.enabled() => {
                     let a = r.amounts.get(k)?;
-                    (a.max_amount, a.period_ms())
+                    let n = self.replicas.read().as_ref().map_or(1, |f| f().max(1)) as u32;
+                    (a.max_amount.div_ceil(n).max(1), a.period_ms())
                 }
                 _ => return None,
             }
@@ -343,6 +358,29 @@ mod tests {
         let d = e(&[("rule", "g#0"), ("header:x-user", "f")]);
         rls.decide(&d, 1, Instant::now());
         assert_eq!(rls.buckets(), 1, "room again after the sweep");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn replicas_share_each_amount() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_reg, rls) = with_rule(dir.path(), 10).await;
+        let n = Arc::new(std::sync::atomic::AtomicUsize::new(3));
+        let count = n.clone();
+        rls.set_replicas(Arc::new(move || {
+            count.load(std::sync::atomic::Ordering::Relaxed)
+        }));
+        let rule = e(&[("rule", "g#0")]);
+        let now = Instant::now();
+        let allowed = (0..10)
+            .filter(|_| rls.decide(&rule, 1, now) == Some(true))
+            .count();
+        assert_eq!(allowed, 4, "ceil(10 / 3) on each of three replicas");
+        // One replica left: the whole amount, in a fresh bucket.
+        n.store(1, std::sync::atomic::Ordering::Relaxed);
+        let allowed = (0..20)
+            .filter(|_| rls.decide(&rule, 1, now) == Some(true))
+            .count();
+        assert_eq!(allowed, 10);
     }
 
     #[tokio::test]

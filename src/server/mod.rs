@@ -187,6 +187,7 @@ async fn start(
 
     // Cluster mode: this replica joins, and heartbeat health goes to one owner per instance.
     let mut cluster_routes = None;
+    let mut replicas: Option<Arc<dyn Fn() -> usize + Send + Sync>> = None;
     if let Some(etcd) = etcd {
         let cc = cfg.cluster_config(bound.http)?;
         let id = cc.id.clone();
@@ -196,6 +197,8 @@ async fn start(
                 .context("joining the cluster in etcd")?;
         tracing::info!(replica = %id, members = cluster.members().len(), "joined the cluster");
         registry.set_ownership(Arc::new(cluster.clone()));
+        let members = cluster.clone();
+        replicas = Some(Arc::new(move || members.members().len()));
         cluster_routes = Some(crate::cluster::routes(cluster, registry.clone()));
         // Not ready while the store does not answer: writes would fail (reads and xDS go on).
         let (ready, mut health) = (ready.clone(), registry.store_health());
@@ -277,6 +280,9 @@ async fn start(
     }
     if let Some(l) = rls {
         let rls = crate::rls::Rls::new(registry.clone(), metrics.clone(), cfg.rls_max_values);
+        if let Some(r) = replicas {
+            rls.set_replicas(r);
+        }
         components.spawn(
             "rate-limit service",
             crate::rls::serve(rls, l, stop.clone()),
