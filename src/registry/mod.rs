@@ -49,8 +49,9 @@ pub enum Error {
     /// The instance has no heartbeat health check (heartbeats).
     #[error("instance {0} has no heartbeat health check (enableHealthCheck is false)")]
     HealthCheckOff(String),
-    /// The store failed; nothing was written (500). Shared: one failed commit fails every
-    /// request of its group.
+    /// The store failed (500; 503 for an unreachable etcd). Nothing was written, unless etcd
+    /// committed and its answer was lost; the watch then brings the write like any other. Shared:
+    /// one failed commit fails every request of its group.
     #[error(transparent)]
     Store(Arc<store::Error>),
     /// The instance's owner could not record its heartbeat (503).

@@ -231,7 +231,7 @@ async fn shared_group_inner(inner: &Arc<Inner>, store: &dyn Store, jobs: Vec<(Co
             Err(e) => {
                 drop(gate);
                 inner.store_health.send_replace(Some(e.to_string()));
-                tracing::error!(error = %e, "store commit failed; nothing written");
+                tracing::error!(error = %e, "store commit failed");
                 let e = Arc::new(e);
                 for reply in replies {
                     let _ = reply.send(Err(Error::Store(e.clone())));
