@@ -441,25 +441,41 @@ async fn heartbeats_reach_the_owner_from_any_replica_and_ownership_survives_a_de
     task.abort();
 }
 
+#[tokio::test]
+async fn a_delta_envoy_moves_to_the_other_replica_without_a_failed_request() {
+    failover(false).await;
+}
+
+#[tokio::test]
+async fn a_sotw_envoy_moves_to_the_other_replica_without_a_failed_request() {
+    failover(true).await;
+}
+
 /// An Envoy sidecar whose bootstrap lists both replicas keeps routing when the replica it is
 /// connected to dies: it reconnects to the other, which sends it nothing it already holds.
-#[tokio::test]
-async fn an_envoy_moves_to_the_other_replica_without_a_failed_request() {
+async fn failover(sotw: bool) {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
-    let (etcd, p) = (etcd_url(), prefix("failover"));
+    let (etcd, p) = (
+        etcd_url(),
+        prefix(if sotw { "failover-sotw" } else { "failover" }),
+    );
     let mut a = replica(dir.path(), "a", &etcd, &p).await;
     let mut b = replica(dir.path(), "b", &etcd, &p).await;
     let c = reqwest::Client::new();
     let one = Backend::start("one").await;
     register(&c, &a, "echo", one.port, json!({})).await;
-    let node = "sidecar~default/failover-0~127.0.0.1";
+    let node = if sotw {
+        "sidecar~default/failover-sotw~127.0.0.1"
+    } else {
+        "sidecar~default/failover-delta~127.0.0.1"
+    };
     let e = Envoy::start_bootstrap(
         dir.path(),
         node,
         a.xds_port,
-        false,
+        sotw,
         &[],
         &[
             "--xds-addr",
@@ -540,8 +556,18 @@ async fn an_envoy_moves_to_the_other_replica_without_a_failed_request() {
         0,
         "requests failed during the failover"
     );
-    // Same content, same versions: the new replica sent nothing the Envoy already held.
-    assert_eq!(updates(&e).await, before, "updates after the failover");
+    if sotw {
+        // SotW versions are per stream: the new replica sends the whole (equal) configuration
+        // again, which Envoy applies without a failed request (checked above).
+        assert!(updates(&e)
+            .await
+            .iter()
+            .all(|l| !l.contains("update_rejected: 1")));
+    } else {
+        // Delta: the client names what it holds with its versions, content hashes equal on every
+        // replica, so the new replica sends nothing.
+        assert_eq!(updates(&e).await, before, "updates after the failover");
+    }
     // And a change now reaches it through the surviving replica.
     let two = Backend::start("two").await;
     register(&c, alive, "echo", two.port, json!({})).await;
