@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::traffic::{converge, register};
+use common::traffic::{converge, deregister, register};
 use common::{free_port, get, post, Backend, Envoy, Server};
 use serde_json::json;
 
@@ -106,13 +106,7 @@ async fn a_registration_through_one_replica_is_routed_by_an_envoy_on_another() {
     )
     .await;
     // Deregistered through B: gone from A's answers too.
-    let (st, _) = post(
-        &c,
-        &b.url("/naming/v1/instances/delete"),
-        json!([{"namespace": "default", "service": "echo", "host": "127.0.0.1", "port": one.port}]),
-    )
-    .await;
-    assert_eq!(st, 200);
+    deregister(&c, &b, "echo", "127.0.0.1", one.port).await;
     converge(&e, &c, "echo.default", &["two"], Duration::from_secs(5)).await;
     let want: BTreeSet<String> = [format!("127.0.0.1:{}", two.port)].into();
     eventually_hosts(&c, &a, "echo", &want).await;
@@ -162,12 +156,7 @@ async fn concurrent_writes_through_two_replicas_lose_nothing_and_a_restart_reloa
     b.kill9();
     let b2 = replica(dir.path(), "b2", &etcd, &p).await;
     eventually_hosts(&c, &b2, "race", &acked).await;
-    let m = reqwest::get(a.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = a.metrics().await;
     assert!(m.contains("polaris_store_followed_commits_total"), "{m}");
 }
 
@@ -376,17 +365,7 @@ async fn heartbeats_reach_the_owner_from_any_replica_and_ownership_survives_a_de
         assert!(h.values().all(|v| *v), "all healthy on {}: {h:?}", s.http);
     }
     assert_eq!(failed.load(std::sync::atomic::Ordering::Relaxed), 0);
-    let m = reqwest::get(b.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let forwarded: u64 = m
-        .lines()
-        .find_map(|l| l.strip_prefix("polaris_heartbeats_forwarded_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
+    let forwarded = b.metric("polaris_heartbeats_forwarded_total").await;
     assert!(forwarded > 0, "B forwarded the beats of A's instances");
     // Both replicas see both, and the instances split between them.
     for s in [&a, &b] {
@@ -638,12 +617,7 @@ async fn etcd_restarted_under_load_loses_no_acknowledged_write() {
     );
     eventually_hosts(&c, &b, "load", &on_a).await;
     for s in [&a, &b] {
-        let m = reqwest::get(s.url("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let m = s.metrics().await;
         assert!(
             m.contains("polaris_store_reloads_total 0\n"),
             "{} reloaded everything:\n{m}",

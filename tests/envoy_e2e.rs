@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::traffic::{answering, converge, register, set};
+use common::traffic::{answering, converge, deregister, register, set};
 use common::{get, post, Backend, Envoy, Server};
 use serde_json::json;
 
@@ -31,13 +31,7 @@ async fn scenario(sotw: bool) {
     eprintln!("[{mode}] first traffic through Envoy after {t:?}");
 
     // Deregister one: only the other answers, quickly.
-    let (st, _) = post(
-        &c,
-        &s.url("/naming/v1/instances/delete"),
-        json!([{"namespace": "default", "service": "echo", "host": "127.0.0.1", "port": a.port}]),
-    )
-    .await;
-    assert_eq!(st, 200);
+    deregister(&c, &s, "echo", "127.0.0.1", a.port).await;
     let t = converge(&e, &c, "echo.default", &["b"], Duration::from_secs(2)).await;
     eprintln!("[{mode}] deregistration reached traffic in {t:?}");
 
@@ -301,13 +295,7 @@ async fn hostname_scenario(sotw: bool) {
     )
     .await;
     // The last hostname goes: back to EDS.
-    let (st, _) = post(
-        &c,
-        &s.url("/naming/v1/instances/delete"),
-        json!([{"namespace": "default", "service": "echo", "host": "localhost", "port": a.port}]),
-    )
-    .await;
-    assert_eq!(st, 200);
+    deregister(&c, &s, "echo", "localhost", a.port).await;
     converge(&e, &c, "echo.default", &["b"], Duration::from_secs(10)).await;
     let (_, cfg) = get(
         &c,
@@ -394,13 +382,7 @@ async fn envoy_instance_on_a_new_port_pushes_eds_and_no_route() {
         assert_eq!(answering(&e, &c, host, 8).await, set(&["a", "b"]), "{host}");
     }
     // The last instance on a port leaves: EDS again, still no route.
-    let (st, _) = post(
-        &c,
-        &s.url("/naming/v1/instances/delete"),
-        json!([{"namespace": "default", "service": "echo", "host": "127.0.0.1", "port": a.port}]),
-    )
-    .await;
-    assert_eq!(st, 200);
+    deregister(&c, &s, "echo", "127.0.0.1", a.port).await;
     converge(&e, &c, "echo.default", &["b"], Duration::from_secs(5)).await;
     assert_eq!(
         e.stat(RDS).await.unwrap(),

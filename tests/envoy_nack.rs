@@ -48,12 +48,7 @@ async fn scenario(sotw: bool) {
             .unwrap_or(0)
             >= 1
     );
-    let m = reqwest::get(s.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = s.metrics().await;
     assert!(!m.contains("polaris_xds_nacks_total 0\n"), "{m}");
     assert_eq!(answering(&e, &c, "echo.default", 10).await, set(&["b"]));
     assert_eq!(answering(&e, &c, "fresh.default", 5).await, set(&["fresh"]));

@@ -30,6 +30,26 @@ pub struct Server {
 }
 
 impl Server {
+    /// Its `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// One counter or gauge of its `/metrics` (0 when absent).
+    pub async fn metric(&self, name: &str) -> u64 {
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Starts a server on `data_dir` with extra args and waits for `/healthz`. Free ports are picked
     /// by binding and releasing; if another socket grabs one meanwhile, the server exits and this
     /// starts it again on new ports.

@@ -94,3 +94,14 @@ pub async fn wait_node(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Deregisters `default/<svc>`'s instance at `host:port` through `s`.
+pub async fn deregister(c: &reqwest::Client, s: &Server, svc: &str, host: &str, port: u16) {
+    let (st, body) = post(
+        c,
+        &s.url("/naming/v1/instances/delete"),
+        json!([{"namespace": "default", "service": svc, "host": host, "port": port}]),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+}
