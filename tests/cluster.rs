@@ -627,3 +627,53 @@ async fn etcd_restarted_under_load_loses_no_acknowledged_write() {
     let (st, _) = get(&c, &a.url("/readyz")).await;
     assert_eq!(st, 200, "ready again once etcd is back");
 }
+
+/// A watch from a revision etcd has compacted away says so (the follower then reloads), and a
+/// watch from after the compaction goes on.
+#[tokio::test]
+async fn a_watch_from_before_etcd_compaction_reports_it() {
+    use futures::StreamExt;
+    use polaris_mesh::store::{etcd::Config, Error, EtcdStore, Mutation, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = OwnEtcd::start(dir.path()).await;
+    let s = EtcdStore::connect(Config {
+        endpoints: vec![etcd.url.clone()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let ns = |n: &str| {
+        Mutation::PutNamespace(
+            polaris_mesh::model::NamespaceInput {
+                name: Some(n.into()),
+                ..Default::default()
+            }
+            .validate("t")
+            .unwrap(),
+        )
+    };
+    let r1 = s.commit(vec![ns("a")], 0).await.unwrap();
+    let r2 = s.commit(vec![ns("b")], r1).await.unwrap();
+    s.client()
+        .kv_client()
+        .compact(r2 as i64, None)
+        .await
+        .unwrap();
+    let mut w = s.watch(0).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), w.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(first, Err(Error::Compacted { oldest, .. }) if oldest == r2),
+        "{first:?}"
+    );
+    let mut w = s.watch(r2).await.unwrap();
+    let r3 = s.commit(vec![ns("c")], r2).await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), w.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.revision, r3);
+}

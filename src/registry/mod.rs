@@ -571,6 +571,102 @@ mod tests {
         out
     }
 
+    /// A store whose first watch reports its history compacted, as etcd does to a replica that
+    /// fell too far behind.
+    struct CompactedOnce {
+        inner: Arc<crate::store::MemStore>,
+        done: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl crate::store::Store for CompactedOnce {
+        async fn load(&self) -> Result<crate::store::Snapshot, crate::store::Error> {
+            self.inner.load().await
+        }
+        async fn commit(
+            &self,
+            batch: Vec<crate::store::Mutation>,
+            expected: u64,
+        ) -> Result<u64, crate::store::Error> {
+            self.inner.commit(batch, expected).await
+        }
+        async fn watch(&self, from: u64) -> Result<crate::store::Watch, crate::store::Error> {
+            use futures::StreamExt;
+            if self.done.swap(true, Ordering::SeqCst) {
+                return self.inner.watch(from).await;
+            }
+            let e = crate::store::Error::Compacted {
+                from,
+                oldest: from + 1,
+            };
+            Ok(futures::stream::iter([Err(e)]).boxed())
+        }
+    }
+
+    /// A replica whose watch falls behind the store's history reloads the state and goes on
+    /// following from there.
+    #[tokio::test]
+    async fn a_compacted_watch_reloads_the_state_and_follows_on() {
+        let mem = Arc::new(crate::store::MemStore::default());
+        let store = Arc::new(CompactedOnce {
+            inner: mem.clone(),
+            done: std::sync::atomic::AtomicBool::new(false),
+        });
+        let metrics = Arc::new(Metrics::default());
+        let reg = Registry::open(
+            store,
+            Config {
+                shared_store: true,
+                ..Default::default()
+            },
+            metrics.clone(),
+        )
+        .await
+        .unwrap();
+        let mut feed = reg.subscribe();
+        // Another replica writes straight to the store.
+        let other = |name: &str| {
+            crate::store::Mutation::PutService(Arc::new(Service::bare("default", name, "t")))
+        };
+        let r = mem.load().await.unwrap().revision;
+        let r = mem.commit(vec![other("one")], r).await.unwrap();
+        let start = std::time::Instant::now();
+        while !reg
+            .read()
+            .services
+            .contains_key(&ServiceKey::new("default", "one"))
+        {
+            assert!(start.elapsed() < Duration::from_secs(5), "never reloaded");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(metrics.store_reloads.get(), 1);
+        // The change feed names the service, whether the reload or the watch brought it.
+        let one = ChangeKey::Service(ServiceKey::new("default", "one"));
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !feed.recv().await.unwrap().keys.contains(&one) {}
+        })
+        .await
+        .expect("the feed names the other replica's service");
+        mem.commit(vec![other("two")], r).await.unwrap();
+        let start = std::time::Instant::now();
+        while !reg
+            .read()
+            .services
+            .contains_key(&ServiceKey::new("default", "two"))
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "not followed after the reload"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            metrics.store_reloads.get(),
+            1,
+            "followed, not reloaded again"
+        );
+    }
+
     /// A replica that applies what another writer committed, as the store's watch reports it,
     /// holds what that writer holds.
     #[tokio::test]
