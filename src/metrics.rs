@@ -33,6 +33,10 @@ impl Counter {
 pub struct Gauge(std::sync::atomic::AtomicI64);
 
 impl Gauge {
+    /// Sets it.
+    pub fn set(&self, v: i64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
     /// Adds one.
     pub fn inc(&self) {
         self.0.fetch_add(1, Ordering::Relaxed);
@@ -238,6 +242,8 @@ pub struct Metrics {
     pub heartbeats_forwarded: Counter,
     /// Whole reloads of the state from the store (its history compacted past this replica).
     pub store_reloads: Counter,
+    /// Commits in the shared store this replica has not applied yet (last measured).
+    pub store_watch_lag: Gauge,
     /// Pods the injector patched.
     pub injections: Counter,
     /// xDS NACKs received.
@@ -439,6 +445,11 @@ impl Metrics {
             out,
             "# HELP polaris_services Registered services.\n# TYPE polaris_services gauge\npolaris_services {}",
             g.services
+        );
+        let _ = writeln!(
+            out,
+            "# HELP polaris_store_watch_lag_revisions Store revisions committed but not yet applied by this replica (cluster mode; measured every second).\n# TYPE polaris_store_watch_lag_revisions gauge\npolaris_store_watch_lag_revisions {}",
+            self.store_watch_lag.get()
         );
         let _ = writeln!(
             out,

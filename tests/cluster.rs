@@ -152,6 +152,9 @@ async fn concurrent_writes_through_two_replicas_lose_nothing_and_a_restart_reloa
     // Every acknowledged write is on both replicas, and nothing that was not acknowledged.
     eventually_hosts(&c, &a, "race", &acked).await;
     eventually_hosts(&c, &b, "race", &acked).await;
+    // Caught up: no commit left to apply, as the lag gauge says once it has measured.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(b.metric("polaris_store_watch_lag_revisions").await, 0);
     // A replica killed and started again loads everything from etcd.
     b.kill9();
     let b2 = replica(dir.path(), "b2", &etcd, &p).await;

@@ -18,6 +18,24 @@ use crate::store::{self, Store};
 /// Wait after a failed watch before watching again.
 const RETRY: Duration = Duration::from_millis(500);
 
+/// Measures, every second, how many of the store's commits this replica has not applied yet.
+pub(super) async fn measure_lag(inner: Weak<Inner>, store: Arc<dyn Store>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        if let Ok(head) = store.revision().await {
+            let applied = inner.state.read().revision;
+            // etcd revisions count every key's writes; commits are the ones that matter here,
+            // so the lag is 0 once the last commit is applied.
+            let lag = head.saturating_sub(applied);
+            inner.metrics.store_watch_lag.set(lag as i64);
+        }
+    }
+}
+
 /// Applies other replicas' commits from revision `from` on, until the registry is dropped.
 pub(super) async fn follow(inner: Weak<Inner>, store: Arc<dyn Store>, mut from: u64) {
     loop {

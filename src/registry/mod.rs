@@ -361,6 +361,7 @@ impl Registry {
         if config.shared_store {
             let from = inner.state.read().revision;
             tokio::spawn(follow::follow(Arc::downgrade(&inner), store.clone(), from));
+            tokio::spawn(follow::measure_lag(Arc::downgrade(&inner), store.clone()));
         }
         let writer_inner = inner.clone();
         let (done_tx, writer_done) = watch::channel(false);

@@ -331,6 +331,10 @@ impl Store for EtcdStore {
         Ok(r.header().map_or(0, |h| h.revision() as u64))
     }
 
+    async fn revision(&self) -> Result<u64, Error> {
+        self.current().await
+    }
+
     fn max_batch(&self) -> Option<usize> {
         // One operation of each transaction is the revision key.
         Some(self.cfg.max_txn_ops.saturating_sub(1))

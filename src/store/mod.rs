@@ -162,6 +162,11 @@ pub trait Store: Send + Sync + 'static {
     /// writer). [`Error::Compacted`] when the store no longer has that history.
     async fn watch(&self, from: u64) -> Result<Watch, Error>;
 
+    /// The revision of the last commit, by any writer.
+    async fn revision(&self) -> Result<u64, Error> {
+        Ok(self.load().await?.revision)
+    }
+
     /// Most mutations one commit may hold, if the backend bounds it (etcd's `--max-txn-ops`).
     fn max_batch(&self) -> Option<usize> {
         None
