@@ -665,15 +665,37 @@ async fn b13_no_response_names_a_resource_twice() {
 
 #[tokio::test]
 async fn b21_reconnect_gets_full_state_and_old_nonces_are_stale() {
-    let (_d, s, _c) = server_with(&["a", "b"]).await;
+    let (_d, s, c) = server_with(&["a", "b"]).await;
     let mut x = Sotw::open(&s).await;
     x.send(Some(node("n")), CDS, &[], "", "").await;
     let r = x.recv_ack(&[]).await;
     drop(x);
+    // An old version: the full state.
+    reg(&c, &s, "c", 9100).await;
+    settle(&c, &s).await;
     let mut y = Sotw::open(&s).await;
     y.send(Some(node("n")), CDS, &[], &r.version_info, "").await;
     let r2 = y.recv().await;
-    assert_eq!(cluster_names(&r2), vec![cname("a"), cname("b")]);
+    assert_eq!(cluster_names(&r2), vec![cname("a"), cname("b"), cname("c")]);
+    drop(y);
+    // The version of exactly what it should hold (versions are content hashes: the same from any
+    // server): nothing to send until something changes.
+    let mut z = Sotw::open(&s).await;
+    z.send(Some(node("n")), CDS, &[], &r2.version_info, "")
+        .await;
+    assert!(z.quiet().await.is_none(), "resent what the client holds");
+    reg(&c, &s, "d", 9101).await;
+    let r3 = z.recv().await;
+    assert_eq!(
+        cluster_names(&r3),
+        vec![cname("a"), cname("b"), cname("c"), cname("d")]
+    );
+    assert_ne!(r3.version_info, r2.version_info);
+    drop(z);
+    let mut y = Sotw::open(&s).await;
+    y.send(Some(node("n")), CDS, &[], "", "").await;
+    let r2 = y.recv().await;
+    assert_eq!(cluster_names(&r2).len(), 4);
     // Listener wildcard works on the new stream too.
     y.send(None, LDS, &[], "", "").await;
     let l = y.recv().await;

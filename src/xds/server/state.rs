@@ -73,7 +73,7 @@ pub(super) struct TypeState {
     pub(super) shadow: HashMap<Arc<str>, u64>,
 }
 
-fn entry_hash(name: &str, version: u64) -> u64 {
+pub(super) fn entry_hash(name: &str, version: u64) -> u64 {
     xxh3_64(name.as_bytes()) ^ version.rotate_left(17)
 }
 
