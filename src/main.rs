@@ -188,6 +188,9 @@ struct ControllerArgs {
     /// control plane's REST authentication is off].
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// With an https server: the CA certificates (PEM) its certificate chains to.
+    #[arg(long)]
+    server_ca_file: Option<PathBuf>,
     /// Kubeconfig for the Kubernetes API [default: in-cluster, then $KUBECONFIG, ~/.kube/config].
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
@@ -424,6 +427,12 @@ fn main() -> anyhow::Result<()> {
                 ),
                 None => std::env::var("POLARIS_TOKEN").ok(),
             };
+            let roots = match &a.server_ca_file {
+                Some(p) => {
+                    Some(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?)
+                }
+                None => None,
+            };
             let config = polaris_mesh::controller::run::Config {
                 translate: polaris_mesh::controller::translate::Config {
                     cluster_name: a.cluster_name,
@@ -437,6 +446,7 @@ fn main() -> anyhow::Result<()> {
                 polaris_mesh::controller::run::standalone(
                     a.server,
                     token,
+                    roots,
                     kube,
                     config,
                     polaris_mesh::server::shutdown_signal(),

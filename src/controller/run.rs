@@ -390,12 +390,16 @@ async fn reconcile(
 pub async fn standalone(
     server: String,
     token: Option<String>,
+    roots: Option<Vec<u8>>,
     kube: Client,
     cfg: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
-    let target = Arc::new(super::target::Remote::new(&server, token));
+    let target = Arc::new(
+        super::target::Remote::new(&server, token, roots.as_deref())
+            .context("the control plane's CA certificates")?,
+    );
     let owned = target
         .owned(&cfg.translate)
         .await

@@ -177,16 +177,24 @@ pub struct Remote {
 const PER_REQUEST: usize = 100;
 
 impl Remote {
-    /// The control plane at `url` (`http://host:port`), authenticating with `token` when given.
-    pub fn new(url: &str, token: Option<String>) -> Remote {
-        Remote {
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .expect("a client without TLS settings builds"),
+    /// The control plane at `url` (`http://host:port`, or `https://` with `roots`: the PEM
+    /// certificates its serving certificate chains to), authenticating with `token` when given.
+    pub fn new(
+        url: &str,
+        token: Option<String>,
+        roots: Option<&[u8]>,
+    ) -> Result<Remote, reqwest::Error> {
+        let mut b = reqwest::Client::builder().timeout(Duration::from_secs(30));
+        if let Some(pem) = roots {
+            for cert in reqwest::Certificate::from_pem_bundle(pem)? {
+                b = b.add_root_certificate(cert);
+            }
+        }
+        Ok(Remote {
+            http: b.build()?,
             url: url.trim_end_matches('/').to_string(),
             token,
-        }
+        })
     }
 
     fn request(&self, rq: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
