@@ -74,21 +74,6 @@ async fn until(c: &reqwest::Client, s: &Server, want: &[&str], what: &str) {
     }
 }
 
-async fn metric(c: &reqwest::Client, s: &Server, name: &str) -> u64 {
-    let text = c
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 const ALL_FOUR: [&str; 4] = [
     "10.244.0.11:8080 ready",
     "10.244.0.11:9090 ready",
@@ -191,14 +176,14 @@ async fn services_and_endpoint_slices_sync_and_follow_changes_through_watch_fail
     assert_eq!(s.terminate().code(), Some(0));
     let s2 = Server::start(&dir.path().join("d"), &flags).await;
     let start = Instant::now();
-    while metric(&c, &s2, "polaris_controller_passes_total").await == 0 {
+    while s2.metric("polaris_controller_passes_total").await == 0 {
         assert!(
             start.elapsed() < Duration::from_secs(15),
             "no pass after restart"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(metric(&c, &s2, "polaris_controller_writes_total").await, 0);
+    assert_eq!(s2.metric("polaris_controller_writes_total").await, 0);
     until(&c, &s2, &ready, "after restart").await;
 }
 
@@ -288,7 +273,7 @@ async fn the_standalone_controller_syncs_through_rest() {
     until(&c, &s, &ALL_FOUR, "first sync through REST").await;
     let (_, v) = get(&c, &s.url("/naming/v1/services?namespace=shop&name=echo")).await;
     assert_eq!(v["services"][0]["metadata"]["clusterName"], "c1", "{v}");
-    let written = metric(&c, &s, "polaris_controller_writes_total").await;
+    let written = s.metric("polaris_controller_writes_total").await;
     assert!(
         written >= 6,
         "the server counts the controller's writes: {written}"
@@ -307,12 +292,12 @@ async fn the_standalone_controller_syncs_through_rest() {
     ctl.kill().unwrap();
     ctl.wait().unwrap();
     // A restart with nothing changed writes nothing; a Service deleted while it was down is swept.
-    let before = metric(&c, &s, "polaris_controller_writes_total").await;
-    let passes = metric(&c, &s, "polaris_controller_passes_total").await;
+    let before = s.metric("polaris_controller_writes_total").await;
+    let passes = s.metric("polaris_controller_passes_total").await;
     let mut ctl = controller(&token);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
-        metric(&c, &s, "polaris_controller_writes_total").await,
+        s.metric("polaris_controller_writes_total").await,
         before,
         "restart wrote something"
     );
