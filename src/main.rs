@@ -103,6 +103,9 @@ struct ServerArgs {
     /// The ADS port's key (PEM).
     #[arg(long)]
     xds_key_file: Option<PathBuf>,
+    /// PolarisMesh's gRPC client API (polaris-go, polaris-java), or `off` [default: 127.0.0.1:8091].
+    #[arg(long, value_parser = parse_optional_addr)]
+    grpc_addr: Option<OptionalAddr>,
     /// Serve the global rate-limit service (gRPC) on this address [default: off].
     #[arg(long)]
     rls_addr: Option<SocketAddr>,
@@ -323,6 +326,9 @@ fn main() -> anyhow::Result<()> {
             if a.rls_addr.is_some() {
                 cfg.rls_addr = a.rls_addr;
             }
+            if let Some(OptionalAddr(v)) = a.grpc_addr {
+                cfg.grpc_addr = v;
+            }
             cfg.kubernetes |= a.kubernetes;
             cfg.inject_default |= a.inject_default;
             if a.webhook_addr.is_some() {
@@ -469,4 +475,17 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(polaris_mesh::bench::run(a))
         }
     }
+}
+
+/// An address, or `off`.
+#[derive(Debug, Clone, Copy)]
+struct OptionalAddr(Option<SocketAddr>);
+
+fn parse_optional_addr(v: &str) -> Result<OptionalAddr, String> {
+    if v == "off" {
+        return Ok(OptionalAddr(None));
+    }
+    v.parse()
+        .map(|a| OptionalAddr(Some(a)))
+        .map_err(|e| format!("{v:?} is not an address (host:port) or off: {e}"))
 }

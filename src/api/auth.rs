@@ -341,7 +341,34 @@ impl Auth {
         })
     }
 
+    /// The principal of a call that carries `secret` (gRPC metadata, or a token in the message):
+    /// anyone when authentication is off; otherwise the token's principal, or the error to
+    /// answer (counted, logged and rate-limited per address as the REST API does).
+    pub fn check(&self, secret: Option<&str>, peer: Option<IpAddr>) -> Result<Principal, ApiError> {
+        if !self.cfg.enabled {
+            return Ok(Principal::Anyone);
+        }
+        let Some(secret) = secret.map(str::trim).filter(|s| !s.is_empty()) else {
+            return Err(self.refusal(
+                AuthFailure::Missing,
+                peer,
+                "no token: send it in the x-polaris-token metadata".into(),
+            ));
+        };
+        self.principal(secret).ok_or_else(|| {
+            self.refusal(
+                AuthFailure::Unknown,
+                peer,
+                "the token is unknown or revoked".into(),
+            )
+        })
+    }
+
     fn refuse(&self, reason: AuthFailure, peer: Option<IpAddr>, detail: String) -> Response {
+        self.refusal(reason, peer, detail).into_response()
+    }
+
+    fn refusal(&self, reason: AuthFailure, peer: Option<IpAddr>, detail: String) -> ApiError {
         let limited = peer.is_some_and(|ip| !self.failures.allow(&ip));
         let (reason, code, detail) = if limited {
             (
@@ -360,7 +387,7 @@ impl Auth {
         if !limited {
             tracing::warn!(peer = ?peer, reason = reason.label(), "request refused: {detail}");
         }
-        ApiError::new(code, detail).into_response()
+        ApiError::new(code, detail)
     }
 }
 

@@ -1,4 +1,6 @@
-//! PolarisMesh's client calls over HTTP: one instance per request, answered with a `Response`.
+//! PolarisMesh's client calls: one instance per request, answered with a `Response`. The calls
+//! themselves (validation, authorization, the registry write) are shared by the HTTP paths here and
+//! the gRPC API ([`super::grpc`]).
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -12,7 +14,7 @@ use super::error::ApiError;
 use super::input::parse_json;
 use super::view::{self, Item as Answer};
 use super::AppState;
-use crate::model::{now_rfc3339, InstanceInput, InstanceRef};
+use crate::model::{now_rfc3339, Instance, InstanceInput, InstanceRef};
 use crate::registry::{Command, Item};
 
 type ApiResult = Result<Response, ApiError>;
@@ -29,6 +31,80 @@ fn one(item: Item, echo: serde_json::Value) -> Answer {
     }
 }
 
+/// Validates an instance to register, naming the field it got wrong.
+pub(super) fn validate_instance(input: InstanceInput) -> Result<Instance, ApiError> {
+    input
+        .validate(&now_rfc3339())
+        .map_err(|e| ApiError::field(Entity::Instance, e))
+}
+
+/// Registers one instance: the registry's item for it (the instance, or why it was rejected).
+pub(super) async fn register_instance(
+    st: &AppState,
+    who: &Principal,
+    inst: Instance,
+) -> Result<Item, ApiError> {
+    let items = auth::write(
+        &st.registry,
+        &st.metrics,
+        who,
+        Command::RegisterInstances(vec![inst]),
+    )
+    .await
+    .map_err(|e| match e {
+        auth::Refused::Registry(e) => ApiError::registry(Entity::Instance, strip_index(e)),
+        e => e.into_api(Entity::Instance),
+    })?;
+    st.metrics.registrations.inc();
+    Ok(items.into_iter().next().expect("one item"))
+}
+
+/// Deregisters one instance (also when it did not exist).
+pub(super) async fn deregister_instance(
+    st: &AppState,
+    who: &Principal,
+    r: &InstanceRef,
+) -> Result<Item, ApiError> {
+    let sel = r
+        .validate()
+        .map_err(|e| ApiError::field(Entity::Instance, e))?;
+    let items = auth::write(
+        &st.registry,
+        &st.metrics,
+        who,
+        Command::DeregisterInstances(vec![sel]),
+    )
+    .await
+    .map_err(|e| e.into_api(Entity::Instance))?;
+    let item = items.into_iter().next().expect("one item");
+    if matches!(item, Item::Instance(_)) {
+        st.metrics.deregistrations.inc();
+    }
+    Ok(item)
+}
+
+/// Records a heartbeat of one instance (in memory); answers the instance's id.
+pub(super) async fn heartbeat_instance(
+    st: &AppState,
+    who: &Principal,
+    r: &InstanceRef,
+) -> Result<String, ApiError> {
+    let sel = r
+        .validate()
+        .map_err(|e| ApiError::field(Entity::Instance, e))?;
+    // Heartbeats are liveness, not configuration: checked, not audited.
+    if *who != Principal::Anyone {
+        let key = auth::selector_service(&sel, &st.registry.read());
+        if let Some(key) = key {
+            who.require(auth::Access::Instances(&key), &st.metrics)?;
+        }
+    }
+    st.registry
+        .heartbeat(&sel)
+        .await
+        .map_err(|e| ApiError::registry(Entity::Instance, e))
+}
+
 /// `POST /v1/RegisterInstance`.
 #[utoipa::path(post, path = "/v1/RegisterInstance", request_body = InstanceInput,
     responses((status = 200, description = "Response with the `instance` and its id"), (status = 400, description = "Bad input")))]
@@ -38,26 +114,10 @@ pub(super) async fn register(
     body: Bytes,
 ) -> ApiResult {
     let input: InstanceInput = parse_json(&body, Entity::Instance)?;
-    let inst = input
-        .validate(&now_rfc3339())
-        .map_err(|e| ApiError::field(Entity::Instance, e))?;
+    let inst = validate_instance(input)?;
     let echo = json!({"namespace": inst.namespace, "service": inst.service, "host": inst.host, "port": inst.port});
-    let items = auth::write(
-        &st.registry,
-        &st.metrics,
-        &who,
-        Command::RegisterInstances(vec![inst]),
-    )
-    .await
-    .map_err(|e| match e {
-        auth::Refused::Registry(e) => ApiError::registry(Entity::Instance, strip_index(e)),
-        e => e.into_api(Entity::Instance),
-    })?;
-    st.metrics.registrations.inc();
-    Ok(view::single(&one(
-        items.into_iter().next().expect("one item"),
-        echo,
-    )))
+    let item = register_instance(&st, &who, inst).await?;
+    Ok(view::single(&one(item, echo)))
 }
 
 /// `POST /v1/DeregisterInstance`.
@@ -69,22 +129,8 @@ pub(super) async fn deregister(
     body: Bytes,
 ) -> ApiResult {
     let r: InstanceRef = parse_json(&body, Entity::Instance)?;
-    let sel = r
-        .validate()
-        .map_err(|e| ApiError::field(Entity::Instance, e))?;
     let echo = json!({"id": r.id, "namespace": r.namespace, "service": r.service, "host": r.host, "port": r.port});
-    let items = auth::write(
-        &st.registry,
-        &st.metrics,
-        &who,
-        Command::DeregisterInstances(vec![sel]),
-    )
-    .await
-    .map_err(|e| e.into_api(Entity::Instance))?;
-    let item = items.into_iter().next().expect("one item");
-    if matches!(item, Item::Instance(_)) {
-        st.metrics.deregistrations.inc();
-    }
+    let item = deregister_instance(&st, &who, &r).await?;
     Ok(view::single(&one(item, echo)))
 }
 
@@ -97,21 +143,7 @@ pub(super) async fn heartbeat(
     body: Bytes,
 ) -> ApiResult {
     let r: InstanceRef = parse_json(&body, Entity::Instance)?;
-    let sel = r
-        .validate()
-        .map_err(|e| ApiError::field(Entity::Instance, e))?;
-    // Heartbeats are liveness, not configuration: checked, not audited.
-    if who != Principal::Anyone {
-        let key = auth::selector_service(&sel, &st.registry.read());
-        if let Some(key) = key {
-            who.require(auth::Access::Instances(&key), &st.metrics)?;
-        }
-    }
-    let id = st
-        .registry
-        .heartbeat(&sel)
-        .await
-        .map_err(|e| ApiError::registry(Entity::Instance, e))?;
+    let id = heartbeat_instance(&st, &who, &r).await?;
     Ok(view::single(&Answer::ok("instance", json!({"id": id}))))
 }
 

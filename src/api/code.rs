@@ -5,6 +5,8 @@ use crate::registry::Rejection;
 
 /// Success.
 pub const OK: u32 = 200000;
+/// A client's discovery answer is current: nothing is sent again.
+pub const DATA_NO_CHANGE: u32 = 200001;
 /// Bad request.
 pub const BAD_REQUEST: u32 = 400000;
 /// The body is not parseable JSON.
@@ -87,6 +89,8 @@ pub const UNAUTHORIZED: u32 = 401000;
 pub const FORBIDDEN: u32 = 403000;
 /// Too many failed attempts from one address (PolarisMesh's `IPRateLimit`).
 pub const IP_RATE_LIMIT: u32 = 403001;
+/// A discovery request for a kind of resource this server does not serve.
+pub const INVALID_DISCOVER_RESOURCE: u32 = 400004;
 /// Failure inside the server.
 pub const EXECUTE_EXCEPTION: u32 = 500000;
 /// The store failed.
@@ -96,6 +100,8 @@ pub const STORE_EXCEPTION: u32 = 500001;
 pub fn info(code: u32) -> &'static str {
     match code {
         OK => "execute success",
+        DATA_NO_CHANGE => "discover data is no change",
+        INVALID_DISCOVER_RESOURCE => "invalid discover resource",
         BAD_REQUEST => "bad request",
         PARSE => "request decode failed",
         EMPTY_REQUEST => "empty request",

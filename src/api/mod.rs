@@ -11,6 +11,7 @@ mod client;
 pub mod code;
 mod controller;
 mod error;
+pub mod grpc;
 mod input;
 mod naming;
 mod rules;

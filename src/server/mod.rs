@@ -34,6 +34,8 @@ pub struct Bound {
     pub xds: SocketAddr,
     /// The CA (HTTPS), when it is on.
     pub ca: Option<SocketAddr>,
+    /// PolarisMesh's gRPC client API, when it is on.
+    pub grpc: Option<SocketAddr>,
 }
 
 /// A Kubernetes client: from `kubeconfig`, else in-cluster, else `$KUBECONFIG` / `~/.kube/config`.
@@ -101,7 +103,7 @@ pub async fn run(
     let started = start(&cfg, &registry, etcd, &metrics, &ready, &mut components).await;
     let result = match started {
         Ok(bound) => {
-            tracing::info!(http = %bound.http, xds = %bound.xds, ca = ?bound.ca, data_dir = %cfg.data_dir.display(), "polaris server started");
+            tracing::info!(http = %bound.http, xds = %bound.xds, ca = ?bound.ca, grpc = ?bound.grpc, data_dir = %cfg.data_dir.display(), "polaris server started");
             on_bound(bound);
             components
                 .run_until(shutdown, DRAIN)
@@ -151,6 +153,14 @@ async fn start(
         }
         None => None,
     };
+    let grpc = match cfg.grpc_addr {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding the gRPC client API on {a}"))?,
+        ),
+        None => None,
+    };
     let rls = match cfg.rls_addr {
         Some(a) => Some(
             TcpListener::bind(a)
@@ -182,6 +192,7 @@ async fn start(
             Some((_, a)) => a.local_addr()?,
             None => None,
         },
+        grpc: grpc.as_ref().map(TcpListener::local_addr).transpose()?,
     };
     let stop = components.stop_signal();
 
@@ -268,6 +279,15 @@ async fn start(
     let mut extra = debug::routes(cache, nodes, registry.clone());
     if let Some(r) = cluster_routes {
         extra = extra.merge(r);
+    }
+    if let Some(l) = grpc {
+        if !cfg.api_auth().enabled && !bound.grpc.is_some_and(|a| a.ip().is_loopback()) {
+            tracing::warn!(grpc = ?bound.grpc, "authentication is OFF (--auth off, or the REST port is loopback) while the gRPC client API listens on a non-loopback address: anyone who reaches it can register instances");
+        }
+        components.spawn(
+            "grpc client api",
+            api::grpc::serve(state.clone(), l, stop.clone()),
+        );
     }
     let app = api::router(state, extra);
     components.spawn("rest", api::serve(http, app, stop.clone()));

@@ -25,6 +25,8 @@ pub struct Server {
     pub http: String,
     pub http_port: u16,
     pub xds_port: u16,
+    /// PolarisMesh's gRPC client API.
+    pub grpc_port: u16,
     pub data_dir: PathBuf,
     pub log: PathBuf,
 }
@@ -68,12 +70,14 @@ impl Server {
         for _ in 0..5 {
             let http_port = free_port();
             let xds_port = free_port();
+            let grpc_port = free_port();
             let log = data_dir.with_extension(format!("{http_port}.log"));
             let child = Command::new(env!("CARGO_BIN_EXE_polaris"))
                 .args(["server", "--data-dir"])
                 .arg(data_dir)
                 .args(["--http-addr", &format!("{http_host}:{http_port}")])
                 .args(["--xds-addr", &format!("{xds_host}:{xds_port}")])
+                .args(["--grpc-addr", &format!("127.0.0.1:{grpc_port}")])
                 .args(extra)
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(&log).unwrap())
@@ -84,6 +88,7 @@ impl Server {
                 http: format!("http://127.0.0.1:{http_port}"),
                 http_port,
                 xds_port,
+                grpc_port,
                 data_dir: data_dir.to_path_buf(),
                 log,
             };
