@@ -268,9 +268,10 @@ pub async fn serve(
             }
         })
     };
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // The builder's `tcp_nodelay` applies only to listeners it binds itself: without it, small
+    // answers wait on Nagle's algorithm for the peer's delayed ACK (40 ms stalls).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let r = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(RateLimitServiceServer::new(Service(rls)))
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.wait_for(|s| *s).await;

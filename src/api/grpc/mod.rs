@@ -41,9 +41,10 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // The builder's `tcp_nodelay` applies only to listeners it binds itself: without it, small
+    // answers wait on Nagle's algorithm for the peer's delayed ACK (40 ms stalls).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(
             PolarisGrpcServer::new(Api { st })
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
