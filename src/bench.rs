@@ -1,8 +1,9 @@
 //! `polaris bench`: load generators that print their figures.
 //!
-//! `bench registry` drives the REST client API over loopback HTTP/1.1 keep-alive connections with
-//! concurrent clients: durable registrations, then heartbeats. By default it starts a server in
-//! this process on a fresh data directory, so client and server share the machine's cores.
+//! `bench registry` drives the client API, over loopback HTTP/1.1 keep-alive connections (REST) or
+//! gRPC (`v1.PolarisGRPC`, one connection per client as each SDK has its own), with concurrent
+//! clients: durable registrations, then heartbeats. By default it starts a server in this process
+//! on a fresh data directory, so client and server share the machine's cores.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use hyper_util::rt::TokioExecutor;
 
 mod ca;
 mod controller;
+mod grpc;
 pub mod kube_fake;
 mod rls;
 mod webhook;
@@ -52,9 +54,27 @@ enum What {
     XdsClients(xds_clients::ClientArgs),
 }
 
+/// How `bench registry` reaches the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Transport {
+    /// REST over HTTP/1.1.
+    Http,
+    /// PolarisMesh's gRPC client API.
+    Grpc,
+}
+
 #[derive(Debug, Args)]
 struct RegistryArgs {
-    /// Concurrent HTTP clients.
+    /// How the clients reach the server.
+    #[arg(long, value_enum, default_value = "http")]
+    transport: Transport,
+    /// With `--target`: the server's gRPC client API (`host:port`).
+    #[arg(long)]
+    grpc_target: Option<String>,
+    /// gRPC connections the clients share [default: one per client, as each SDK has its own].
+    #[arg(long)]
+    connections: Option<usize>,
+    /// Concurrent clients (each its own connection with gRPC unless --connections).
     #[arg(long, default_value_t = 64)]
     clients: usize,
     /// Instances to register (one request each).
@@ -165,11 +185,15 @@ impl Phase {
 
 async fn registry(a: RegistryArgs) -> anyhow::Result<()> {
     println!(
-        "registry benchmark: {} clients, {} registrations (durable, heartbeat TTL 60 s) over {} services, {} heartbeats, loopback HTTP/1.1{}",
+        "registry benchmark: {} clients, {} registrations (durable, heartbeat TTL 60 s) over {} services, {} heartbeats, loopback {}{}",
         a.clients,
         a.registrations,
         a.services.max(1),
         a.heartbeats,
+        match a.transport {
+            Transport::Http => "HTTP/1.1",
+            Transport::Grpc => "gRPC (v1.PolarisGRPC)",
+        },
         if a.target.is_some() { "" } else { ", server in the same process" }
     );
     println!("| phase         | requests |    req/s  | p50 ms   | p99 ms   | max ms   |");
@@ -180,7 +204,14 @@ async fn registry(a: RegistryArgs) -> anyhow::Result<()> {
         &[false]
     };
     for &auth in runs {
-        let (reg, hb) = registry_once(&a, auth).await?;
+        let (reg, hb, commits) = registry_once(&a, auth).await?;
+        if let Some(c) = commits {
+            println!(
+                "  {} registrations took {c} store commits (each one durable write, fsync included): {:.0} registrations per commit",
+                reg.requests,
+                reg.requests as f64 / c.max(1) as f64
+            );
+        }
         for mut p in [reg, hb] {
             if a.compare_auth {
                 p.name = match (p.name, auth) {
@@ -196,10 +227,18 @@ async fn registry(a: RegistryArgs) -> anyhow::Result<()> {
 }
 
 /// One run; `auth`: the in-process server authenticates, and the clients send a write token.
-async fn registry_once(a: &RegistryArgs, auth: bool) -> anyhow::Result<(Phase, Phase)> {
+async fn registry_once(
+    a: &RegistryArgs,
+    auth: bool,
+) -> anyhow::Result<(Phase, Phase, Option<u64>)> {
     const ADMIN: &str = "bench-admin-secret-0123456789";
-    let (base, server, dir) = match &a.target {
-        Some(t) => (t.trim_end_matches('/').to_string(), None, None),
+    let (base, grpc, server, dir) = match &a.target {
+        Some(t) => (
+            t.trim_end_matches('/').to_string(),
+            a.grpc_target.clone(),
+            None,
+            None,
+        ),
         None => {
             let dir = tempfile_dir()?;
             let (tx, rx) = tokio::sync::oneshot::channel();
@@ -213,6 +252,7 @@ async fn registry_once(a: &RegistryArgs, auth: bool) -> anyhow::Result<(Phase, P
                     crate::config::AuthMode::Off
                 },
                 admin_token: auth.then(|| ADMIN.to_string()),
+                grpc_addr: Some("127.0.0.1:0".parse()?),
                 ..Default::default()
             };
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -222,11 +262,16 @@ async fn registry_once(a: &RegistryArgs, auth: bool) -> anyhow::Result<(Phase, P
                     let _ = stop_rx.await;
                 },
                 move |b| {
-                    let _ = tx.send(b.http);
+                    let _ = tx.send((b.http, b.grpc));
                 },
             ));
-            let addr = rx.await.context("server did not start")?;
-            (format!("http://{addr}"), Some((h, stop_tx)), Some(dir))
+            let (addr, grpc) = rx.await.context("server did not start")?;
+            (
+                format!("http://{addr}"),
+                grpc.map(|g| g.to_string()),
+                Some((h, stop_tx)),
+                Some(dir),
+            )
         }
     };
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
@@ -244,6 +289,34 @@ async fn registry_once(a: &RegistryArgs, auth: bool) -> anyhow::Result<(Phase, P
         let host = format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255);
         (format!("bench-{}", i % svc), host, 8080)
     };
+    let commits_before = store_commits(&client, &base).await;
+    if a.transport == Transport::Grpc {
+        let conns = a.connections.unwrap_or(a.clients);
+        let target = grpc.context("give --grpc-target with --target and --transport grpc")?;
+        let reg = grpc::drive(
+            &target,
+            grpc::Call::Register,
+            a.clients,
+            conns,
+            n,
+            token.clone(),
+            inst,
+        )
+        .await?;
+        let commits = store_commits(&client, &base).await;
+        let hb = grpc::drive(
+            &target,
+            grpc::Call::Heartbeat,
+            a.clients,
+            conns,
+            a.heartbeats,
+            token,
+            move |i| inst(i % n.max(1)),
+        )
+        .await?;
+        stop_server(server, dir).await?;
+        return Ok((reg, hb, commits.zip(commits_before).map(|(a, b)| a - b)));
+    }
     let reg_url: hyper::Uri = format!("{base}/v1/RegisterInstance").parse()?;
     let reg = drive("register", a.clients, n, client.clone(), reg_url, token.clone(), move |i| {
         let (s, h, p) = inst(i);
@@ -252,6 +325,7 @@ async fn registry_once(a: &RegistryArgs, auth: bool) -> anyhow::Result<(Phase, P
         )
     })
     .await?;
+    let commits = store_commits(&client, &base).await;
     let hb_url: hyper::Uri = format!("{base}/v1/Heartbeat").parse()?;
     let hb = drive(
         "heartbeat",
@@ -266,6 +340,19 @@ async fn registry_once(a: &RegistryArgs, auth: bool) -> anyhow::Result<(Phase, P
         },
     )
     .await?;
+    stop_server(server, dir).await?;
+    Ok((reg, hb, commits.zip(commits_before).map(|(a, b)| a - b)))
+}
+
+type InProcess = (
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+    tokio::sync::oneshot::Sender<()>,
+);
+
+async fn stop_server(
+    server: Option<InProcess>,
+    dir: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
     if let Some((h, stop)) = server {
         let _ = stop.send(());
         h.await??;
@@ -273,7 +360,20 @@ async fn registry_once(a: &RegistryArgs, auth: bool) -> anyhow::Result<(Phase, P
     if let Some(d) = dir {
         let _ = std::fs::remove_dir_all(d);
     }
-    Ok((reg, hb))
+    Ok(())
+}
+
+/// The server's store commits so far (`polaris_store_commit_seconds_count`), if `/metrics` says.
+async fn store_commits(client: &HttpClient, base: &str) -> Option<u64> {
+    let resp = client
+        .get(format!("{base}/metrics").parse().ok()?)
+        .await
+        .ok()?;
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| l.strip_prefix("polaris_store_commit_seconds_count "))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Creates a write token of namespace `default` with the admin token; returns its secret.
