@@ -145,7 +145,23 @@ async fn bad_requests_end_their_stream_with_a_status_and_other_streams_go_on() {
         let _ = wrong.next::<DiscoveryResponse>().await;
         assert_eq!(wrong.http_status, Some(415), "{path}");
     }
-    for (kind, n) in [("undecodable", 4), ("too_large", 2), ("compressed", 2)] {
+    // SotW names are checked for UTF-8 when a request's names differ from the subscription's
+    // (they are not split into strings otherwise): still refused, and counted as undecodable.
+    let mut bad = conn.grpc(SOTW).await;
+    let mut wire = DiscoveryRequest {
+        node: Some(node("bad-names")),
+        type_url: EDS.into(),
+        resource_names: vec!["ok".into(), "zz".into()],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let at = wire.windows(2).position(|w| w == b"zz").unwrap();
+    wire[at] = 0xff;
+    bad.send_raw(frame(false, &wire));
+    let end = bad.next::<DiscoveryResponse>().await.unwrap_err();
+    assert_eq!(end.code, 3, "{end:?}");
+    assert!(end.message.contains("not UTF-8"), "{end:?}");
+    for (kind, n) in [("undecodable", 5), ("too_large", 2), ("compressed", 2)] {
         assert_eq!(
             metric(
                 &c,

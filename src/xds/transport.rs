@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use tonic::body::Body;
 use tonic::Status;
 
-use super::server::Ads;
+use super::server::{Ads, SotwRequest};
 use super::snapshot::Res;
 use crate::metrics::{Metrics, RequestError};
 use crate::net::Acceptor;
@@ -155,7 +155,25 @@ impl bytes::Buf for Chunks<'_> {
     }
 }
 
-impl<T: Message + Default> Requests<T> {
+/// A request message of an xDS stream.
+pub trait RequestMessage: Message + Default {
+    /// Its protobuf name, for errors.
+    const NAME: &'static str;
+}
+
+impl RequestMessage for DiscoveryRequest {
+    const NAME: &'static str = "DiscoveryRequest";
+}
+
+impl RequestMessage for DeltaDiscoveryRequest {
+    const NAME: &'static str = "DeltaDiscoveryRequest";
+}
+
+impl RequestMessage for SotwRequest {
+    const NAME: &'static str = "DiscoveryRequest";
+}
+
+impl<T: RequestMessage> Requests<T> {
     /// Reads `body` within `limits`.
     pub fn new(body: Body, limits: std::sync::Arc<RequestLimits>) -> Self {
         Requests {
@@ -317,15 +335,25 @@ impl<T: Message + Default> Requests<T> {
             remaining: 5 + len,
         };
         bytes::Buf::advance(&mut buf, 5);
-        let msg = T::decode(&mut buf).map_err(|e| {
+        // Decoded from one slice: prost's varint and field loops take their fast paths there,
+        // where across chunks every field pays for the chunk bookkeeping (a SotW ACK naming a
+        // thousand resources spans several HTTP/2 frames). A message split over chunks is copied
+        // once into a buffer freed right after.
+        let msg = if bytes::Buf::chunk(&buf).len() >= len {
+            let m = T::decode(&bytes::Buf::chunk(&buf)[..len]);
+            bytes::Buf::advance(&mut buf, len);
+            m
+        } else {
+            let mut whole = vec![0; len];
+            bytes::Buf::copy_to_slice(&mut buf, &mut whole);
+            T::decode(&whole[..])
+        };
+        let msg = msg.map_err(|e| {
             ReadError::request(
                 RequestError::Undecodable,
                 Status::invalid_argument(format!(
                     "request of {len} bytes is not a {}: {e}",
-                    std::any::type_name::<T>()
-                        .rsplit("::")
-                        .next()
-                        .unwrap_or("message")
+                    T::NAME
                 )),
             )
         });
@@ -519,7 +547,7 @@ impl tower::Service<http::Request<Body>> for AdsService {
             let (tx, rx) = mpsc::channel::<Result<Box<Msg>, Box<Status>>>(2);
             let driver = match path.as_str() {
                 SOTW_PATH | SDS_SOTW_PATH => {
-                    let inbound = Requests::<DiscoveryRequest>::new(req.into_body(), limits);
+                    let inbound = Requests::<SotwRequest>::new(req.into_body(), limits);
                     ads.sotw_stream(inbound, tx, peer, caller)
                 }
                 DELTA_PATH | SDS_DELTA_PATH => {

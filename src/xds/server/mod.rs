@@ -15,12 +15,13 @@
 
 mod delta;
 mod sotw;
+mod sotw_request;
 mod state;
 mod view;
 
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 
 pub use super::node::NodeInfo;
 pub use super::status::{NodeStatus, Nodes, TypeStatus};
@@ -31,6 +32,7 @@ use super::snapshot::{Cache, Res};
 use super::transport::{AdsService, Driver, RequestLimits, Requests, Tx};
 use super::TypeKind;
 use crate::metrics::Metrics;
+pub use sotw_request::SotwRequest;
 use state::StreamState;
 
 /// The ADS service.
@@ -85,7 +87,7 @@ impl Ads {
     /// The state machine of one SotW stream, driven by the stream's response body.
     pub fn sotw_stream(
         &self,
-        inbound: Requests<DiscoveryRequest>,
+        inbound: Requests<SotwRequest>,
         tx: Tx,
         peer: Option<crate::net::Peer>,
         caller: Option<Caller>,

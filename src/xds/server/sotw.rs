@@ -4,30 +4,27 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use tonic::Status;
 
 use super::super::names::Names;
 use super::super::snapshot::Res;
 use super::super::transport::Msg;
 use super::super::TypeKind;
+use super::sotw_request::SotwRequest;
 use super::state::{parse_hex, Out, Reply, StreamState};
+use crate::metrics::RequestError;
 
 /// Whether a SotW request names exactly the subscribed set. Clients repeat their names in the same
 /// order in every ACK, usually sorted: that case is one pass without allocating.
-fn same_names(req: &[&String], subscribed: &Names) -> bool {
-    if req.len() == subscribed.len()
-        && req
-            .iter()
-            .zip(subscribed.iter())
-            .all(|(a, b)| a.as_str() == &**b)
-    {
+fn same_names(req: &[&str], subscribed: &Names) -> bool {
+    if req.len() == subscribed.len() && req.iter().zip(subscribed.iter()).all(|(a, b)| *a == &**b) {
         return true;
     }
     if req.len() < subscribed.len() {
         return false;
     }
-    let mut sorted: Vec<&str> = req.iter().map(|n| n.as_str()).collect();
+    let mut sorted: Vec<&str> = req.to_vec();
     sorted.sort_unstable();
     sorted.dedup();
     sorted.len() == subscribed.len()
@@ -50,7 +47,7 @@ impl StreamState {
         outs
     }
 
-    pub(super) fn sotw_request(&mut self, req: DiscoveryRequest) -> Result<Vec<Reply>, Status> {
+    pub(super) fn sotw_request(&mut self, req: SotwRequest) -> Result<Vec<Reply>, Status> {
         self.check_node(req.node.as_ref())?;
         let Some(kind) = TypeKind::from_url(&req.type_url).filter(|k| *k != TypeKind::VirtualHost)
         else {
@@ -74,12 +71,19 @@ impl StreamState {
         }
         let first = !ts.active;
         ts.active = true;
-        let names: Vec<&String> = req
-            .resource_names
-            .iter()
-            .filter(|n| n.as_str() != "*")
-            .collect();
-        let star = req.resource_names.iter().any(|n| n == "*");
+        // The common case: an ACK repeating, byte for byte, the names of the request that set
+        // the subscription. Nothing to split, compare or allocate.
+        let names_hash = req.names_hash();
+        if !first && names_hash == ts.names_hash {
+            return Ok(self.sotw_same(kind, &req));
+        }
+        let all = req.names().map_err(|e| {
+            self.metrics.xds_request_error(RequestError::Undecodable);
+            Status::invalid_argument(format!("resource_names: a name is not UTF-8: {e}"))
+        })?;
+        let ts = self.types.get_or_default(kind);
+        let names: Vec<&str> = all.iter().copied().filter(|n| *n != "*").collect();
+        let star = all.contains(&"*");
         let wildcard = star || (names.is_empty() && !ts.ever_named && kind.wildcard_capable());
         if !names.is_empty() {
             ts.ever_named = true;
@@ -87,15 +91,8 @@ impl StreamState {
         // The common case, an ACK repeating the same names: no allocation, no rebuild.
         let same = !first && wildcard == ts.wildcard && same_names(&names, &ts.names);
         if same {
-            let forced: Vec<Arc<str>> = ts.force.drain().collect();
-            if !req.response_nonce.is_empty() {
-                let version = parse_hex(&req.version_info).unwrap_or_default();
-                self.on_ack(kind, &req.response_nonce, version);
-            }
-            if forced.is_empty() {
-                return Ok(vec![]);
-            }
-            return Ok(self.sotw_forced(kind, forced).into_iter().collect());
+            ts.names_hash = names_hash;
+            return Ok(self.sotw_same(kind, &req));
         }
         let new_names = self
             .sets
@@ -128,6 +125,7 @@ impl StreamState {
         let ts = self.types.get_mut(&kind).expect("active");
         ts.wildcard = wildcard;
         ts.names = new_names;
+        ts.names_hash = names_hash;
         // SotW EDS/RDS: forget resources no longer requested (there is no removal message).
         if !kind.wildcard_capable() {
             for n in &removed {
@@ -179,6 +177,20 @@ impl StreamState {
             self.on_ack(kind, &req.response_nonce, version);
         }
         Ok(self.sotw_build(kind, true, None).into_iter().collect())
+    }
+
+    /// A request for the subscription the client already has: an ACK, and the names whose
+    /// re-sending waits on it (cluster warming).
+    fn sotw_same(&mut self, kind: TypeKind, req: &SotwRequest) -> Vec<Reply> {
+        let forced: Vec<Arc<str>> = self.types.get_or_default(kind).force.drain().collect();
+        if !req.response_nonce.is_empty() {
+            let version = parse_hex(&req.version_info).unwrap_or_default();
+            self.on_ack(kind, &req.response_nonce, version);
+        }
+        if forced.is_empty() {
+            return vec![];
+        }
+        self.sotw_forced(kind, forced).into_iter().collect()
     }
 
     /// Everything of `kind` the client should hold now (sorted by name).
@@ -321,7 +333,8 @@ mod tests {
         let sets = NameSets::default();
         let sub = sets.set(["a", "b", "c"].map(Arc::from).to_vec());
         let s = |v: &[&str]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>();
-        let check = |v: Vec<String>| same_names(&v.iter().collect::<Vec<_>>(), &sub);
+        let check =
+            |v: Vec<String>| same_names(&v.iter().map(String::as_str).collect::<Vec<_>>(), &sub);
         assert!(check(s(&["a", "b", "c"])));
         assert!(check(s(&["c", "a", "b"])));
         assert!(check(s(&["c", "a", "b", "a"])));

@@ -54,6 +54,9 @@ pub(super) struct TypeState {
     pub(super) names: Names,
     /// The client has named resources at least once (ends legacy wildcard).
     pub(super) ever_named: bool,
+    /// SotW: [`SotwRequest::names_hash`](super::sotw_request::SotwRequest::names_hash) of the
+    /// request that set `names` and `wildcard` (0: none yet).
+    pub(super) names_hash: u64,
     /// Where the client's holdings differ from the implied view.
     pub(super) overlay: HashMap<Arc<str>, Held>,
     /// XOR of `h(name, version)` over the resources held: the type's version for this client.
@@ -593,7 +596,7 @@ impl StreamState {
 
     /// The stream loop, shared by both protocols: answer requests, push snapshot changes, end on
     /// client close, error or server shutdown.
-    pub(super) async fn run<Req: prost::Message + Default + Send + 'static>(
+    pub(super) async fn run<Req: super::super::transport::RequestMessage + Send + 'static>(
         mut self: Box<Self>,
         mut inbound: Requests<Req>,
         tx: Tx,
@@ -609,7 +612,12 @@ impl StreamState {
                 req = inbound.message() => match req {
                     Ok(Some(req)) => match on_request(&mut self, req) {
                         Ok(outs) => outs,
-                        Err(status) => { let _ = tx.send(Err(Box::new(status))).await; break; }
+                        Err(status) => {
+                            let node = self.node.as_ref().map(|n| n.id.as_str()).unwrap_or("");
+                            tracing::warn!(node, peer = ?self.status.peer, error = status.message(), "bad xDS request; ending the stream");
+                            let _ = tx.send(Err(Box::new(status))).await;
+                            break;
+                        }
                     },
                     Ok(None) => break,
                     Err(e) => {
