@@ -1032,3 +1032,205 @@ async fn node_metadata_widens_the_visible_namespaces() {
     plain.sub(Some(node("plain")), CDS, &[], &[]).await;
     assert_eq!(names(&plain.recv_ack().await), vec![cname("api")]);
 }
+
+/// The ports of each load assignment a client holds, by cluster.
+type Held = std::collections::BTreeMap<String, std::collections::BTreeSet<u32>>;
+
+fn ports_of(
+    any: &envoy_types::pb::google::protobuf::Any,
+) -> (String, std::collections::BTreeSet<u32>) {
+    use envoy_types::pb::envoy::config::core::v3::{address, socket_address};
+    use envoy_types::pb::envoy::config::endpoint::v3::{lb_endpoint, ClusterLoadAssignment};
+    use prost::Message;
+    let cla = ClusterLoadAssignment::decode(&any.value[..]).unwrap();
+    let ports = cla
+        .endpoints
+        .iter()
+        .flat_map(|l| &l.lb_endpoints)
+        .filter_map(|e| match &e.host_identifier {
+            Some(lb_endpoint::HostIdentifier::Endpoint(ep)) => ep.address.as_ref(),
+            _ => None,
+        })
+        .filter_map(|a| match &a.address {
+            Some(address::Address::SocketAddress(s)) => match s.port_specifier {
+                Some(socket_address::PortSpecifier::PortValue(p)) => Some(p),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    (cla.cluster_name, ports)
+}
+
+/// One client of the crowd: subscribes to `names`' load assignments, ACKs every response, and
+/// publishes what it holds after each.
+async fn crowd_client(
+    mut client: AggregatedDiscoveryServiceClient<tonic::transport::Channel>,
+    i: usize,
+    delta: bool,
+    names: Vec<String>,
+    held: std::sync::Arc<Vec<parking_lot::Mutex<Held>>>,
+) -> Result<(), tonic::Status> {
+    let node = Some(node(&format!("crowd-{i}")));
+    if delta {
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(DeltaDiscoveryRequest {
+            node,
+            type_url: EDS.into(),
+            resource_names_subscribe: names.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let mut rx = client
+            .delta_aggregated_resources(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        while let Some(r) = rx.message().await? {
+            {
+                let mut h = held[i].lock();
+                for res in &r.resources {
+                    let (name, ports) = ports_of(res.resource.as_ref().unwrap());
+                    h.insert(name, ports);
+                }
+                for gone in &r.removed_resources {
+                    h.remove(gone);
+                }
+            }
+            let _ = tx
+                .send(DeltaDiscoveryRequest {
+                    type_url: EDS.into(),
+                    response_nonce: r.nonce,
+                    ..Default::default()
+                })
+                .await;
+        }
+    } else {
+        let (tx, rx) = mpsc::channel(4);
+        let req = |version: String, nonce: String| DiscoveryRequest {
+            type_url: EDS.into(),
+            resource_names: names.clone(),
+            version_info: version,
+            response_nonce: nonce,
+            ..Default::default()
+        };
+        let mut first = req(String::new(), String::new());
+        first.node = node;
+        tx.send(first).await.unwrap();
+        let mut rx = client
+            .stream_aggregated_resources(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        while let Some(r) = rx.message().await? {
+            {
+                let mut h = held[i].lock();
+                for res in &r.resources {
+                    let (name, ports) = ports_of(res);
+                    h.insert(name, ports);
+                }
+            }
+            let _ = tx.send(req(r.version_info, r.nonce)).await;
+        }
+    }
+    Ok(())
+}
+
+/// W-B25: 2,000 streams (half SotW, half delta, 80 to a connection) converge on the registry's
+/// final state after a burst of changes sent without waiting: no stream misses the last update of
+/// any cluster, whatever the changes coalesced into.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b25_two_thousand_streams_converge_after_a_burst_of_changes() {
+    const SERVICES: usize = 10;
+    const CONNECTIONS: usize = 25;
+    const PER_CONNECTION: usize = 80;
+    let svcs: Vec<String> = (0..SERVICES).map(|i| format!("crowd-{i}")).collect();
+    let refs: Vec<&str> = svcs.iter().map(String::as_str).collect();
+    let (_d, s, c) = server_with(&refs).await;
+    let names: Vec<String> = svcs.iter().map(|s| cname(s)).collect();
+    let total = CONNECTIONS * PER_CONNECTION;
+    let held = std::sync::Arc::new(
+        (0..total)
+            .map(|_| parking_lot::Mutex::new(Held::new()))
+            .collect::<Vec<_>>(),
+    );
+    let mut tasks = Vec::new();
+    for k in 0..CONNECTIONS {
+        let client =
+            AggregatedDiscoveryServiceClient::connect(format!("http://127.0.0.1:{}", s.xds_port))
+                .await
+                .unwrap();
+        for j in 0..PER_CONNECTION {
+            let i = k * PER_CONNECTION + j;
+            tasks.push(tokio::spawn(crowd_client(
+                client.clone(),
+                i,
+                i % 2 == 1,
+                names.clone(),
+                held.clone(),
+            )));
+        }
+    }
+    let expected = |c: &reqwest::Client, s: &Server| {
+        let (c, url) = (
+            c.clone(),
+            s.url("/naming/v1/instances?namespace=default&limit=1000"),
+        );
+        async move {
+            let (_, v) = common::get(&c, &url).await;
+            let mut want = Held::new();
+            for i in v["instances"].as_array().unwrap() {
+                want.entry(cname(i["service"].as_str().unwrap()))
+                    .or_default()
+                    .insert(i["port"].as_u64().unwrap() as u32);
+            }
+            want
+        }
+    };
+    let converge = |want: Held, what: &'static str| {
+        let (held, tasks) = (held.clone(), &tasks);
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(120);
+            loop {
+                let behind: Vec<usize> = (0..total).filter(|i| *held[*i].lock() != want).collect();
+                if behind.is_empty() {
+                    return;
+                }
+                if let Some(t) = tasks.iter().find(|t| t.is_finished()) {
+                    panic!("{what}: a stream ended: {t:?}");
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{what}: {} of {total} streams never converged; stream {} holds {:?}, the registry {want:?}",
+                    behind.len(),
+                    behind[0],
+                    held[behind[0]].lock()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    converge(expected(&c, &s).await, "initial sync").await;
+
+    // The burst: new ports everywhere and, after the first round, the oldest ones go.
+    for round in 0..40u16 {
+        let svc = &svcs[round as usize % SERVICES];
+        reg(&c, &s, svc, 10_000 + round).await;
+        if round >= SERVICES as u16 {
+            dereg(
+                &c,
+                &s,
+                &svcs[(round as usize - SERVICES) % SERVICES],
+                10_000 + round - SERVICES as u16,
+            )
+            .await;
+        }
+    }
+    let want = expected(&c, &s).await;
+    assert_eq!(want.len(), SERVICES);
+    assert!(want.values().all(|p| p.len() == 2), "{want:?}");
+    converge(want, "after the burst").await;
+    assert!(tasks.iter().all(|t| !t.is_finished()), "no stream ended");
+    for t in &tasks {
+        t.abort();
+    }
+}
