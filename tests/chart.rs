@@ -139,6 +139,7 @@ fn ports_agree(docs: &[Value], cfg: &Value) {
     };
     want("http", "httpAddr");
     want("grpc-xds", "xdsAddr");
+    want("grpc-client", "grpcAddr");
     want("https-ca", "caAddr");
     want("https-webhook", "webhookAddr");
     want("grpc-rls", "rlsAddr");
