@@ -522,6 +522,15 @@ impl StreamState {
                     continue;
                 }
                 if c.kind == TypeKind::VirtualHost {
+                    // Only on-demand sidecars subscribe to virtual hosts: for every other stream
+                    // there is nothing to match (and no domains to format, on every change).
+                    if self
+                        .types
+                        .get(&TypeKind::VirtualHost)
+                        .is_none_or(|ts| ts.names.is_empty())
+                    {
+                        continue;
+                    }
                     // Subscriptions name hosts, not services: the ones this service's host answers
                     // (its domains depend on its name alone, so they are the same before and
                     // after the change).
