@@ -298,6 +298,11 @@ impl Metrics {
         self.xds_request_errors[kind as usize].get()
     }
 
+    /// xDS requests that ended their stream undecoded, of every kind.
+    pub fn xds_request_errors_total(&self) -> u64 {
+        self.xds_request_errors.iter().map(Counter::get).sum()
+    }
+
     /// Counts a certificate the CA refused.
     pub fn ca_denied(&self, reason: CaDenial) {
         self.ca_denied[reason as usize].inc();

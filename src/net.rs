@@ -352,6 +352,23 @@ impl<C: Future> Future for Guarded<C> {
     }
 }
 
+/// Connections the kernel queues for `accept` on our TCP ports (capped by `net.core.somaxconn`).
+/// tokio's `TcpListener::bind` asks for 1,024: when ten thousand proxies reconnect at once after a
+/// restart, the queue overflows faster than a busy accept loop drains it, and the kernel drops the
+/// handshakes it has no room for (the clients see resets and retry, adding to the herd).
+pub const ACCEPT_BACKLOG: u32 = 16_384;
+
+/// Binds a TCP listener on `addr` with [`ACCEPT_BACKLOG`] (and `SO_REUSEADDR`, as `bind` does).
+pub fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)
+}
+
 /// Binds a Unix socket at `path` (replacing a stale one) with mode 0600: only the owner (the
 /// sidecar's Envoy runs as the same user, or root) may connect.
 pub fn bind_unix(path: &std::path::Path) -> io::Result<UnixListener> {

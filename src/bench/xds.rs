@@ -373,7 +373,7 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
         .map(|v| v.endpoints.len())
         .sum();
     let nodes = Arc::new(Nodes::default());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let listener = crate::net::bind_tcp("127.0.0.1:0".parse()?)?;
     let addr = listener.local_addr()?;
     let tls_dir = dir.join("tls");
     let mut ads = Ads::new(cache.clone(), metrics.clone(), nodes.clone());
@@ -468,10 +468,12 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
         let sync_cpu0 = cpu_ms();
         let ready = lines.next_line().await?.context("client process ended")?;
         let sync_cpu_s = (cpu_ms() - sync_cpu0) / 1e3;
-        let sync_s: f64 = ready
+        let (sync_s, sync_failures) = ready
             .strip_prefix("READY ")
-            .context("expected READY")?
-            .parse()?;
+            .and_then(|r| r.split_once(' '))
+            .context("expected READY <s> <failures>")?;
+        let (sync_s, sync_failures): (f64, usize) = (sync_s.parse()?, sync_failures.parse()?);
+        let mut failures = sync_failures;
         if std::env::var_os("POLARIS_BENCH_RSS_TRACE").is_some() {
             let state: usize = nodes
                 .list()
@@ -521,9 +523,9 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
             reg.submit(Command::RegisterInstances(vec![inst])).await?;
             writes.push(now_ns().saturating_sub(t0) as f64 / 1e6);
             let done = lines.next_line().await?.context("client process ended")?;
-            let times = done.strip_prefix("DONE ").context("expected DONE")?;
-            for t in times.split_whitespace() {
-                let t: u128 = t.parse()?;
+            let (f, times) = parse_done(&done)?;
+            failures = f;
+            for t in times {
                 lat.push(t.saturating_sub(t0) as f64 / 1e6);
             }
             bytes += metrics.xds_bytes.get() - b0;
@@ -570,9 +572,9 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
             })
             .await?;
             let done = lines.next_line().await?.context("client process ended")?;
-            let times = done.strip_prefix("DONE ").context("expected DONE")?;
-            for t in times.split_whitespace() {
-                let t: u128 = t.parse()?;
+            let (f, times) = parse_done(&done)?;
+            failures = f;
+            for t in times {
                 rule_lat[kind].push(t.saturating_sub(t0) as f64 / 1e6);
             }
             // Other clients' pushes of the same change (none expected) would count here too.
@@ -640,7 +642,7 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
             );
         }
         println!(
-            "  {} initial sync of {} clients{}: {:.2} s, {:.2} s of server CPU",
+            "  {} initial sync of {} clients{}: {:.2} s, {:.2} s of server CPU; streams failed and reconnected: {} during the sync, {} after it (server: {} connections closed as silent, {} refused, {} request errors)",
             mode_name(*mode),
             a.clients,
             if a.xds_tls {
@@ -649,7 +651,12 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
                 ""
             },
             sync_s,
-            sync_cpu_s
+            sync_cpu_s,
+            sync_failures,
+            failures - sync_failures,
+            metrics.xds_conns.silent.get(),
+            metrics.xds_conns.refused.get(),
+            metrics.xds_request_errors_total()
         );
         // Wait for the streams to close before the next mode.
         let t = Instant::now();
@@ -660,4 +667,15 @@ pub async fn run(a: XdsArgs) -> anyhow::Result<()> {
     drop(reg);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// `DONE <failures so far> <time>...` from the client process.
+fn parse_done(line: &str) -> anyhow::Result<(usize, Vec<u128>)> {
+    let mut it = line
+        .strip_prefix("DONE ")
+        .context("expected DONE")?
+        .split_whitespace();
+    let failures = it.next().context("DONE without failures")?.parse()?;
+    let times = it.map(str::parse).collect::<Result<Vec<u128>, _>>()?;
+    Ok((failures, times))
 }

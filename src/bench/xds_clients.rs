@@ -112,9 +112,16 @@ pub async fn clients(a: ClientArgs) -> anyhow::Result<()> {
     }
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Event>();
     let synced = Arc::new(AtomicUsize::new(0));
+    // Streams that failed (and reconnected, as Envoy would): reported, never hidden.
+    let failures = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     for id in 0..a.clients {
-        let (addr, ev_tx, synced) = (a.addr.clone(), ev_tx.clone(), synced.clone());
+        let (addr, ev_tx, synced, failures) = (
+            a.addr.clone(),
+            ev_tx.clone(),
+            synced.clone(),
+            failures.clone(),
+        );
         let clusters = a.clusters;
         let mode = a.mode;
         let node = bench_node(id, a.callers, a.on_demand_hosts > 0);
@@ -151,8 +158,13 @@ pub async fn clients(a: ClientArgs) -> anyhow::Result<()> {
                 };
                 match r {
                     Ok(()) => return,
-                    Err(e) if attempt == 19 => eprintln!("client {id}: {e:#}"),
-                    Err(_) => {
+                    Err(e) => {
+                        if failures.fetch_add(1, Ordering::Relaxed) < 5 || attempt == 19 {
+                            eprintln!("client {id} (attempt {attempt}): {e:#}");
+                        }
+                        if attempt == 19 {
+                            return;
+                        }
                         tokio::time::sleep(Duration::from_millis(50 + (id as u64 % 50) * 4)).await
                     }
                 }
@@ -174,7 +186,12 @@ pub async fn clients(a: ClientArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let mut out = std::io::stdout();
-    writeln!(out, "READY {:.3}", start.elapsed().as_secs_f64())?;
+    writeln!(
+        out,
+        "READY {:.3} {}",
+        start.elapsed().as_secs_f64(),
+        failures.load(Ordering::Relaxed)
+    )?;
     out.flush()?;
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
     while let Some(line) = stdin.next_line().await? {
@@ -205,7 +222,12 @@ pub async fn clients(a: ClientArgs) -> anyhow::Result<()> {
             }
         }
         let list: Vec<String> = times.values().map(|t| t.to_string()).collect();
-        writeln!(out, "DONE {}", list.join(" "))?;
+        writeln!(
+            out,
+            "DONE {} {}",
+            failures.load(Ordering::Relaxed),
+            list.join(" ")
+        )?;
         out.flush()?;
     }
     Ok(())

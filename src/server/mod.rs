@@ -133,17 +133,14 @@ async fn start(
     components: &mut Components,
 ) -> anyhow::Result<Bound> {
     tracing::debug!("binding listeners");
-    let http = TcpListener::bind(cfg.http_addr)
-        .await
+    let http = crate::net::bind_tcp(cfg.http_addr)
         .with_context(|| format!("binding REST API on {}", cfg.http_addr))?;
-    let xds = TcpListener::bind(cfg.xds_addr)
-        .await
+    let xds = crate::net::bind_tcp(cfg.xds_addr)
         .with_context(|| format!("binding xDS on {}", cfg.xds_addr))?;
     let ca = match cfg.ca()? {
         Some(ca_cfg) => {
             let kube = kube_client(cfg.kubeconfig.as_deref()).await?;
-            let listener = TcpListener::bind(ca_cfg.addr)
-                .await
+            let listener = crate::net::bind_tcp(ca_cfg.addr)
                 .with_context(|| format!("binding the CA on {}", ca_cfg.addr))?;
             let ca = crate::ca::start(ca_cfg, kube, metrics.clone()).await?;
             let acceptor =
@@ -155,16 +152,14 @@ async fn start(
     };
     let grpc = match cfg.grpc_addr {
         Some(a) => Some(
-            TcpListener::bind(a)
-                .await
+            crate::net::bind_tcp(a)
                 .with_context(|| format!("binding the gRPC client API on {a}"))?,
         ),
         None => None,
     };
     let rls = match cfg.rls_addr {
         Some(a) => Some(
-            TcpListener::bind(a)
-                .await
+            crate::net::bind_tcp(a)
                 .with_context(|| format!("binding the rate-limit service on {a}"))?,
         ),
         None => None,
