@@ -688,6 +688,11 @@ impl http_body::Body for ResponseBody {
 pub const SEND_BUFFER: usize = 32 << 10;
 /// HTTP/2 PING interval on idle connections (detects dead peers behind NATs and proxies).
 const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a keepalive PING may go unanswered before the connection is closed. hyper's 20 s
+/// default counts the time this server takes to read the answer: when ten thousand proxies sync at
+/// once after a restart, a busy server read PONGs late and closed healthy connections, which then
+/// reconnected into the same herd. A dead peer is still found within 30 + 60 s.
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Receive window of each stream and of each connection: what a client can have sent that the
 /// server has not read yet. The HTTP/2 default; a request larger than this (Envoy's EDS
@@ -708,6 +713,7 @@ pub async fn serve(
     http2
         .timer(TokioTimer::new())
         .keep_alive_interval(KEEPALIVE)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .max_send_buf_size(SEND_BUFFER)
         .initial_stream_window_size(RECV_WINDOW)
         .initial_connection_window_size(RECV_WINDOW)
