@@ -163,6 +163,48 @@ async fn envoy_on_demand_virtual_hosts() {
     let t = Instant::now();
     assert_eq!(answering(&e, &c, "echo", 5).await, set(&["a"]));
     eprintln!("[vhds] bare host answered in {:?}", t.elapsed());
+
+    // On-demand CDS: a service registered after Envoy started is reached (its virtual host and
+    // its cluster both fetched on the first request), and Envoy holds only the service clusters
+    // it called, not every cluster of the namespace.
+    let b = Backend::start("b").await;
+    let idle = Backend::start("idle").await;
+    register(&c, &s, "late", b.port, json!({})).await;
+    register(&c, &s, "never-called", idle.port, json!({})).await;
+    let t = Instant::now();
+    let (st, body) = loop {
+        let (st, body) = e.get(&c, "late.default").await;
+        if st == 200 || t.elapsed() > Duration::from_secs(10) {
+            break (st, body);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!((st, body.as_str()), (200, "b"));
+    let clusters = c
+        .get(format!("{}/clusters", e.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let held: std::collections::BTreeSet<&str> = clusters
+        .lines()
+        .filter_map(|l| l.split("::").next())
+        .filter(|n| n.starts_with("OUTBOUND|"))
+        .collect();
+    assert_eq!(
+        held,
+        ["OUTBOUND|default|echo", "OUTBOUND|default|late"]
+            .into_iter()
+            .collect(),
+        "{clusters}"
+    );
+    // An unknown host is still a 404 at once.
+    let t = Instant::now();
+    let (st, _) = e.get(&c, "still-nope.default").await;
+    assert_eq!(st, 404);
+    assert!(t.elapsed() < Duration::from_secs(4));
 }
 
 #[tokio::test]

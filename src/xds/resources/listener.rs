@@ -6,7 +6,10 @@ use envoy_types::pb::envoy::config::listener::v3::{
     filter, listener_filter, ApiListener, Filter, FilterChain, FilterChainMatch, Listener,
     ListenerFilter,
 };
-use envoy_types::pb::envoy::extensions::filters::http::on_demand::v3::OnDemand;
+use envoy_types::pb::envoy::extensions::filters::http::on_demand::v3::{OnDemand, OnDemandCds};
+
+/// How long a request waits for its cluster over on-demand CDS before it fails (503).
+pub const ODCDS_TIMEOUT_MS: u64 = 5_000;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
@@ -57,16 +60,22 @@ pub fn hcm_with(stat_prefix: &str, route: &str, filters: &[HttpFilter]) -> HttpC
 }
 
 /// The outbound listener of an on-demand node: the `on_demand` filter pauses a request whose
-/// host is unknown until its virtual host arrives over VHDS.
-pub fn on_demand_outbound_listener(ip: &str, port: u16) -> Listener {
+/// host is unknown until its virtual host arrives over VHDS and, with `odcds` (delta ADS nodes,
+/// which are sent no service cluster until they ask), whose cluster is unknown until it arrives
+/// over on-demand CDS.
+pub fn on_demand_outbound_listener(ip: &str, port: u16, odcds: bool) -> Listener {
     let mut h = hcm("OUTBOUND_HTTP", ON_DEMAND_ROUTE);
     h.http_filters.insert(
         0,
         HttpFilter {
             name: "envoy.filters.http.on_demand".to_string(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
-                OnDemand::default(),
-            ))),
+            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(OnDemand {
+                odcds: odcds.then(|| OnDemandCds {
+                    source: Some(super::ads()),
+                    resources_locator: String::new(),
+                    timeout: Some(super::duration_ms(ODCDS_TIMEOUT_MS)),
+                }),
+            }))),
             ..Default::default()
         },
     );

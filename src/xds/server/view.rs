@@ -117,7 +117,7 @@ impl StreamState {
             by_kind
                 .get_or_default(TypeKind::Route)
                 .push(Encoded::new(Arc::from(rc.name.as_str()), &rc));
-            r::on_demand_outbound_listener("0.0.0.0", node.outbound_port)
+            r::on_demand_outbound_listener("0.0.0.0", node.outbound_port, self.delta)
         } else {
             match self.caller_route() {
                 Some(rc) => r::outbound_listener_to("0.0.0.0", node.outbound_port, &rc.name),
@@ -318,11 +318,29 @@ impl StreamState {
     }
 
     /// Every resource of `kind` a wildcard subscriber gets.
+    /// Whether the node fetches service clusters on demand (ODCDS): an on-demand sidecar on a
+    /// delta stream. Its wildcard CDS covers every cluster but the services' own
+    /// (`OUTBOUND|ns|svc`), which it subscribes to by name when a request needs one; group
+    /// clusters stay (weighted routes name them, and ODCDS resolves only single-cluster routes).
+    pub(super) fn on_demand_clusters(&self) -> bool {
+        self.delta && self.node.as_ref().is_some_and(|n| n.on_demand)
+    }
+
+    /// Whether the wildcard covers cluster `name` (see [`Self::on_demand_clusters`]).
+    fn wildcard_cluster(&self, name: &str) -> bool {
+        !self.on_demand_clusters() || name.split('|').count() != 3
+    }
+
     pub(super) fn wildcard_set(&self, kind: TypeKind) -> Vec<Res> {
         let mut out: Vec<Res> = self.locals.by_kind.get(&kind).cloned().unwrap_or_default();
         if let Some(v) = self.view() {
             match kind {
-                TypeKind::Cluster => out.extend(v.clusters.values().cloned()),
+                TypeKind::Cluster => out.extend(
+                    v.clusters
+                        .iter()
+                        .filter(|(n, _)| self.wildcard_cluster(n))
+                        .map(|(_, r)| r.clone()),
+                ),
                 TypeKind::Endpoint => out.extend(v.endpoints.iter().map(|(n, r)| {
                     self.locals
                         .nearby
@@ -344,7 +362,12 @@ impl StreamState {
         }
         for (_, v) in self.extra_views() {
             match kind {
-                TypeKind::Cluster => out.extend(v.clusters.values().cloned()),
+                TypeKind::Cluster => out.extend(
+                    v.clusters
+                        .iter()
+                        .filter(|(n, _)| self.wildcard_cluster(n))
+                        .map(|(_, r)| r.clone()),
+                ),
                 TypeKind::Endpoint => out.extend(v.endpoints.values().cloned()),
                 _ => {}
             }
@@ -369,7 +392,10 @@ impl StreamState {
         }
         match kind {
             TypeKind::Secret => self.snap.secrets.contains_key(name),
-            TypeKind::Cluster | TypeKind::Endpoint => self.shared_res(kind, name).is_some(),
+            TypeKind::Cluster => {
+                self.wildcard_cluster(name) && self.shared_res(kind, name).is_some()
+            }
+            TypeKind::Endpoint => self.shared_res(kind, name).is_some(),
             TypeKind::Route => {
                 !self.local_route()
                     && self
