@@ -129,6 +129,7 @@ async fn envoy_on_demand_virtual_hosts() {
         "http.OUTBOUND_HTTP.rds.polaris-on-demand-router.init_fetch_timeout",
         "http.OUTBOUND_HTTP.rds.vhds.polaris-on-demand-router.init_fetch_timeout",
         "listener_manager.lds.init_fetch_timeout",
+        "cluster_manager.cds.init_fetch_timeout",
     ] {
         assert_eq!(e.stat(stat).await, Some(0), "{stat}");
     }

@@ -148,6 +148,12 @@ impl StreamState {
         }
         if full {
             let mut out: Vec<Reply> = self.delta_build(kind, None).into_iter().collect();
+            if out.is_empty() && first && kind.wildcard_capable() {
+                // Nothing to send yet (an on-demand sidecar's clusters, an empty namespace): Envoy
+                // still waits for a first response before it initializes, and delivers none that
+                // changes nothing, so this one removes a name no resource can have.
+                out.push(self.delta_empty(kind, format!("{}?", kind.short())));
+            }
             out.extend(self.rewarm_now());
             return Ok(out);
         }
@@ -155,18 +161,9 @@ impl StreamState {
             if first && kind == TypeKind::VirtualHost {
                 // Envoy's VHDS subscription starts empty and holds the listener's initialization
                 // until a first (empty) response arrives.
-                let nonce = self.next_nonce();
-                self.types.get_mut(&kind).expect("active").nonce = nonce;
-                let env = DeltaDiscoveryResponse {
-                    system_version_info: self.types[&kind].version_string(),
-                    type_url: kind.url().to_string(),
-                    // Envoy ignores removals of names it never had, but an update with no change
-                    // at all does not reach the subscription (and would not end its init).
-                    removed_resources: vec![format!("{}/", r::ON_DEMAND_ROUTE)],
-                    nonce: format!("{nonce:x}"),
-                    ..Default::default()
-                };
-                return Ok(vec![Msg::delta(&env, &[])]);
+                return Ok(vec![
+                    self.delta_empty(kind, format!("{}/", r::ON_DEMAND_ROUTE))
+                ]);
             }
             return Ok(vec![]);
         }
@@ -176,6 +173,22 @@ impl StreamState {
             .collect();
         out.extend(self.rewarm_now());
         Ok(out)
+    }
+
+    /// A first response with nothing in it but the removal of `absent`, a name no resource has:
+    /// Envoy ignores removals of names it never had, but an update with no change at all does not
+    /// reach the subscription (and would not end its initialization).
+    fn delta_empty(&mut self, kind: TypeKind, absent: String) -> Reply {
+        let nonce = self.next_nonce();
+        self.types.get_mut(&kind).expect("active").nonce = nonce;
+        let env = DeltaDiscoveryResponse {
+            system_version_info: self.types[&kind].version_string(),
+            type_url: kind.url().to_string(),
+            removed_resources: vec![absent],
+            nonce: format!("{nonce:x}"),
+            ..Default::default()
+        };
+        Msg::delta(&env, &[])
     }
 
     /// Turns the wildcard subscription of `kind` on or off, pinning what it covers first.
