@@ -148,10 +148,15 @@ impl StreamState {
         }
         if full {
             let mut out: Vec<Reply> = self.delta_build(kind, None).into_iter().collect();
-            if out.is_empty() && first && kind.wildcard_capable() {
+            if out.is_empty()
+                && first
+                && kind.wildcard_capable()
+                && req.initial_resource_versions.is_empty()
+            {
                 // Nothing to send yet (an on-demand sidecar's clusters, an empty namespace): Envoy
                 // still waits for a first response before it initializes, and delivers none that
-                // changes nothing, so this one removes a name no resource can have.
+                // changes nothing, so this one removes a name no resource can have. A client that
+                // resumes (it names what it holds) is initialized already and is sent nothing.
                 out.push(self.delta_empty(kind, format!("{}?", kind.short())));
             }
             out.extend(self.rewarm_now());
