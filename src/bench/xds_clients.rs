@@ -317,6 +317,14 @@ async fn delta_client(
         ..Default::default()
     };
     tx.send(sub(Some(node), CLUSTER_TYPE, vec![])).await?;
+    if hosts > 0 {
+        // An on-demand sidecar gets no service cluster by wildcard: it subscribes (on-demand
+        // CDS) to the cluster of each service it calls, here every one of its hosts'.
+        let names = (0..hosts)
+            .map(|k| crate::xds::resources::outbound_name("default", &format!("svc-{k}")))
+            .collect();
+        tx.send(sub(None, CLUSTER_TYPE, names)).await?;
+    }
     tx.send(sub(None, LISTENER_TYPE, vec![])).await?;
     let mut stream = client
         .delta_aggregated_resources(ReceiverStream::new(rx))
