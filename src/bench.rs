@@ -157,6 +157,27 @@ pub struct Phase {
 }
 
 impl Phase {
+    /// The phase of `tasks`, each answering its requests' latencies (µs), started at `started`.
+    async fn gather(
+        name: &'static str,
+        started: Instant,
+        total: usize,
+        tasks: Vec<tokio::task::JoinHandle<anyhow::Result<Vec<u32>>>>,
+    ) -> anyhow::Result<Phase> {
+        let mut all = Vec::with_capacity(total);
+        for t in tasks {
+            all.extend(t.await??);
+        }
+        let elapsed = started.elapsed();
+        all.sort_unstable();
+        Ok(Phase {
+            name,
+            requests: all.len(),
+            elapsed,
+            latencies_us: all,
+        })
+    }
+
     fn pct(&self, p: f64) -> f64 {
         if self.latencies_us.is_empty() {
             return 0.0;
@@ -454,16 +475,5 @@ async fn drive(
             anyhow::Ok(lat)
         }));
     }
-    let mut all = Vec::with_capacity(total);
-    for t in tasks {
-        all.extend(t.await??);
-    }
-    let elapsed = started.elapsed();
-    all.sort_unstable();
-    Ok(Phase {
-        name,
-        requests: all.len(),
-        elapsed,
-        latencies_us: all,
-    })
+    Phase::gather(name, started, total, tasks).await
 }

@@ -99,19 +99,9 @@ pub(super) async fn drive(
             anyhow::Ok(lat)
         }));
     }
-    let mut all = Vec::with_capacity(total);
-    for t in tasks {
-        all.extend(t.await??);
-    }
-    let elapsed = started.elapsed();
-    all.sort_unstable();
-    Ok(Phase {
-        name: match call {
-            Call::Register => "register",
-            Call::Heartbeat => "heartbeat",
-        },
-        requests: all.len(),
-        elapsed,
-        latencies_us: all,
-    })
+    let name = match call {
+        Call::Register => "register",
+        Call::Heartbeat => "heartbeat",
+    };
+    Phase::gather(name, started, total, tasks).await
 }
